@@ -1,0 +1,44 @@
+"""soar_fast: a performance-first trainer for SOAR post-training of rectified-flow MMDiT models.
+
+Install (CPU machines, uses the local CPU torch wheel):   pip install -e ".[test]"
+GPU users install a CUDA torch first (see README), then:  pip install -e ".[gpu]"
+The optional native op (kernels/) builds with CMake; see README "Kernels".
+"""
+
+from setuptools import find_packages, setup
+
+# torch is a range: the README command pins torch==2.13.0 on CPU machines so pip takes the local CPU
+# wheel (a bare range would pull a multi-GB CUDA build); GPU users keep their own CUDA torch.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "numpy",
+    "safetensors>=0.4",
+    "diffusers>=0.32",
+    "tqdm",
+    "tyro>=0.9",
+    "tensorboard",
+    "matplotlib",
+    "pillow",
+    "scikit-learn",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.8.0; platform_system=='Linux'"],
+    "diffusers": ["transformers>=4.44", "peft>=0.12", "sentencepiece", "accelerate"],
+    "gpu": ["triton>=3.2", "nvtx"],
+}
+EXTRAS["all"] = sorted({r for v in EXTRAS.values() for r in v})
+
+setup(
+    name="soar_fast",
+    version="0.1.0",
+    description="Performance-first SOAR post-training for rectified-flow diffusion transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["soar_fast", "soar_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["soar-fast=soar_fast.cli:main"]},
+    include_package_data=True,
+)

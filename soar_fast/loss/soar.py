@@ -1,0 +1,203 @@
+"""The SOAR loss, eager reference: the contract of SOAR.md written out in plain torch.
+
+Every fast variant (batched, compiled, graphed, FP8) is compared with this file. The names follow
+the contract: z0 (clean), z1 (noise), σ0 / σ1 (rollout from / to), σ' (`sigma_aux`), ẑ (`z_hat`),
+z' (`z_aux`), v_corr. The random draws live in `sample_draws` (one owner of the RNG), so other
+step implementations can be fed identical draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from soar_fast.config import SoarConfig
+from soar_fast.loss.schedule import loss_weight, quantize_sigma, quantize_u, sample_logit_normal, shift_sigma
+from soar_fast.ops import soar_aux_states
+
+__all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "sample_draws", "soar_loss", "soar_loss_from_draws"]
+
+Cond = torch.Tensor | tuple[torch.Tensor, ...]
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+@dataclass
+class SoarDraws:
+    """Everything random in one SOAR step. Shapes: z1 `[B, ...]`, sigma0/sigma1 `[B]`,
+    sigma_aux `[M, B]`, drop `[B]` (bool, True = train this sample on the empty prompt)."""
+
+    z1: torch.Tensor
+    u0: torch.Tensor
+    sigma0: torch.Tensor
+    sigma1: torch.Tensor
+    sigma_aux: torch.Tensor
+    drop: torch.Tensor
+
+
+@dataclass
+class SoarOutput:
+    """`loss`: the differentiable scalar. `metrics`: floats for logging. The per-sample sums and
+    point counts are kept so that a distributed step can renormalise by global counts."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    base_losses: torch.Tensor  # [B] L_base_i (with graph)
+    aux_losses: torch.Tensor  # [M, B] L_aux_i,m (with graph)
+
+
+def sample_draws(
+    z0: torch.Tensor, config: SoarConfig, generator: torch.Generator | None = None
+) -> SoarDraws:
+    """Draw z1, u0, σ' and the dropout mask, in a fixed order, on the generator's device."""
+    b, m = z0.shape[0], config.num_aux if config.lambda_aux > 0 else 0
+    dev = generator.device if generator is not None else z0.device
+    z1 = torch.randn(z0.shape, generator=generator, device=dev, dtype=torch.float32)
+    u0 = sample_logit_normal(b, config.logit_mean, config.logit_std, generator=generator, device=dev)
+    frac = torch.rand(m, b, generator=generator, device=dev, dtype=torch.float32)
+    keep = torch.rand(b, generator=generator, device=dev, dtype=torch.float32)
+    drop = keep < config.cond_dropout
+    z1, u0, frac, drop = (t.to(z0.device) for t in (z1, u0, frac, drop))
+
+    u1 = (u0 - 1.0 / config.rollout_steps).clamp_min(0.0)
+    if config.timestep_quantization:
+        sigma0, sigma1 = quantize_u(u0, config.shift), quantize_u(u1, config.shift)
+    else:
+        sigma0, sigma1 = shift_sigma(u0, config.shift), shift_sigma(u1, config.shift)
+    sigma_hi = torch.ones_like(sigma0)
+    if config.sigma_hi_ratio is not None:
+        sigma_hi = (config.sigma_hi_ratio * sigma0).clamp(max=1.0)
+    sigma_aux = sigma1 + frac * (sigma_hi - sigma1).clamp_min(0.0)  # σ' ~ U[σ1, σ_hi]
+    if config.timestep_quantization:
+        sigma_aux = quantize_sigma(sigma_aux, config.shift)
+    sigma_aux = sigma_aux.clamp_min(config.sigma_min)
+    return SoarDraws(z1=z1, u0=u0, sigma0=sigma0, sigma1=sigma1, sigma_aux=sigma_aux, drop=drop)
+
+
+def soar_loss(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    config: SoarConfig,
+    generator: torch.Generator | None = None,
+) -> SoarOutput:
+    """One SOAR step's loss (SOAR.md). `velocity_fn(z, sigma, cond) -> v`; `uncond` is the
+    empty-prompt condition of one sample, broadcast over the batch. M = 0 or λ = 0 is SFT."""
+    z0 = z0.float() if z0.dtype != torch.float64 else z0
+    return soar_loss_from_draws(velocity_fn, z0, cond, uncond, config, sample_draws(z0, config, generator))
+
+
+def soar_loss_from_draws(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    config: SoarConfig,
+    draws: SoarDraws,
+    aux_backend: str = "reference",
+) -> SoarOutput:
+    """The deterministic part of `soar_loss`, given the draws. Targets are formed in fp32."""
+    compute = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    z0 = z0.to(compute)
+    b = z0.shape[0]
+    z1, sigma0, sigma1, sigma_aux = draws.z1.to(compute), draws.sigma0, draws.sigma1, draws.sigma_aux
+    m = sigma_aux.shape[0]
+    uncond_b = _broadcast_uncond(uncond, cond, b)
+    cond = _where_cond(draws.drop, uncond_b, cond)  # conditioning dropout (default off)
+
+    # 1. Base (SFT) term at the forward state z_σ0.
+    s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
+    z_t = (1 - s0) * z0 + s0 * z1
+    v_base = velocity_fn(z_t, sigma0, cond)
+    base_losses = _weighted_mse(v_base, z1 - z0, loss_weight(sigma0, config.weighting))
+
+    aux_losses = z0.new_zeros(0, b)
+    metrics: dict[str, float] = {}
+    if m > 0:
+        # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights.
+        with torch.no_grad():
+            v_u, v_c = velocity_fn(
+                torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), _cat_cond(uncond_b, cond)
+            ).chunk(2)
+        # 3-4. Re-noise ẑ toward the same z1 and form v_corr = (z' − z0)/σ' (constants: no grad).
+        z_aux, v_corr = soar_aux_states(
+            z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale, backend=aux_backend
+        )
+        # Auxiliary term: conditional only, at each z'_m.
+        aux = []
+        for i in range(m):
+            rows = slice(i * b, (i + 1) * b)
+            v_aux = velocity_fn(z_aux[rows], sigma_aux[i], cond)
+            aux.append(_weighted_mse(v_aux, v_corr[rows], loss_weight(sigma_aux[i], config.weighting)))
+        aux_losses = torch.stack(aux)
+        # ‖ẑ − z_σ1‖ = |σ1 − σ0|·‖v_cfg − (z1 − z0)‖: the distance the rollout left the trajectory.
+        v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
+        dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
+        metrics["rollout_deviation"] = dev.mean().item()
+        metrics["rollout_deviation_rms"] = (dev / z0[0].numel() ** 0.5).mean().item()
+        metrics["aux_loss"] = aux_losses.mean().item()
+        metrics["sigma_aux_mean"] = sigma_aux.mean().item()
+
+    # 5. Total: "points" divides by the point count (reference release), "sum" adds two means.
+    lam = config.lambda_aux
+    if config.normalization == "points":
+        loss = (base_losses.sum() + lam * aux_losses.sum()) / (b + lam * m * b)
+    else:
+        loss = base_losses.mean() + (lam * aux_losses.mean() if m > 0 else 0.0)
+
+    metrics.update(
+        loss=loss.item(),
+        base_loss=base_losses.mean().item(),
+        sigma0_mean=sigma0.mean().item(),
+        num_aux_points=float(m * b),
+    )
+    metrics.setdefault("aux_loss", 0.0)
+    metrics.setdefault("rollout_deviation", 0.0)
+    return SoarOutput(loss=loss, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)
+
+
+def _weighted_mse(v: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over elements of w·(v − target)², in the target's (fp32/fp64) precision."""
+    err = (v.to(target.dtype) - target).flatten(1)
+    return (w.to(target.dtype)[:, None] * err.square()).mean(dim=1)
+
+
+def _as_tuple(c: Cond) -> tuple[torch.Tensor, ...]:
+    return c if isinstance(c, tuple) else (c,)
+
+
+def _like(c: Cond, parts: list[torch.Tensor]) -> Cond:
+    return tuple(parts) if isinstance(c, tuple) else parts[0]
+
+
+def _broadcast_uncond(uncond: Cond, cond: Cond, b: int) -> Cond:
+    """The empty-prompt condition of one sample, expanded to a batch of b (leading 1 optional)."""
+    us, cs = _as_tuple(uncond), _as_tuple(cond)
+    if len(us) != len(cs):
+        raise ValueError(f"uncond has {len(us)} tensors but cond has {len(cs)}: pass the same structure")
+    out = []
+    for u, c in zip(us, cs):
+        if u.dim() == c.dim() - 1:
+            u = u.unsqueeze(0)
+        if u.dim() != c.dim() or u.shape[0] != 1 or u.shape[1:] != c.shape[1:]:
+            raise ValueError(
+                f"uncond part has shape {tuple(u.shape)}, expected one sample of cond {tuple(c.shape[1:])}"
+            )
+        out.append(u.to(c.dtype).expand(b, *c.shape[1:]))
+    return _like(cond, out)
+
+
+def _where_cond(drop: torch.Tensor, uncond_b: Cond, cond: Cond) -> Cond:
+    if not bool(drop.any()):
+        return cond
+    parts = [
+        torch.where(drop.view(-1, *([1] * (c.dim() - 1))), u, c)
+        for u, c in zip(_as_tuple(uncond_b), _as_tuple(cond))
+    ]
+    return _like(cond, parts)
+
+
+def _cat_cond(a: Cond, b: Cond) -> Cond:
+    return _like(b, [torch.cat([x, y]) for x, y in zip(_as_tuple(a), _as_tuple(b))])
