@@ -1,0 +1,47 @@
+"""SoarConfig: defaults follow SOAR.md, bad values raise a one-line error naming the field."""
+
+import pytest
+
+from soar_fast import ConfigError, SoarConfig
+
+
+def test_defaults_match_the_contract():
+    c = SoarConfig()
+    assert (c.num_aux, c.rollout_steps, c.guidance_scale, c.lambda_aux) == (6, 40, 4.5, 1.0)
+    assert (c.sigma_hi_ratio, c.sigma_min, c.shift) == (None, 1e-3, 3.0)
+    assert (c.logit_mean, c.logit_std, c.weighting, c.normalization) == (0.0, 1.0, "logit_normal", "points")
+    assert c.timestep_quantization is False and c.cond_dropout == 0.0
+    assert not c.is_sft and SoarConfig(num_aux=0).is_sft and SoarConfig(lambda_aux=0.0).is_sft
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_aux", -1),
+        ("num_aux", 2.5),
+        ("rollout_steps", 0),
+        ("guidance_scale", -0.1),
+        ("guidance_scale", float("nan")),
+        ("lambda_aux", -1.0),
+        ("sigma_hi_ratio", 0.0),
+        ("sigma_min", 0.0),
+        ("sigma_min", 1.5),
+        ("shift", 0.0),
+        ("logit_std", 0.0),
+        ("weighting", "snr"),
+        ("normalization", "mean"),
+        ("timestep_quantization", "yes"),
+        ("cond_dropout", 1.2),
+    ],
+)
+def test_bad_values_raise_one_line_error_naming_the_field(field, value):
+    with pytest.raises(ConfigError) as err:
+        SoarConfig(**{field: value})
+    msg = str(err.value)
+    assert f"SoarConfig.{field}=" in msg
+    assert "\n" not in msg
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        SoarConfig(num_aux=-3)
