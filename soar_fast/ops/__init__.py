@@ -1,5 +1,10 @@
-"""Fused ops: each a pure-torch reference, a Triton kernel and a native op, behind one dispatch."""
+"""Fused ops: each a pure-torch reference, a Triton kernel and a native op, behind one dispatch.
 
-from soar_fast.ops.dispatch import BACKENDS, resolve_backend, soar_aux_states
+Public API: `soar_aux_states` (z', v_corr), `soar_aux_z` (z' only), `soar_fused_mse` (per-row
+SOAR losses with a fused backward), `resolve_backend`, `SoarFusedMSEFunction`.
+"""
 
-__all__ = ["BACKENDS", "resolve_backend", "soar_aux_states"]
+from soar_fast.ops.dispatch import BACKENDS, resolve_backend, soar_aux_states, soar_aux_z, soar_fused_mse
+from soar_fast.ops.soar_mse.op import SoarFusedMSEFunction
+
+__all__ = ["BACKENDS", "SoarFusedMSEFunction", "resolve_backend", "soar_aux_states", "soar_aux_z", "soar_fused_mse"]

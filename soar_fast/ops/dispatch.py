@@ -1,8 +1,9 @@
 """The one place that chooses a backend for each fused op: triton | native | reference.
 
-`backend="auto"` picks the fastest backend that can run here and falls back to the reference,
-logging the choice once per (op, backend). The environment variable `SOAR_FAST_OPS_BACKEND`
-(`reference`, `triton`, `native`) overrides `"auto"`.
+`backend="auto"` picks Triton on a CUDA device when triton is importable and the dtype is one it
+serves (fp32, fp16, bf16), and the pure-torch reference elsewhere (CPU included, even when the
+Triton interpreter is on). The environment variable `SOAR_FAST_OPS_BACKEND` (`reference`,
+`triton`, `native`) overrides `"auto"`. Each (op, backend) choice is logged once at INFO.
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ import os
 
 import torch
 
+from soar_fast.ops._common import interpreting, triton_available
+from soar_fast.ops.native import load_native
+from soar_fast.ops.soar_aux_states.op import aux_states_op, aux_states_z_op
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
+from soar_fast.ops.soar_mse.op import fused_mse_op
+from soar_fast.ops.soar_mse.reference import soar_fused_mse_reference
 
-__all__ = ["BACKENDS", "resolve_backend", "soar_aux_states"]
+__all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "soar_aux_states", "soar_aux_z", "soar_fused_mse"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton", "native")
 ENV_VAR = "SOAR_FAST_OPS_BACKEND"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
 
@@ -29,19 +36,30 @@ def _log_once(op: str, backend: str, why: str) -> None:
         log.info("soar_fast.ops.%s: using the %s backend (%s)", op, backend, why)
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """Map a requested backend to the one that runs. Raises on an unknown name."""
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map a requested backend to the one that runs. Raises on an unknown name, or when an explicitly
+    requested backend cannot run here (Triton without CUDA or interpreter, native not built)."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    why = "requested"
     if backend == "auto":
         forced = os.environ.get(ENV_VAR, "").strip().lower()
         if forced:
             if forced not in BACKENDS[1:]:
                 raise ValueError(f"{ENV_VAR}={forced!r} is invalid; set it to reference, triton or native")
-            _log_once(op, forced, f"forced by {ENV_VAR}")
-            return forced
-        _log_once(op, "reference", "no fused kernel is available for this device yet")
-        return "reference"
+            backend, why = forced, f"forced by {ENV_VAR}"
+        elif device.type == "cuda" and triton_available() and (dtype is None or dtype in _KERNEL_DTYPES):
+            backend, why = "triton", "auto: CUDA device with triton"
+        else:
+            backend, why = "reference", f"auto: no fused kernel chosen for {device.type}/{dtype}"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"{op}: backend 'triton' needs a CUDA device or TRITON_INTERPRET=1 (got {device})")
+    elif backend == "native":
+        load_native()
+    _log_once(op, backend, why)
     return backend
 
 
@@ -56,14 +74,66 @@ def soar_aux_states(
     guidance_scale: float,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-noised states z' and correction targets v_corr, `[M*B, ...]` point-major (SOAR.md)."""
+    """Re-noised states z' and correction targets v_corr, `[M*B, ...]` point-major (SOAR.md).
+
+    z0, z1, v_uncond, v_cond `[B, ...]`; sigma0, sigma1 `[B]`; sigma_aux `[M, B]`. Outputs are in
+    z0's dtype, computed in fp32 (fp64 inputs: reference only, computed in fp64)."""
     _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux)
-    chosen = resolve_backend("soar_aux_states", backend, z0.device)
-    if chosen == "reference":
-        return soar_aux_states_reference(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, guidance_scale)
-    raise NotImplementedError(
-        f"soar_aux_states: the {chosen!r} backend is not built in this version; use backend='reference'"
-    )
+    chosen = resolve_backend("soar_aux_states", backend, z0.device, z0.dtype)
+    args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, float(guidance_scale))
+    if chosen == "triton":
+        return aux_states_op(*args)
+    if chosen == "native":
+        return torch.ops.soar_fast_native.aux_states(*args)
+    return soar_aux_states_reference(*args)
+
+
+def soar_aux_z(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_cond: torch.Tensor,
+    sigma0: torch.Tensor,
+    sigma1: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    guidance_scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Only the re-noised states z' `[M*B, ...]` (no v_corr written): pair it with
+    `soar_fused_mse`, which recomputes v_corr = (z' − z0)/σ' in-kernel."""
+    _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux)
+    chosen = resolve_backend("soar_aux_z", backend, z0.device, z0.dtype)
+    args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, float(guidance_scale))
+    if chosen == "triton":
+        return aux_states_z_op(*args)
+    if chosen == "native":
+        return torch.ops.soar_fast_native.aux_states_z(*args)
+    return soar_aux_states_reference(*args)[0]
+
+
+def soar_fused_mse(
+    v: torch.Tensor,
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    z_aux: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-row SOAR losses `[(1+M)*B]` fp32: mean over elements of w·(v − target)².
+
+    v `[(1+M)*B, ...]` (base rows first, then aux row B + m*B + b); z0, z1 `[B, ...]`; z_aux
+    `[M*B, ...]`; sigma_aux `[M, B]`; weights `[(1+M)*B]`. Targets: z1 − z0 (base) and
+    (z' − z0)/σ' (aux), formed in fp32. Differentiable in v only. The caller forms either
+    normalisation of SOAR.md: "points" = (Σ base + λ Σ aux)/(B + λMB)."""
+    _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights)
+    chosen = resolve_backend("soar_fused_mse", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype)
+    args = (v, z0, z1, z_aux, sigma_aux, weights)
+    if chosen == "triton":
+        return fused_mse_op(*args)
+    if chosen == "native":
+        return torch.ops.soar_fast_native.fused_mse(*args)
+    return soar_fused_mse_reference(*args)
 
 
 def _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux) -> None:
@@ -76,3 +146,15 @@ def _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux) -> No
             raise ValueError(f"soar_aux_states: {name} has shape {tuple(t.shape)}, expected ({b},)")
     if sigma_aux.dim() != 2 or sigma_aux.shape[1] != b:
         raise ValueError(f"soar_aux_states: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})")
+
+
+def _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights) -> None:
+    b = z0.shape[0]
+    if sigma_aux.dim() != 2 or sigma_aux.shape[1] != b:
+        raise ValueError(f"soar_fused_mse: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})")
+    m, tail = sigma_aux.shape[0], tuple(z0.shape[1:])
+    for name, t, rows in (("z1", z1, b), ("z_aux", z_aux, m * b), ("v", v, (1 + m) * b)):
+        if tuple(t.shape) != (rows, *tail):
+            raise ValueError(f"soar_fused_mse: {name} has shape {tuple(t.shape)}, expected {(rows, *tail)}")
+    if weights.shape != ((1 + m) * b,):
+        raise ValueError(f"soar_fused_mse: weights has shape {tuple(weights.shape)}, expected ({(1 + m) * b},)")

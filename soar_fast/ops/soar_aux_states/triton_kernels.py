@@ -1,0 +1,112 @@
+"""Triton kernel of the fused aux-state op: reads z0, z1, v_uncond, v_cond once, writes z' and
+(optionally) v_corr for all M points. z_t, v_cfg and ẑ live only in registers, in fp32.
+
+Grid: (cdiv(N, BLOCK), B). Program (j, b) loads block j of sample b's four inputs and loops over
+the M points, writing rows m*B + b of the [M*B, N] outputs.
+
+Algebra (SOAR.md steps 2-4, rewritten to avoid cancellation in v_corr):
+    d = z1 - z0,  v = v_u + g (v_c - v_u),  e = ẑ - z0 = σ0 d + (σ1 - σ0) v
+    α = clamp((σ' - σ1) / max(1 - σ1, 1e-8), 0, 1),  δ = z' - z0 = (1 - α) e + α d
+    z' = z0 + δ,  v_corr = δ / σ'
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from soar_fast.ops._common import as_rows, empty_output, interpreting
+from soar_fast.ops._triton_utils import needs_rne_fix, round_bf16_rne
+
+__all__ = ["aux_states_triton"]
+
+
+@triton.jit
+def _aux_states_kernel(
+    z0_ptr, z1_ptr, vu_ptr, vc_ptr,  # [B, N] rows with row strides
+    s0_ptr, s1_ptr, sa_ptr,  # fp32 [B], [B], [M, B] contiguous
+    zaux_ptr, vcorr_ptr,  # [M*B, N] contiguous outputs
+    B, N, M,
+    stride_z0, stride_z1, stride_vu, stride_vc,
+    guidance,
+    WRITE_VCORR: tl.constexpr,
+    RNE_FIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    # Convert right after the load: all arithmetic is fp32 whatever the storage dtype.
+    z0 = tl.load(z0_ptr + b * stride_z0 + offs, mask=mask, other=0.0).to(tl.float32)
+    z1 = tl.load(z1_ptr + b * stride_z1 + offs, mask=mask, other=0.0).to(tl.float32)
+    vu = tl.load(vu_ptr + b * stride_vu + offs, mask=mask, other=0.0).to(tl.float32)
+    vc = tl.load(vc_ptr + b * stride_vc + offs, mask=mask, other=0.0).to(tl.float32)
+    s0 = tl.load(s0_ptr + b).to(tl.float32)
+    s1 = tl.load(s1_ptr + b).to(tl.float32)
+
+    d = z1 - z0
+    v = vu + guidance * (vc - vu)
+    e = s0 * d + (s1 - s0) * v
+    denom = tl.maximum(1.0 - s1, 1e-8)
+    for m in range(M):
+        sa = tl.load(sa_ptr + m * B + b).to(tl.float32)
+        alpha = tl.minimum(tl.maximum((sa - s1) / denom, 0.0), 1.0)
+        delta = (1.0 - alpha) * e + alpha * d
+        row = m * B + b
+        z_out = z0 + delta
+        if RNE_FIX:
+            z_out = round_bf16_rne(z_out)
+        tl.store(zaux_ptr + row * N + offs, z_out.to(zaux_ptr.dtype.element_ty), mask=mask)
+        if WRITE_VCORR:
+            v_out = delta / sa
+            if RNE_FIX:
+                v_out = round_bf16_rne(v_out)
+            tl.store(vcorr_ptr + row * N + offs, v_out.to(vcorr_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): fixed configs (autotuning fails in the interpreter). The interpreter's
+    cost is per program, so it gets large blocks; a GPU gets 8 fp32 / 16 B of bf16 per thread."""
+    if interpreting():
+        return min(16384, max(16, triton.next_power_of_2(n))), 4
+    return 1024, 4
+
+
+def aux_states_triton(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_cond: torch.Tensor,
+    sigma0: torch.Tensor,
+    sigma1: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    guidance_scale: float,
+    write_v_corr: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launcher. Shapes as `soar_aux_states`; returns (z_aux, v_corr or None) `[M*B, ...]` in z0's dtype."""
+    op = "soar_aux_states[triton]"
+    if z0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: dtype {z0.dtype} is not supported (fp32, fp16, bf16)")
+    b, m = z0.shape[0], sigma_aux.shape[0]
+    out_shape = (m * b, *z0.shape[1:])
+    z_aux = empty_output(out_shape, z0.dtype, z0.device)
+    v_corr = empty_output(out_shape, z0.dtype, z0.device) if write_v_corr else None
+    n = z0[0].numel() if b > 0 else 0
+    if z_aux.numel() == 0:
+        return z_aux, v_corr
+    (z0r, sz0), (z1r, sz1) = as_rows(z0, op, "z0"), as_rows(z1, op, "z1")
+    (vur, svu), (vcr, svc) = as_rows(v_uncond, op, "v_uncond"), as_rows(v_cond, op, "v_cond")
+    dev = z0.device
+    s0 = sigma0.to(device=dev, dtype=torch.float32).contiguous()
+    s1 = sigma1.to(device=dev, dtype=torch.float32).contiguous()
+    sa = sigma_aux.to(device=dev, dtype=torch.float32).contiguous()
+    block, warps = _launch_config(n)
+    grid = (triton.cdiv(n, block), b)
+    _aux_states_kernel[grid](
+        z0r, z1r, vur, vcr, s0, s1, sa, z_aux, v_corr if write_v_corr else z_aux,
+        b, n, m, sz0, sz1, svu, svc, float(guidance_scale),
+        WRITE_VCORR=write_v_corr, RNE_FIX=needs_rne_fix(z0.dtype), BLOCK=block, num_warps=warps,
+    )
+    return z_aux, v_corr
