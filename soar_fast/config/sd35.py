@@ -1,0 +1,85 @@
+"""The SD3.5 path's plain settings: the `sd35m-soar` recipe and the pipeline-folder check.
+
+Stdlib only (the config room imports nothing else of soar_fast): the trainer maps the recipe dict
+into its own config, and both `data.cache` and `models.pipeline` use `check_pipeline_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FLUX_PIPELINES",
+    "NotAPipelineError",
+    "SD3_PIPELINES",
+    "check_pipeline_folder",
+    "sd35m_soar_recipe",
+]
+
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+
+
+class NotAPipelineError(ValueError):
+    """A model folder that is not a diffusers pipeline of the expected family."""
+
+
+def sd35m_soar_recipe() -> dict[str, Any]:
+    """Reference hyperparameters of SOAR on SD3.5-Medium (../shared/SOAR.md), as a plain dict.
+
+    Keys use diffusers flag names where one exists. `soar` holds `SoarConfig` fields.
+    """
+    return {
+        "name": "sd35m-soar",
+        "pretrained_model_name_or_path": "stabilityai/stable-diffusion-3.5-medium",
+        "finetune": "full",  # the transformer; VAE and text encoders frozen
+        "optimizer": "adamw",
+        "learning_rate": 2e-5,
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 1e-2,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "global_batch_size": 32,
+        "resolution": 512,
+        "mixed_precision": "bf16",
+        "use_ema": False,
+        "max_train_steps": 10_000,
+        "max_sequence_length": 256,
+        "soar": {
+            "num_aux": 6,
+            "rollout_steps": 40,
+            "guidance_scale": 4.5,
+            "lambda_aux": 1.0,
+            "shift": 3.0,
+            "weighting": "logit_normal",
+            "normalization": "points",
+        },
+        "validation": {"num_inference_steps": 40, "guidance_scale": 4.5},
+    }
+
+
+def check_pipeline_folder(path: str | Path, expect: tuple[str, ...] = SD3_PIPELINES) -> str:
+    """The `_class_name` of a local diffusers pipeline folder; `NotAPipelineError` (naming the
+    folder, what it holds and what is expected) if it is missing or of another family."""
+    p = Path(path)
+    want = " or ".join(expect)
+    if not p.is_dir():
+        raise NotAPipelineError(f"{p} is not a folder; pass a local diffusers {want} folder (with model_index.json)")
+    index = p / "model_index.json"
+    if not index.is_file():
+        hint = ""
+        if (p / "config.json").is_file():
+            hint = " (it looks like a single model folder; pass the pipeline folder above it)"
+        raise NotAPipelineError(f"{p} has no model_index.json{hint}: not a diffusers pipeline; need a {want} folder")
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise NotAPipelineError(f"{index} is not valid JSON ({e.msg})") from None
+    if name not in expect:
+        raise NotAPipelineError(f"{p} holds a {name} (model_index.json), not a {want}; use a matching checkpoint")
+    return name

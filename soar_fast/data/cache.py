@@ -1,0 +1,240 @@
+"""`soar-fast cache`: encode an image-caption folder once with an SD3 pipeline's VAE and text encoders.
+
+The transformer is never loaded. Latents are `(vae.encode(x) - shift_factor) * scaling_factor`,
+as `StableDiffusion3Pipeline` expects them; captions go through the pipeline's own `encode_prompt`
+(CLIP-L + CLIP-G + T5), and the empty prompt is encoded once. The result is a shard folder
+(`soar_fast.data.shards`) that training reads with `make_shard_loader`.
+
+Resuming: the plan (which images go to which shard) is a deterministic function of the sorted
+image list and the settings, summarised by a fingerprint stored in index.json. Re-running with
+the same arguments skips shards that are complete and verify, and rewrites the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from soar_fast.config import ConfigError
+from soar_fast.config.sd35 import check_pipeline_folder
+from soar_fast.data.images import (
+    ImageFolderConfig,
+    ImageRecord,
+    image_to_tensor,
+    load_image,
+    resize_center_crop,
+    scan_image_folder,
+)
+from soar_fast.data.shards import EMPTY_PROMPT_FILE, INDEX_FILE, ShardWriter, verify_cache
+
+__all__ = ["CacheConfig", "CacheResult", "plan_shards", "run_cache"]
+
+log = logging.getLogger(__name__)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """Inputs and settings of `soar-fast cache`."""
+
+    pretrained_model_name_or_path: str
+    """Local diffusers StableDiffusion3Pipeline folder (read with local_files_only=True)."""
+    data: ImageFolderConfig
+    """The image folder, its captions and the target resolution / buckets."""
+    output_dir: str
+    """Cache folder to write (index.json + shards)."""
+    max_sequence_length: int = 256
+    """T5 tokens per caption (the pipeline's max_sequence_length; SD3 sampling uses 256)."""
+    batch_size: int = 8
+    """Images encoded per forward pass."""
+    shard_size: int = 256
+    """Samples per shard file (one latent shape per shard)."""
+    latent_sampling: Literal["mode", "sample"] = "mode"
+    """'mode': the VAE posterior mean (deterministic); 'sample': one draw, seeded per shard."""
+    seed: int = 0
+    """Seed of `latent_sampling='sample'`."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."""
+    encoder_dtype: DType = "auto"
+    """Text-encoder dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."""
+    vae_dtype: DType = "float32"
+    """VAE dtype ('auto' as above); float32 is the safe default for SD3's VAE."""
+    store_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the stored latents and embeddings."""
+    variant: str | None = None
+    """Weights variant of the checkpoint (e.g. 'fp16'), as diffusers' `variant`."""
+    resume: bool = True
+    """Keep shards of an earlier run with the same settings that verify; False rebuilds all."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_sequence_length", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CacheConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if self.max_sequence_length > 512:
+            raise ConfigError(f"CacheConfig.max_sequence_length={self.max_sequence_length} is invalid: T5 takes <= 512")
+
+
+@dataclass
+class CacheResult:
+    """What `run_cache` did: shard counts, samples, and the images it left out (with reasons)."""
+
+    output_dir: str
+    num_samples: int
+    num_shards: int
+    shards_written: int
+    shards_reused: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def plan_shards(records: list[ImageRecord], shard_size: int) -> list[list[ImageRecord]]:
+    """Records grouped by bucket (sorted), then cut into shards of at most `shard_size`."""
+    by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
+    for r in records:
+        by_bucket.setdefault(r.bucket, []).append(r)
+    plan = []
+    for bucket in sorted(by_bucket):
+        rs = by_bucket[bucket]
+        plan += [rs[i : i + shard_size] for i in range(0, len(rs), shard_size)]
+    return plan
+
+
+def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress", "device", "batch_size", "output_dir")}
+    settings["pretrained_model_name_or_path"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
+    settings["plan"] = [[(r.path, r.caption, r.bucket) for r in shard] for shard in plan]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_encoders(cfg: CacheConfig, device: torch.device):  # -> StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
+
+    check_pipeline_folder(cfg.pretrained_model_name_or_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path, transformer=None, local_files_only=True, variant=cfg.variant,
+        torch_dtype=_resolve_dtype(cfg.encoder_dtype, device),
+    )
+    pipe.vae.to(device=device, dtype=_resolve_dtype(cfg.vae_dtype, device))
+    for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if enc is not None:
+            enc.to(device)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return pipe
+
+
+@torch.no_grad()
+def _encode_batch(pipe, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig, device: torch.device,
+                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    vae = pipe.vae
+    dist = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
+    lat = dist.sample(generator) if cfg.latent_sampling == "sample" else dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    lat = (lat.float() - shift) * vae.config.scaling_factor
+    pe, _, pooled, _ = pipe.encode_prompt(
+        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+        max_sequence_length=cfg.max_sequence_length,
+    )
+    store = getattr(torch, cfg.store_dtype)
+    return {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
+
+
+def run_cache(cfg: CacheConfig) -> CacheResult:
+    """Encode `cfg.data` into shards at `cfg.output_dir`; resumable. Returns a `CacheResult`.
+
+    Raises `NotAPipelineError` for a folder that is not an SD3 pipeline, `CaptionError` for a
+    missing caption; corrupt images are skipped and listed in the result and in index.json.
+    """
+    from tqdm.auto import tqdm
+
+    check_pipeline_folder(cfg.pretrained_model_name_or_path)
+    scan = scan_image_folder(cfg.data)
+    skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
+    plan = plan_shards(scan.records, cfg.shard_size)
+    out = Path(cfg.output_dir)
+    if not cfg.resume and out.is_dir():
+        for p in [out / INDEX_FILE, out / EMPTY_PROMPT_FILE, *out.glob("shard-*.safetensors*")]:
+            p.unlink(missing_ok=True)
+    device = _resolve_device(cfg.device)
+    info = {
+        "pipeline": str(Path(cfg.pretrained_model_name_or_path).resolve()),
+        "max_sequence_length": cfg.max_sequence_length,
+        "resolution": cfg.data.resolution,
+        "buckets": scan.buckets,
+        "latent_sampling": cfg.latent_sampling,
+    }
+    writer = ShardWriter(out, _fingerprint(cfg, plan), info)
+    todo = [i for i in range(len(plan)) if not writer.is_done(i)]
+    need_empty = not writer.is_done_empty()
+    reused = len(plan) - len(todo)
+    pipe = _load_encoders(cfg, device) if todo or need_empty else None
+    if pipe is not None:
+        vae_cfg = pipe.vae.config
+        writer.index["info"].update(vae_shift_factor=getattr(vae_cfg, "shift_factor", None) or 0.0,
+                                    vae_scaling_factor=vae_cfg.scaling_factor)
+    if need_empty:
+        with torch.no_grad():
+            pe, _, pooled, _ = pipe.encode_prompt(
+                prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+                max_sequence_length=cfg.max_sequence_length,
+            )
+        store = getattr(torch, cfg.store_dtype)
+        writer.write_empty_prompt(pe[0].to(store).cpu(), pooled[0].to(store).cpu())
+
+    done_samples = sum(len(plan[i]) for i in set(range(len(plan))) - set(todo))
+    bar = tqdm(total=len(scan.records), initial=done_samples, desc="cache", unit="img", disable=not cfg.progress)
+    for i in todo:
+        gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
+        parts: list[dict[str, torch.Tensor]] = []
+        captions, sources, shard_skipped = [], [], []
+        for s in range(0, len(plan[i]), cfg.batch_size):
+            batch_px, batch_caps = [], []
+            for r in plan[i][s : s + cfg.batch_size]:
+                try:
+                    img = resize_center_crop(load_image(r.path), r.bucket, cfg.data.center_crop)
+                except Exception as e:  # noqa: BLE001 - a file changed since the scan: skip and report
+                    shard_skipped.append({"path": r.path, "reason": f"{type(e).__name__}: {e}"})
+                    continue
+                batch_px.append(image_to_tensor(img))
+                batch_caps.append(r.caption)
+                sources.append(r.path)
+            if batch_px:
+                parts.append(_encode_batch(pipe, torch.stack(batch_px), batch_caps, cfg, device, gen))
+                captions += batch_caps
+            bar.update(len(plan[i][s : s + cfg.batch_size]))
+        if not parts:
+            skipped += shard_skipped
+            continue
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        writer.write_shard(i, tensors, captions, sources, shard_skipped)
+    bar.close()
+    for e in writer.index["shards"]:
+        skipped += e.get("skipped", [])
+    writer.finish(len(plan), skipped)
+    index = verify_cache(out, check_hash=False)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    return CacheResult(output_dir=str(out), num_samples=index["num_samples"], num_shards=len(index["shards"]),
+                       shards_written=len(todo), shards_reused=reused, skipped=skipped)
+

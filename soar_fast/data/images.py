@@ -1,0 +1,347 @@
+"""Caption-folder image datasets: the layouts diffusers and SimpleTuner users already have.
+
+Three layouts, detected in this order (or forced with `ImageFolderConfig.metadata`):
+1. `metadata.jsonl` in the folder (diffusers ImageFolder): one JSON object per line with an image
+   column (`file_name`, `image`, `image_path`, `path`) and a caption column (`text`, `caption`,
+   `prompt`).
+2. `metadata.csv` in the folder, same columns.
+3. Sidecar captions (SimpleTuner / kohya): `cat.png` + `cat.txt`, searched recursively.
+
+Images are resized so they cover a target bucket and center-cropped to it. Without aspect buckets
+every image goes to the square `resolution x resolution`; with them, each image goes to the
+bucket of nearest aspect ratio from a list of sizes of about `resolution**2` pixels, and batches
+are drawn within one bucket. Unreadable images are skipped and reported (`SkippedFile`); a
+missing caption raises `CaptionError` unless `allow_empty_captions`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soar_fast.config import ConfigError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BucketBatchSampler",
+    "CaptionError",
+    "CaptionImageDataset",
+    "ImageFolderConfig",
+    "ImageRecord",
+    "ScanResult",
+    "SkippedFile",
+    "image_to_tensor",
+    "load_image",
+    "make_buckets",
+    "nearest_bucket",
+    "resize_center_crop",
+    "scan_image_folder",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_COLUMNS = ("file_name", "image", "image_path", "path", "filename")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
+
+
+class CaptionError(ValueError):
+    """An image has no caption (and `allow_empty_captions` is off), or the metadata is unusable."""
+
+
+@dataclass(kw_only=True)
+class ImageFolderConfig:
+    """Where the images and captions are, and how they become training-size tensors."""
+
+    root: str
+    """Folder with the images (searched recursively for sidecar captions)."""
+    metadata: str | None = None
+    """A `.jsonl` or `.csv` of image path + caption (paths relative to `root`). None: use
+    `root/metadata.jsonl` or `root/metadata.csv` when present, else sidecar `.txt` captions."""
+    image_column: str | None = None
+    """Metadata column with the image path. None: the first of file_name, image, image_path, path."""
+    caption_column: str | None = None
+    """Metadata column with the caption. None: the first of text, caption, prompt."""
+    caption_extension: str = ".txt"
+    """Extension of sidecar caption files."""
+    allow_empty_captions: bool = False
+    """Train images without a caption on the empty prompt instead of raising `CaptionError`."""
+    resolution: int = 512
+    """Target side in pixels: square crops, or buckets of about resolution**2 pixels."""
+    aspect_buckets: bool = False
+    """Group images into aspect-ratio buckets instead of square center crops."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (VAE factor x patch size at least; 64 is safe for SD3)."""
+    max_aspect_ratio: float = 2.0
+    """Widest (and tallest) bucket allowed, as long side / short side."""
+    center_crop: bool = True
+    """Center crop after resizing; False takes the top-left crop (as diffusers' `--center_crop` off)."""
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ConfigError(f"ImageFolderConfig.resolution={self.resolution} is invalid: need >= 8 pixels")
+        if self.bucket_step < 1 or (self.aspect_buckets and self.bucket_step > self.resolution):
+            raise ConfigError(
+                f"ImageFolderConfig.bucket_step={self.bucket_step} is invalid: need 1 <= step <= resolution"
+            )
+        if self.max_aspect_ratio < 1:
+            raise ConfigError(f"ImageFolderConfig.max_aspect_ratio={self.max_aspect_ratio} is invalid: need >= 1")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image: its path, caption, original size and training size `(height, width)`."""
+
+    path: str
+    caption: str
+    size: tuple[int, int]  # (width, height) as PIL reports it
+    bucket: tuple[int, int]  # (height, width) of the crop
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An image left out, with the reason (unreadable, truncated, not an image)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    records: list[ImageRecord]
+    skipped: list[SkippedFile]
+    buckets: list[tuple[int, int]]
+
+
+def make_buckets(resolution: int, step: int = 64, max_aspect_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(height, width) buckets with sides multiple of `step`, area <= resolution**2 and as close to
+    it as the step allows, aspect within `max_aspect_ratio`. Always includes the square."""
+    area = resolution * resolution
+    side = max(step, resolution // step * step)
+    buckets = {(side, side)}
+    w = step
+    while w <= resolution * max_aspect_ratio:
+        h = max(step, area // w // step * step)
+        if max(h, w) / min(h, w) <= max_aspect_ratio + 1e-9:
+            buckets.add((h, w))
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets, key=lambda hw: (hw[1] / hw[0], hw[0]))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log space) to the image's."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - ratio), -hw[0] * hw[1]))
+
+
+def resize_center_crop(img: Image.Image, size: tuple[int, int], center: bool = True) -> Image.Image:
+    """Resize (bicubic) so the image covers `size=(height, width)`, then crop to it."""
+    th, tw = size
+    w, h = img.size
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = ((nw - tw) // 2, (nh - th) // 2) if center else (0, 0)
+    return img.crop((left, top, left + tw, top + th))
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 `[3, H, W]` in [-1, 1], the VAE's input range."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB (raises on truncated or corrupt data)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    """(width, height) after checking the file decodes; raises on a corrupt image."""
+    with Image.open(path) as im:
+        size = im.size
+        im.load()  # verify() misses truncated pixel data; a full decode does not
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"empty image {size}")
+    return size
+
+
+def _pick(columns: Sequence[str], wanted: str | None, choices: Sequence[str], what: str, src: Path) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise CaptionError(f"{src}: no column {wanted!r} ({what}); columns are {list(columns)}")
+        return wanted
+    for c in choices:
+        if c in columns:
+            return c
+    raise CaptionError(
+        f"{src}: no {what} column; name one of {', '.join(choices)} or set the {what} column option"
+    )
+
+
+def _read_metadata(cfg: ImageFolderConfig, meta: Path) -> list[tuple[Path, str | None]]:
+    root = Path(cfg.root)
+    if meta.suffix == ".jsonl":
+        rows = []
+        with meta.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise CaptionError(f"{meta}:{i}: not valid JSON ({e.msg})") from None
+    elif meta.suffix == ".csv":
+        with meta.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise CaptionError(f"{meta}: metadata must be a .jsonl or .csv file")
+    if not rows:
+        raise CaptionError(f"{meta}: no rows")
+    columns = list(rows[0].keys())
+    icol = _pick(columns, cfg.image_column, IMAGE_COLUMNS, "image", meta)
+    ccol = _pick(columns, cfg.caption_column, CAPTION_COLUMNS, "caption", meta)
+    out = []
+    for row in rows:
+        cap = row.get(ccol)
+        if isinstance(cap, list):  # diffusers allows several captions; the first is used
+            cap = cap[0] if cap else None
+        p = Path(str(row[icol]))
+        out.append((p if p.is_absolute() else root / p, None if cap is None else str(cap)))
+    return out
+
+
+def _read_sidecars(cfg: ImageFolderConfig) -> list[tuple[Path, str | None]]:
+    out = []
+    for p in sorted(Path(cfg.root).rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            txt = p.with_suffix(cfg.caption_extension)
+            out.append((p, txt.read_text(encoding="utf-8").strip() if txt.is_file() else None))
+    return out
+
+
+def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
+    """List the images and captions of a folder, probe each image, assign buckets.
+
+    Records come sorted by path (a deterministic order, so caching can resume). Corrupt or missing
+    images are skipped and reported in `ScanResult.skipped`; a missing or empty caption raises
+    `CaptionError` naming the file, unless `cfg.allow_empty_captions`.
+    """
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    meta = Path(cfg.metadata) if cfg.metadata else None
+    if meta is None:
+        meta = next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
+    elif not meta.is_absolute() and not meta.is_file():
+        meta = root / meta
+    pairs = _read_metadata(cfg, meta) if meta is not None else _read_sidecars(cfg)
+    if not pairs:
+        raise FileNotFoundError(f"no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+
+    buckets = (
+        make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+        if cfg.aspect_buckets
+        else [(cfg.resolution, cfg.resolution)]
+    )
+    records, skipped = [], []
+    for path, caption in sorted(pairs, key=lambda pc: str(pc[0])):
+        if not caption or not caption.strip():
+            if not cfg.allow_empty_captions:
+                where = f"no {cfg.caption_extension} file beside it" if meta is None else f"empty in {meta}"
+                raise CaptionError(
+                    f"{path}: missing caption ({where}); add one or set allow_empty_captions=True"
+                )
+            caption = ""
+        try:
+            size = _probe(path)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report
+            skipped.append(SkippedFile(str(path), f"{type(e).__name__}: {e}"))
+            continue
+        records.append(ImageRecord(str(path), caption.strip(), size, nearest_bucket(*size, buckets)))
+    for s in skipped:
+        log.warning("skipping %s: %s", s.path, s.reason)
+    if not records:
+        raise FileNotFoundError(f"no readable images in {root}; {len(skipped)} skipped")
+    return ScanResult(records=records, skipped=skipped, buckets=buckets)
+
+
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """Records -> dicts `{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "path": str}`,
+    each at its record's bucket size. Pair with `BucketBatchSampler` so batches share a size."""
+
+    def __init__(self, records: Sequence[ImageRecord], center_crop: bool = True):
+        self.records = list(records)
+        self.center_crop = center_crop
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        img = resize_center_crop(load_image(r.path), r.bucket, self.center_crop)
+        return {"pixel_values": image_to_tensor(img), "caption": r.caption, "path": r.path}
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices that share a key (a bucket or a latent shape), shuffled per epoch.
+
+    `keys[i]` is the bucket of sample i. Each epoch shuffles within buckets, cuts batches, and
+    shuffles the batch order, seeded by `seed + epoch` (call `set_epoch`).
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[object],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} is invalid: need >= 1")
+        self.groups: dict[object, list[int]] = {}
+        for i, k in enumerate(keys):
+            self.groups.setdefault(k, []).append(i)
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        batches = []
+        for key in self.groups:
+            idx = list(self.groups[key])
+            if self.shuffle:
+                rng.shuffle(idx)
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s : s + self.batch_size]
+                if len(b) == self.batch_size or not self.drop_last:
+                    batches.append(b)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        n = 0
+        for idx in self.groups.values():
+            n += len(idx) // self.batch_size if self.drop_last else math.ceil(len(idx) / self.batch_size)
+        return n

@@ -1,0 +1,329 @@
+"""Sharded safetensors caches of (latents, prompt_embeds, pooled), with a checked index.
+
+Layout of a cache folder:
+```
+index.json                  format, producer info, shards (file, num_samples, tensors with shape
+                            and dtype, sha256, captions, sources), skipped files, complete flag
+empty_prompt.safetensors    the empty-prompt condition, once: prompt_embeds [L, D], pooled [P]
+shard-00000.safetensors     latents [n, C, h, w], prompt_embeds [n, L, D], pooled [n, P]
+...
+```
+Each shard holds one latent shape (one aspect bucket). Files are written to a temporary name and
+renamed, and the index is rewritten after every shard, so an interrupted run leaves a valid prefix
+that `soar_fast.data.cache.run_cache` resumes from. `verify_cache` checks every shard against the
+index (existence, shapes, dtypes, sha256) and raises `ShardError` naming the shard and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from soar_fast.config import ConfigError
+from soar_fast.data.images import BucketBatchSampler
+
+__all__ = [
+    "EMPTY_PROMPT_FILE",
+    "FORMAT",
+    "INDEX_FILE",
+    "TENSOR_NAMES",
+    "ShardDataset",
+    "ShardError",
+    "ShardLoaderConfig",
+    "ShardWriter",
+    "file_sha256",
+    "load_empty_prompt",
+    "make_shard_loader",
+    "read_index",
+    "verify_cache",
+    "verify_shard",
+]
+
+FORMAT = "soar_fast.shards/1"
+INDEX_FILE = "index.json"
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+TENSOR_NAMES = ("latents", "prompt_embeds", "pooled")
+FIX = "delete it (or the cache folder) and re-run `soar-fast cache` with the same arguments"
+
+Verify = Literal["none", "shape", "hash"]
+
+
+class ShardError(RuntimeError):
+    """A cache shard is missing, truncated, or disagrees with index.json. The message names it."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _tensor_info(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {k: {"shape": list(v.shape), "dtype": _dtype_name(v)} for k, v in tensors.items()}
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def read_index(cache_dir: str | Path) -> dict[str, Any]:
+    """The parsed index.json of a cache folder; `ShardError` if absent or of another format."""
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {cache_dir} is not a soar_fast cache; run `soar-fast cache` first")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e.msg}); {FIX}") from None
+    if index.get("format") != FORMAT:
+        raise ShardError(f"{path} has format {index.get('format')!r}, expected {FORMAT!r}; {FIX}")
+    return index
+
+
+class ShardWriter:
+    """Writes shards and the index. `fingerprint` identifies the producer settings: reopening a
+    folder whose index has another fingerprint raises instead of mixing two caches."""
+
+    def __init__(self, cache_dir: str | Path, fingerprint: str, info: dict[str, Any] | None = None):
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if (self.dir / INDEX_FILE).is_file():
+            self.index = read_index(self.dir)
+            if self.index.get("fingerprint") != fingerprint:
+                raise ShardError(
+                    f"{self.dir} holds a cache made with other settings (fingerprint "
+                    f"{self.index.get('fingerprint')} != {fingerprint}); use another output folder, or resume=False to rebuild it"
+                )
+        else:
+            self.index = {"format": FORMAT, "fingerprint": fingerprint, "info": info or {}, "shards": [],
+                          "empty_prompt": None, "skipped": [], "complete": False}
+        self.index["info"] = {**self.index.get("info", {}), **(info or {})}
+
+    def shard_name(self, i: int) -> str:
+        return f"shard-{i:05d}.safetensors"
+
+    def entry(self, i: int) -> dict[str, Any] | None:
+        return next((s for s in self.index["shards"] if s["id"] == i), None)
+
+    def is_done(self, i: int, check_hash: bool = True) -> bool:
+        """True when shard i is in the index and its file verifies (so a resume can skip it)."""
+        e = self.entry(i)
+        if e is None:
+            return False
+        try:
+            verify_shard(self.dir, e, check_hash=check_hash)
+        except ShardError:
+            return False
+        return True
+
+    def is_done_empty(self, check_hash: bool = True) -> bool:
+        """True when the empty-prompt file is recorded and verifies."""
+        e = self.index.get("empty_prompt")
+        if e is None:
+            return False
+        try:
+            verify_shard(self.dir, e, check_hash=check_hash)
+        except ShardError:
+            return False
+        return True
+
+    def write_shard(
+        self, i: int, tensors: dict[str, torch.Tensor], captions: Sequence[str], sources: Sequence[str],
+        skipped: Sequence[dict[str, str]] = (),
+    ) -> dict[str, Any]:
+        """Write shard i (`tensors` with the names of TENSOR_NAMES, batched on dim 0) and record it."""
+        if set(tensors) != set(TENSOR_NAMES) or {v.shape[0] for v in tensors.values()} != {len(captions)}:
+            raise ValueError(f"shard {i}: need {TENSOR_NAMES} with one batch size matching captions, got "
+                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} } and {len(captions)} captions")
+        name = self.shard_name(i)
+        digest = _save_atomic(tensors, self.dir / name)
+        entry = {"id": i, "file": name, "num_samples": len(captions), "tensors": _tensor_info(tensors),
+                 "sha256": digest, "captions": list(captions), "sources": list(sources), "skipped": list(skipped)}
+        self.index["shards"] = sorted([s for s in self.index["shards"] if s["id"] != i] + [entry],
+                                      key=lambda s: s["id"])
+        self.flush()
+        return entry
+
+    def write_empty_prompt(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        """The empty-prompt condition of one sample: prompt_embeds [L, D], pooled [P]."""
+        tensors = {"prompt_embeds": prompt_embeds.reshape(prompt_embeds.shape[-2:]), "pooled": pooled.reshape(-1)}
+        digest = _save_atomic(tensors, self.dir / EMPTY_PROMPT_FILE)
+        self.index["empty_prompt"] = {"file": EMPTY_PROMPT_FILE, "tensors": _tensor_info(tensors), "sha256": digest}
+        self.flush()
+
+    def finish(self, num_shards: int, skipped: Sequence[dict[str, str]] = ()) -> None:
+        """Drop index entries past `num_shards`, record skipped files, mark the cache complete."""
+        self.index["shards"] = [s for s in self.index["shards"] if s["id"] < num_shards]
+        self.index["skipped"] = list(skipped)
+        self.index["num_samples"] = sum(s["num_samples"] for s in self.index["shards"])
+        self.index["complete"] = True
+        self.flush()
+
+    def flush(self) -> None:
+        _atomic_write_json(self.dir / INDEX_FILE, self.index)
+
+
+def verify_shard(cache_dir: str | Path, entry: dict[str, Any], check_hash: bool = True) -> None:
+    """Check one shard (or the empty-prompt file) against its index entry; `ShardError` if not."""
+    path = Path(cache_dir) / entry["file"]
+    if not path.is_file():
+        raise ShardError(f"shard {path} listed in index.json is missing; {FIX}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": _slice_dtype(f.get_slice(k))}
+                     for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged header
+        raise ShardError(f"shard {path} is unreadable ({type(e).__name__}: {e}); {FIX}") from None
+    if found != entry["tensors"]:
+        raise ShardError(f"shard {path} holds {found} but index.json says {entry['tensors']}; {FIX}")
+    if check_hash and file_sha256(path) != entry["sha256"]:
+        raise ShardError(f"shard {path} fails its sha256 checksum (file changed or truncated); {FIX}")
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _slice_dtype(sl: Any) -> str:
+    d = sl.get_dtype()
+    return _ST_DTYPES.get(d, str(d).lower())
+
+
+def verify_cache(cache_dir: str | Path, check_hash: bool = True, require_complete: bool = True) -> dict[str, Any]:
+    """Verify every shard and the empty-prompt file of a cache; returns the index."""
+    index = read_index(cache_dir)
+    if require_complete and not index.get("complete"):
+        raise ShardError(f"cache {cache_dir} is incomplete (interrupted?); re-run `soar-fast cache` to finish it")
+    if index.get("empty_prompt") is None:
+        raise ShardError(f"cache {cache_dir} has no empty-prompt embedding; re-run `soar-fast cache`")
+    verify_shard(cache_dir, index["empty_prompt"], check_hash)
+    shapes = set()
+    for e in index["shards"]:
+        verify_shard(cache_dir, e, check_hash)
+        shapes.add(tuple(tuple(e["tensors"][k]["shape"][1:]) for k in ("prompt_embeds", "pooled")))
+    if len(shapes) > 1:
+        raise ShardError(f"cache {cache_dir}: shards disagree on text-embedding shapes {sorted(shapes)}; {FIX}")
+    return index
+
+
+def load_empty_prompt(cache_dir: str | Path, check_hash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty-prompt condition `(prompt_embeds [L, D], pooled [P])`, the `uncond` of soar_loss."""
+    index = read_index(cache_dir)
+    if index.get("empty_prompt") is None:
+        raise ShardError(f"cache {cache_dir} has no empty-prompt embedding; re-run `soar-fast cache`")
+    verify_shard(cache_dir, index["empty_prompt"], check_hash)
+    with safe_open(str(Path(cache_dir) / EMPTY_PROMPT_FILE), framework="pt") as f:
+        return f.get_tensor("prompt_embeds"), f.get_tensor("pooled")
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Sample i of the cache -> `(latents [C, h, w], prompt_embeds [L, D], pooled [P])`.
+
+    Shards are memory-mapped lazily in each process (DataLoader workers open their own handles).
+    `verify`: "hash" checks sha256 of every shard at construction, "shape" only shapes and dtypes.
+    """
+
+    def __init__(self, cache_dir: str | Path, verify: Verify = "shape"):
+        self.dir = Path(cache_dir)
+        self.index = (verify_cache(self.dir, check_hash=verify == "hash") if verify != "none"
+                      else read_index(self.dir))
+        self.locate: list[tuple[int, int]] = []
+        for si, e in enumerate(self.index["shards"]):
+            self.locate += [(si, r) for r in range(e["num_samples"])]
+        self.keys = [tuple(self.index["shards"][si]["tensors"]["latents"]["shape"][1:]) for si, _ in self.locate]
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.locate)
+
+    def caption(self, i: int) -> str:
+        si, r = self.locate[i]
+        return self.index["shards"][si]["captions"][r]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        si, r = self.locate[i]
+        f = self._handles.get(si)
+        if f is None:
+            f = self._handles[si] = safe_open(str(self.dir / self.index["shards"][si]["file"]), framework="pt")
+        return tuple(f.get_slice(k)[r] for k in TENSOR_NAMES)  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict[str, Any]:  # handles do not pickle (spawned workers)
+        return {**self.__dict__, "_handles": {}}
+
+
+@dataclass(kw_only=True)
+class ShardLoaderConfig:
+    """How training reads a cache (no encoder runs during training)."""
+
+    cache_dir: str
+    """Folder written by `soar-fast cache` (holds index.json)."""
+    batch_size: int = 4
+    """Per-rank batch size; batches are drawn within one latent shape (aspect bucket)."""
+    shuffle: bool = True
+    """Shuffle within buckets and the batch order, seeded by seed + epoch."""
+    drop_last: bool = True
+    """Drop a bucket's last short batch (keeps the per-step batch size constant)."""
+    seed: int = 0
+    """Seed of the batch order."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+    pin_memory: bool = True
+    """Pin host memory for fast copies to the GPU (ignored without CUDA)."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead (num_workers > 0 only)."""
+    persistent_workers: bool = True
+    """Keep workers alive across epochs (num_workers > 0 only)."""
+    verify: Verify = "shape"
+    """Check of the shards at start: 'hash' (sha256, slow on big caches), 'shape', or 'none'."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ShardLoaderConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"ShardLoaderConfig.num_workers={self.num_workers} is invalid: need >= 0")
+
+
+def make_shard_loader(cfg: ShardLoaderConfig) -> torch.utils.data.DataLoader:
+    """A DataLoader over a cache yielding `(latents [B, C, h, w], prompt_embeds [B, L, D],
+    pooled [B, P])`. Call `loader.batch_sampler.set_epoch(e)` each epoch for a new order."""
+    ds = ShardDataset(cfg.cache_dir, verify=cfg.verify)
+    sampler = BucketBatchSampler(ds.keys, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
+                                 seed=cfg.seed)
+    if len(sampler) == 0:
+        raise ConfigError(f"ShardLoaderConfig.batch_size={cfg.batch_size} is larger than every bucket of "
+                          f"{cfg.cache_dir} ({len(ds)} samples) with drop_last=True; lower it or set drop_last=False")
+    workers = cfg.num_workers > 0
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=cfg.persistent_workers and workers,
+    )

@@ -1,0 +1,296 @@
+"""Local SD3 pipeline folders: load the transformer, export trained weights, sample image grids.
+
+- `load_sd3_transformer(path)`: the `SD3Transformer2DModel` of a local pipeline folder.
+- `export_transformer(transformer, out, base=...)`: `save_pretrained` of the trained transformer,
+  either alone (`out/transformer`) or as a complete pipeline folder (the other components copied
+  from `base`), so `StableDiffusion3Pipeline.from_pretrained(out)` loads the result.
+- `SampleConfig` + `run_sample(cfg)`: `soar-fast sample`, prompts -> PNGs + a grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+from soar_fast.config import ConfigError
+from soar_fast.config.sd35 import SD3_PIPELINES, check_pipeline_folder
+
+__all__ = [
+    "SampleConfig",
+    "SampleResult",
+    "export_transformer",
+    "load_sd3_pipeline",
+    "load_sd3_transformer",
+    "make_grid",
+    "read_prompts",
+    "run_sample",
+    "sample_images",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def load_sd3_transformer(
+    pretrained_model_name_or_path: str | Path, *, torch_dtype: torch.dtype = torch.float32, variant: str | None = None
+) -> nn.Module:
+    """`SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")`, local files only.
+
+    Raises `NotAPipelineError` when `path` is not a StableDiffusion3Pipeline folder.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    check_pipeline_folder(pretrained_model_name_or_path, SD3_PIPELINES)
+    return SD3Transformer2DModel.from_pretrained(
+        pretrained_model_name_or_path, subfolder="transformer", torch_dtype=torch_dtype, variant=variant,
+        local_files_only=True,
+    )
+
+
+def export_transformer(
+    transformer: nn.Module,
+    output_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    mode: Literal["pipeline", "transformer"] = "pipeline",
+    torch_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save a trained transformer with `save_pretrained` to `output_dir/transformer`.
+
+    `mode="pipeline"` also copies every other component of the `base` pipeline folder (VAE, text
+    encoders, tokenizers, scheduler, model_index.json), giving a folder that
+    `StableDiffusion3Pipeline.from_pretrained(output_dir)` loads. `mode="transformer"` writes only
+    the transformer subfolder (load it with `SD3Transformer2DModel.from_pretrained(out,
+    subfolder="transformer")` and pass it to the pipeline). A LoRA-adapted transformer must be
+    merged first (`soar_fast.models.lora.merge_lora`) or saved with `save_lora_weights`.
+    Returns `output_dir`.
+    """
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        raise ValueError("transformer still has LoRA adapters: merge_lora() it first, or use save_lora_weights()")
+    out = Path(output_dir)
+    if mode == "pipeline":
+        if base is None:
+            raise ValueError("export_transformer(mode='pipeline') needs base=<the pipeline folder trained from>")
+        check_pipeline_folder(base, SD3_PIPELINES)
+        base = Path(base)
+        if base.resolve() == out.resolve():
+            raise ValueError(f"output_dir {out} is the base folder; export to a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in base.iterdir():
+            if item.name == "transformer" or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, out / item.name)
+    elif mode != "transformer":
+        raise ValueError(f"mode={mode!r}: choose 'pipeline' or 'transformer'")
+    if torch_dtype is not None:
+        transformer = transformer.to(torch_dtype)
+    transformer.save_pretrained(out / "transformer")
+    return out
+
+
+def load_sd3_pipeline(
+    pretrained_model_name_or_path: str | Path,
+    *,
+    transformer_path: str | Path | None = None,
+    lora_path: str | Path | None = None,
+    lora_scale: float = 1.0,
+    device: str = "auto",
+    dtype: str = "auto",
+    variant: str | None = None,
+):  # -> StableDiffusion3Pipeline
+    """A `StableDiffusion3Pipeline` from a local folder, optionally with another transformer (a
+    folder holding `transformer/` or the transformer's own folder) and a LoRA folder or file."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    check_pipeline_folder(pretrained_model_name_or_path, SD3_PIPELINES)
+    dev = _device(device)
+    td = _dtype(dtype, dev)
+    kwargs: dict[str, Any] = {}
+    if transformer_path is not None:
+        tp = Path(transformer_path)
+        sub = "transformer" if (tp / "transformer" / "config.json").is_file() else None
+        kwargs["transformer"] = SD3Transformer2DModel.from_pretrained(
+            tp, subfolder=sub, torch_dtype=td, local_files_only=True
+        )
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
+    )
+    if lora_path is not None:
+        pipe.load_lora_weights(str(lora_path), adapter_name="soar")
+        if lora_scale != 1.0:
+            pipe.set_adapters(["soar"], adapter_weights=[lora_scale])
+    return pipe.to(dev)
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Prompts from a file: `.txt` (one per line; blank lines and `#` comments skipped) or `.jsonl`
+    (objects with a `prompt` key, e.g. GenEval's evaluation_metadata.jsonl; other keys are kept as
+    metadata for scorers). Returns dicts with at least `prompt`."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {p} not found")
+    rows: list[dict[str, Any]] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or "prompt" not in row:
+                    raise ValueError(f"{p}:{i}: need a JSON object with a 'prompt' key")
+                rows.append(row)
+    else:
+        rows = [{"prompt": s.strip()} for s in p.read_text(encoding="utf-8").splitlines()
+                if s.strip() and not s.lstrip().startswith("#")]
+    if not rows:
+        raise ValueError(f"prompt file {p} holds no prompts")
+    return rows
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile images (all of one size) row by row; `cols` defaults to ceil(sqrt(n))."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return grid
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Inputs and settings of `soar-fast sample`."""
+
+    pretrained_model_name_or_path: str
+    """Local StableDiffusion3Pipeline folder (a base checkpoint or an exported one)."""
+    output_dir: str
+    """Where the PNGs, grid.png and prompts.json go."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts given inline; used with or instead of `prompt_file`."""
+    prompt_file: str | None = None
+    """A .txt (one prompt a line) or .jsonl (`prompt` key) file."""
+    transformer_path: str | None = None
+    """Trained transformer to use instead of the pipeline's (export folder or transformer folder)."""
+    lora_path: str | None = None
+    """LoRA folder/file written by `save_lora_weights`."""
+    lora_scale: float = 1.0
+    """Adapter weight of the LoRA."""
+    num_inference_steps: int = 40
+    """Sampler steps (the SOAR evaluation setting)."""
+    guidance_scale: float = 4.5
+    """Classifier-free guidance (the SOAR evaluation setting)."""
+    height: int | None = None
+    """Image height; None uses the transformer's default (sample_size x VAE factor)."""
+    width: int | None = None
+    """Image width; None as height."""
+    images_per_prompt: int = 1
+    """Images per prompt (seeds seed, seed + 1, ... per prompt)."""
+    batch_size: int = 4
+    """Prompts per pipeline call."""
+    seed: int = 0
+    """Base seed; image k of prompt i uses seed + i * images_per_prompt + k, whatever the batching."""
+    max_sequence_length: int = 256
+    """T5 tokens per prompt."""
+    negative_prompt: str = ""
+    """Negative prompt of CFG (SOAR's uncond is the empty prompt)."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Pipeline dtype; 'auto' is bfloat16 on CUDA, float32 on CPU."""
+    grid_cols: int | None = None
+    """Grid columns; None: images_per_prompt if > 1, else ceil(sqrt(n))."""
+    save_images: bool = True
+    """Also save each image as NNNNN_K.png."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "images_per_prompt", "batch_size", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SampleConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"SampleConfig.guidance_scale={self.guidance_scale} is invalid: need >= 0")
+
+
+@dataclass
+class SampleResult:
+    """Paths written by `run_sample`, and the images (prompt-major)."""
+
+    grid_path: Path
+    image_paths: list[Path]
+    prompts: list[str]
+    images: list[Image.Image]
+
+
+def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Image]:
+    """Images for `prompts` (prompt-major, `images_per_prompt` each), one generator per image so
+    the result does not depend on `batch_size`."""
+    dev = pipe._execution_device
+    images: list[Image.Image] = []
+    k = cfg.images_per_prompt
+    for s in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[s : s + cfg.batch_size]
+        gens = [torch.Generator(device=dev).manual_seed(cfg.seed + (s + i) * k + j)
+                for i in range(len(chunk)) for j in range(k)]
+        out = pipe(
+            prompt=chunk, negative_prompt=[cfg.negative_prompt] * len(chunk), num_images_per_prompt=k,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+            height=cfg.height, width=cfg.width, generator=gens, max_sequence_length=cfg.max_sequence_length,
+            output_type="pil",
+        )
+        images += out.images
+    return images
+
+
+def run_sample(cfg: SampleConfig, pipe=None) -> SampleResult:
+    """Generate images for the prompts of `cfg` and write them plus `grid.png` to `cfg.output_dir`.
+
+    `pipe` may be passed to reuse a loaded pipeline (then the model paths of `cfg` are ignored).
+    """
+    prompts = list(cfg.prompts)
+    if cfg.prompt_file:
+        prompts += [r["prompt"] for r in read_prompts(cfg.prompt_file)]
+    if not prompts:
+        raise ConfigError("SampleConfig: no prompts; set prompts=[...] or prompt_file=<file>")
+    if pipe is None:
+        pipe = load_sd3_pipeline(
+            cfg.pretrained_model_name_or_path, transformer_path=cfg.transformer_path, lora_path=cfg.lora_path,
+            lora_scale=cfg.lora_scale, device=cfg.device, dtype=cfg.dtype,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    images = sample_images(pipe, prompts, cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if cfg.save_images:
+        for idx, im in enumerate(images):
+            p = out / f"{idx // cfg.images_per_prompt:05d}_{idx % cfg.images_per_prompt}.png"
+            im.save(p)
+            paths.append(p)
+    cols = cfg.grid_cols or (cfg.images_per_prompt if cfg.images_per_prompt > 1 else None)
+    grid_path = out / "grid.png"
+    make_grid(images, cols).save(grid_path)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+    log.info("wrote %d images and %s", len(images), grid_path)
+    return SampleResult(grid_path=grid_path, image_paths=paths, prompts=prompts, images=images)

@@ -1,0 +1,115 @@
+"""A tiny random StableDiffusion3Pipeline built locally (no hub access), and a caption folder.
+
+Tokenizers are constructed from an in-test vocabulary (transformers 5 builds CLIPTokenizer and
+T5Tokenizer from `vocab`/`merges` directly), the models from tiny configs as diffusers' own SD3
+pipeline tests do, then everything is saved with `save_pretrained` and read back offline.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+CAPTIONS = ["a red square", "a green field", "a blue sky", "a yellow sun", "a black cat", "a white dog"]
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    t5_vocab += [(c, -3.0) for c in CHARS] + [("▁" + c, -3.5) for c in CHARS]
+    t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_cfg = CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=37,
+            num_attention_heads=2, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32, hidden_act="gelu",
+        )
+        te, te2 = CLIPTextModelWithProjection(clip_cfg), CLIPTextModelWithProjection(clip_cfg)
+        te3 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        ))
+        # pooled = 2 x projection_dim = 64; joint = T5 d_model = 32 (CLIP 2 x 16 padded to 32).
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        )
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD3 pipeline folder (32 px images -> 16x16x4 latents)."""
+    path = tmp_path_factory.mktemp("tiny_sd3")
+    build_tiny_sd3_pipeline().save_pretrained(path)
+    return path
+
+
+def write_image(path: Path, size=(32, 32), seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, size=3)
+    arr = np.clip(base + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def make_caption_folder(root: Path, n: int = 6, sizes=None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = sizes[i] if sizes else (32, 32)
+        write_image(root / f"img{i:02d}.png", size, seed=i)
+        (root / f"img{i:02d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)], encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def caption_folder(tmp_path_factory) -> Path:
+    """Six 32x32 images with sidecar captions."""
+    return make_caption_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_sd3_dir, caption_folder, tmp_path_factory):
+    """The caption folder cached with the tiny pipeline (run once per session)."""
+    from soar_fast.data.cache import CacheConfig, run_cache
+    from soar_fast.data.images import ImageFolderConfig
+
+    out = tmp_path_factory.mktemp("cache")
+    cfg = CacheConfig(
+        pretrained_model_name_or_path=str(tiny_sd3_dir), data=ImageFolderConfig(root=str(caption_folder), resolution=32),
+        output_dir=str(out), max_sequence_length=16, batch_size=4, shard_size=4, progress=False,
+        store_dtype="float32",
+    )
+    return cfg, run_cache(cfg)
