@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import os
 import warnings
 
@@ -51,7 +52,7 @@ def as_rows(t: torch.Tensor, op: str, name: str) -> tuple[torch.Tensor, int]:
                 stacklevel=3,
             )
         t = t.contiguous()
-    stride = t.stride(0) if t.shape[0] > 1 else t[0].numel()
+    stride = t.stride(0) if t.shape[0] > 1 else math.prod(t.shape[1:])
     return t, stride
 
 
