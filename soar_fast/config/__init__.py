@@ -1,6 +1,43 @@
 """Typed configuration. The lowest room: imports nothing else of soar_fast."""
 
 from soar_fast.config.errors import ConfigError
+from soar_fast.config.recipes import RECIPES, get_recipe, recipe_names
 from soar_fast.config.soar import SoarConfig
+from soar_fast.config.train import (
+    CheckpointConfig,
+    DataConfig,
+    DemoConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RuntimeConfig,
+    SampleConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config_file,
+    load_config_json,
+    save_config_json,
+)
 
-__all__ = ["ConfigError", "SoarConfig"]
+__all__ = [
+    "RECIPES",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RuntimeConfig",
+    "SampleConfig",
+    "SoarConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "get_recipe",
+    "load_config_file",
+    "load_config_json",
+    "recipe_names",
+    "save_config_json",
+]

@@ -1,0 +1,521 @@
+"""The trainer's typed config tree: `TrainConfig` (model, data, optim, soar, checkpoint, logging,
+runtime) and the configs of the `sample`, `eval` and `demo` commands.
+
+Each section is a kw-only dataclass with a docstring under every field (tyro turns them into
+`--help`). Fields that the diffusers training scripts also have keep their names there and are
+exposed without a section prefix (`--learning_rate`, `--output_dir`, ...). Every check raises a
+one-line `ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from soar_fast.config.errors import ConfigError
+from soar_fast.config.soar import SoarConfig
+
+try:  # tyro is a dependency of the CLI; the config works without it (markers become no-ops).
+    from tyro.conf import arg as _tyro_arg
+except ImportError:  # pragma: no cover
+    def _tyro_arg(**_: Any) -> None:  # type: ignore[misc]
+        return None
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "DemoConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
+    "OptimConfig", "RuntimeConfig", "SampleConfig", "TrainConfig", "config_from_dict", "config_to_dict",
+    "load_config_file", "load_config_json", "save_config_json",
+]
+
+
+def _flat(name: str) -> Any:
+    """tyro marker: expose a field as `--name` (the diffusers flag), without its section prefix."""
+    return _tyro_arg(name=name, prefix_name=False)
+
+
+def _fail(where: str, value: object, need: str) -> None:
+    raise ConfigError(f"{where}={value!r} is invalid: {need}")
+
+
+def _int(x: object, lo: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and (lo is None or x >= lo)
+
+
+def _num(x: object, lo: float | None = None, lo_open: bool = False) -> bool:
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return ok and (lo is None or (x > lo if lo_open else x >= lo))
+
+
+def _str(x: object) -> bool:
+    return isinstance(x, str) and len(x) > 0
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which transformer to train: a random-init preset or a local diffusers folder."""
+
+    preset: str = "digits"
+    """Architecture preset of a randomly initialised SD3Transformer2DModel (soar_fast.models.SD3_PRESETS)."""
+    pretrained_model_name_or_path: Annotated[str | None, _flat("pretrained_model_name_or_path")] = None
+    """A diffusers model folder (or run folder's `final/`) to start from; None = random init of `preset`."""
+    subfolder: str = "transformer"
+    """Subfolder of `pretrained_model_name_or_path` holding the transformer ('' for none)."""
+    num_layers: int | None = None
+    """Override the preset's number of MMDiT blocks."""
+    num_attention_heads: int | None = None
+    """Override the preset's number of attention heads."""
+    attention_head_dim: int | None = None
+    """Override the preset's attention head dim (the width is heads x head dim)."""
+    init_seed: int = 0
+    """Seed of the random initialisation (a preset only)."""
+
+    def __post_init__(self) -> None:
+        if not _str(self.preset):
+            _fail("model.preset", self.preset, "name a preset, e.g. 'digits'")
+        if self.pretrained_model_name_or_path is not None and not _str(self.pretrained_model_name_or_path):
+            _fail("model.pretrained_model_name_or_path", self.pretrained_model_name_or_path, "need a folder path or None")
+        if not isinstance(self.subfolder, str):
+            _fail("model.subfolder", self.subfolder, "need a string ('' for none)")
+        for name in ("num_layers", "num_attention_heads", "attention_head_dim"):
+            v = getattr(self, name)
+            if v is not None and not _int(v, 1):
+                _fail(f"model.{name}", v, "need an integer >= 1 or None (keep the preset's)")
+        if not _int(self.init_seed, 0):
+            _fail("model.init_seed", self.init_seed, "need an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the clean latents z0 and their conditions come from."""
+
+    source: Literal["digits", "latents"] = "digits"
+    """'digits': sklearn's 1,797 8x8 handwritten digits, class-conditional (pixels are the latents);
+    'latents': cached latent + text-embedding shards from `data_dir` (soar_fast.data.cache)."""
+    data_dir: str | None = None
+    """Folder of cached latent shards (source='latents' only)."""
+    resolution: int = 8
+    """Digits side in pixels: 8 (as shipped) or a multiple of 8 (bilinear upsampling)."""
+    prompt_tokens: int = 1
+    """Tokens of each class's fixed 'prompt embedding' (the encoder_hidden_states length)."""
+    embedding_seed: int = 1234
+    """Seed of the fixed class prompt embeddings; keep it between pretraining and post-training."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("digits", "latents"):
+            _fail("data.source", self.source, "choose 'digits' or 'latents'")
+        if self.source == "latents" and not self.data_dir:
+            _fail("data.data_dir", self.data_dir, "set --data.data_dir to a folder of cached latents")
+        if not _int(self.resolution, 8) or self.resolution % 8:
+            _fail("data.resolution", self.resolution, "need 8 or a multiple of 8, e.g. 16")
+        if not _int(self.prompt_tokens, 1):
+            _fail("data.prompt_tokens", self.prompt_tokens, "need an integer >= 1")
+        if not _int(self.embedding_seed, 0):
+            _fail("data.embedding_seed", self.embedding_seed, "need an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with a constant LR after an optional linear warm-up, clipping, accumulation, EMA."""
+
+    learning_rate: Annotated[float, _flat("learning_rate")] = 1e-4
+    """Peak (constant) learning rate."""
+    lr_warmup_steps: Annotated[int, _flat("lr_warmup_steps")] = 0
+    """Linear warm-up steps from 0 to `learning_rate`."""
+    adam_beta1: Annotated[float, _flat("adam_beta1")] = 0.9
+    """AdamW beta1."""
+    adam_beta2: Annotated[float, _flat("adam_beta2")] = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: Annotated[float, _flat("adam_weight_decay")] = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_epsilon: Annotated[float, _flat("adam_epsilon")] = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: Annotated[float, _flat("max_grad_norm")] = 1.0
+    """Clip the global gradient norm to this (0 disables clipping; the norm is still logged)."""
+    train_batch_size: Annotated[int, _flat("train_batch_size")] = 64
+    """Samples per micro-batch (SOAR adds num_aux re-noised points per sample)."""
+    gradient_accumulation_steps: Annotated[int, _flat("gradient_accumulation_steps")] = 1
+    """Micro-batches per optimizer step."""
+    max_train_steps: Annotated[int, _flat("max_train_steps")] = 1000
+    """Optimizer steps of the run (a NaN-skipped step counts)."""
+    use_ema: Annotated[bool, _flat("use_ema")] = False
+    """Keep an exponential moving average of the weights (saved, and used by eval when present)."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step."""
+    max_nan_streak: int = 20
+    """Abort after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
+
+    def __post_init__(self) -> None:
+        if not _num(self.learning_rate, 0, lo_open=True):
+            _fail("optim.learning_rate", self.learning_rate, "need a finite number > 0, e.g. 1e-4")
+        for name in ("lr_warmup_steps",):
+            if not _int(getattr(self, name), 0):
+                _fail(f"optim.{name}", getattr(self, name), "need an integer >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not _num(v) or not 0 <= v < 1:
+                _fail(f"optim.{name}", v, "need a number in [0, 1), e.g. 0.9 / 0.999")
+        if not _num(self.adam_weight_decay, 0):
+            _fail("optim.adam_weight_decay", self.adam_weight_decay, "need a number >= 0, e.g. 1e-2")
+        if not _num(self.adam_epsilon, 0, lo_open=True):
+            _fail("optim.adam_epsilon", self.adam_epsilon, "need a number > 0, e.g. 1e-8")
+        if not _num(self.max_grad_norm, 0):
+            _fail("optim.max_grad_norm", self.max_grad_norm, "need a number >= 0 (0 disables clipping)")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "max_nan_streak"):
+            if not _int(getattr(self, name), 1):
+                _fail(f"optim.{name}", getattr(self, name), "need an integer >= 1")
+        if not isinstance(self.use_ema, bool):
+            _fail("optim.use_ema", self.use_ema, "need true or false")
+        if not _num(self.ema_decay) or not 0 <= self.ema_decay < 1:
+            _fail("optim.ema_decay", self.ema_decay, "need a number in [0, 1), e.g. 0.999")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Atomic, resumable checkpoints under `<output_dir>/checkpoints/checkpoint-<step>`."""
+
+    checkpointing_steps: Annotated[int, _flat("checkpointing_steps")] = 500
+    """Save a checkpoint every this many steps (0: only at the end and on SIGTERM/SIGINT)."""
+    checkpoints_total_limit: Annotated[int, _flat("checkpoints_total_limit")] = 3
+    """Keep the last N checkpoints."""
+    resume_from_checkpoint: Annotated[str | None, _flat("resume_from_checkpoint")] = None
+    """'latest' (newest good checkpoint of output_dir) or a checkpoint folder; None starts fresh."""
+    save_final_model: bool = True
+    """Write the trained transformer as a diffusers folder `<output_dir>/final/transformer` (and EMA)."""
+
+    def __post_init__(self) -> None:
+        if not _int(self.checkpointing_steps, 0):
+            _fail("checkpoint.checkpointing_steps", self.checkpointing_steps, "need an integer >= 0")
+        if not _int(self.checkpoints_total_limit, 1):
+            _fail("checkpoint.checkpoints_total_limit", self.checkpoints_total_limit, "need an integer >= 1")
+        if self.resume_from_checkpoint is not None and not _str(self.resume_from_checkpoint):
+            _fail("checkpoint.resume_from_checkpoint", self.resume_from_checkpoint, "use 'latest' or a checkpoint folder")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Progress bar, TensorBoard scalars, metrics.jsonl and periodic sample grids."""
+
+    logging_steps: int = 10
+    """Write scalars every this many steps."""
+    report_to: Annotated[Literal["tensorboard", "none"], _flat("report_to")] = "tensorboard"
+    """'tensorboard' (logs under <output_dir>/logs) or 'none' (metrics.jsonl only)."""
+    validation_steps: Annotated[int, _flat("validation_steps")] = 0
+    """Write a sample grid every this many steps (0: only at the end)."""
+    validation_images_per_class: int = 2
+    """Rows of the sample grid (one column per class)."""
+    validation_inference_steps: int = 40
+    """Euler steps of the grid sampler."""
+    validation_guidance_scale: float = 4.5
+    """CFG scale of the grid sampler."""
+    progress_bar: bool = True
+    """Show a tqdm bar with loss and steps/s."""
+
+    def __post_init__(self) -> None:
+        if not _int(self.logging_steps, 1):
+            _fail("logging.logging_steps", self.logging_steps, "need an integer >= 1")
+        if self.report_to not in ("tensorboard", "none"):
+            _fail("logging.report_to", self.report_to, "choose 'tensorboard' or 'none'")
+        if not _int(self.validation_steps, 0):
+            _fail("logging.validation_steps", self.validation_steps, "need an integer >= 0")
+        if not _int(self.validation_images_per_class, 0):
+            _fail("logging.validation_images_per_class", self.validation_images_per_class, "need an integer >= 0 (0: no grids)")
+        if not _int(self.validation_inference_steps, 1):
+            _fail("logging.validation_inference_steps", self.validation_inference_steps, "need an integer >= 1")
+        if not _num(self.validation_guidance_scale, 0):
+            _fail("logging.validation_guidance_scale", self.validation_guidance_scale, "need a number >= 0")
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """Where, how precisely and with which step implementation the run executes."""
+
+    output_dir: Annotated[str, _flat("output_dir")] = "runs/soar"
+    """Run folder: config.json, checkpoints/, logs/, samples/, metrics.jsonl, final/."""
+    seed: Annotated[int, _flat("seed")] = 0
+    """Seed of the data order, the SOAR draws and the global RNGs."""
+    mixed_precision: Annotated[Literal["no", "bf16"], _flat("mixed_precision")] = "no"
+    """'no' (fp32) or 'bf16' (autocast; weights and optimizer stay fp32)."""
+    device: str = "cpu"
+    """torch device, e.g. 'cpu' or 'cuda'."""
+    step: str = "eager"
+    """Loss-step implementation (soar_fast.train.step registry): 'eager' is the reference soar_loss."""
+    num_threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if not _str(self.output_dir):
+            _fail("runtime.output_dir", self.output_dir, "need a folder path")
+        if not _int(self.seed, 0):
+            _fail("runtime.seed", self.seed, "need an integer >= 0")
+        if self.mixed_precision not in ("no", "bf16"):
+            _fail("runtime.mixed_precision", self.mixed_precision, "choose 'no' or 'bf16'")
+        if not _str(self.device):
+            _fail("runtime.device", self.device, "need a torch device such as 'cpu'")
+        if not _str(self.step):
+            _fail("runtime.step", self.step, "name a registered step, e.g. 'eager'")
+        if not _int(self.num_threads, 0):
+            _fail("runtime.num_threads", self.num_threads, "need an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a `soar-fast train` run needs. SFT is `--soar.num_aux 0`."""
+
+    recipe: str = "custom"
+    """Name of the recipe this config started from (informational)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The transformer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and step counts."""
+    soar: SoarConfig = field(default_factory=SoarConfig)
+    """The SOAR loss (SOAR.md); num_aux=0 is plain SFT through the same loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging and sample grids."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Output folder, seed, precision, device, step implementation."""
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """`soar-fast sample`: Euler + CFG samples of a trained run, as a PNG grid."""
+
+    run_dir: Annotated[str, _flat("run_dir")]
+    """Run folder of `soar-fast train` (holds config.json and final/ or checkpoints/)."""
+    weights: Literal["final", "latest", "ema"] = "final"
+    """'final' model, 'latest' checkpoint, or the 'ema' weights of the final model."""
+    num_samples: Annotated[int, _flat("num_samples")] = 20
+    """Images to draw (spread over the classes)."""
+    class_label: int | None = None
+    """Draw only this class (digits); None cycles through all classes."""
+    num_inference_steps: Annotated[int, _flat("num_inference_steps")] = 40
+    """Euler steps from sigma 1 to 0."""
+    guidance_scale: Annotated[float, _flat("guidance_scale")] = 4.5
+    """Classifier-free guidance scale (1 = conditional only, 0 = unconditional)."""
+    seed: Annotated[int, _flat("seed")] = 0
+    """Seed of the initial noise."""
+    output: str | None = None
+    """PNG path (default <run_dir>/samples/sample.png)."""
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.num_samples, self.num_inference_steps, self.guidance_scale, self.seed)
+        if self.class_label is not None and not _int(self.class_label, 0):
+            _fail("class_label", self.class_label, "need a class index >= 0 or None")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """`soar-fast eval`: conditional accuracy, Frechet distance and exposure bias of a run."""
+
+    run_dir: Annotated[str, _flat("run_dir")]
+    """Run folder of `soar-fast train`."""
+    weights: Literal["final", "latest", "ema"] = "final"
+    """'final' model, 'latest' checkpoint, or the 'ema' weights of the final model."""
+    num_samples: Annotated[int, _flat("num_samples")] = 500
+    """Generated images for accuracy and Frechet distance (spread evenly over the classes)."""
+    num_inference_steps: Annotated[int, _flat("num_inference_steps")] = 40
+    """Euler steps from sigma 1 to 0 (the paper evaluates with 40)."""
+    guidance_scale: Annotated[float, _flat("guidance_scale")] = 4.5
+    """Classifier-free guidance scale (the paper evaluates with 4.5)."""
+    seed: Annotated[int, _flat("seed")] = 0
+    """Seed of the sampler noise and the exposure-bias draws."""
+    batch_size: int = 500
+    """Images per sampler batch."""
+    exposure_samples: int = 200
+    """Real images whose trajectories probe exposure bias (0 skips it)."""
+    exposure_window: int = 3
+    """Sampler steps the model runs on its own before its velocity error is measured."""
+    exposure_sigmas: int = 13
+    """How many sigmas of the sampler grid exposure bias is measured at."""
+    classifier_dir: str | None = None
+    """Where the digits classifier is cached (default <run_dir>/classifier)."""
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.num_samples, self.num_inference_steps, self.guidance_scale, self.seed)
+        if not _int(self.batch_size, 1):
+            _fail("batch_size", self.batch_size, "need an integer >= 1")
+        if not _int(self.exposure_samples, 0):
+            _fail("exposure_samples", self.exposure_samples, "need an integer >= 0 (0 skips exposure bias)")
+        if not _int(self.exposure_window, 1):
+            _fail("exposure_window", self.exposure_window, "need an integer >= 1")
+        if not _int(self.exposure_sigmas, 1):
+            _fail("exposure_sigmas", self.exposure_sigmas, "need an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """`soar-fast demo`: pretrain (or reuse) a digits base, post-train it with SFT and with SOAR at
+    equal iterations and seeds, evaluate base, SFT and SOAR, and write a report folder."""
+
+    output_dir: Annotated[str, _flat("output_dir")] = "runs/demo"
+    """Report folder (report.md, plots, grids) with the sft/ and soar/ runs."""
+    base_dir: str | None = None
+    """Where the pretrained base is cached (default ~/.cache/soar_fast/<recipe hash>, or $SOAR_FAST_CACHE)."""
+    reuse_base: bool = True
+    """Reuse a cached base with the same pretraining config instead of training it again."""
+    pretrain_steps: int | None = None
+    """Override the pretraining steps of the digits-pretrain recipe."""
+    post_train_steps: int | None = None
+    """Override the SFT and SOAR steps (equal for both) of the digits-sft/-soar recipes."""
+    num_samples: Annotated[int, _flat("num_samples")] = 500
+    """Generated images per model for accuracy and Frechet distance."""
+    guidance_scale: Annotated[float, _flat("guidance_scale")] = 4.5
+    """CFG scale of evaluation."""
+    num_inference_steps: Annotated[int, _flat("num_inference_steps")] = 40
+    """Euler steps of evaluation."""
+    seed: Annotated[int, _flat("seed")] = 0
+    """Seed of both post-training runs (equal seeds) and of evaluation."""
+    progress_bar: bool = True
+    """Show tqdm bars."""
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.num_samples, self.num_inference_steps, self.guidance_scale, self.seed)
+        for name in ("pretrain_steps", "post_train_steps"):
+            v = getattr(self, name)
+            if v is not None and not _int(v, 1):
+                _fail(name, v, "need an integer >= 1 or None (the recipe's)")
+
+
+def _check_sampling(num_samples: object, steps: object, scale: object, seed: object) -> None:
+    if not _int(num_samples, 1):
+        _fail("num_samples", num_samples, "need an integer >= 1 (e.g. --num_samples 100)")
+    if not _int(steps, 1):
+        _fail("num_inference_steps", steps, "need an integer >= 1 (the paper uses 40)")
+    if not _num(scale, 0):
+        _fail("guidance_scale", scale, "need a number >= 0 (1 = no guidance; the paper uses 4.5)")
+    if not _int(seed, 0):
+        _fail("seed", seed, "need an integer >= 0")
+
+
+# --- dict / file / JSON round trips ---------------------------------------------------------------
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config tree as plain JSON-able dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config_json(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON (atomically: temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def load_config_json(path: str | Path) -> TrainConfig:
+    """Read a config.json written by `save_config_json`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}; pass a run folder written by `soar-fast train`") from None
+    return config_from_dict(TrainConfig(), data, where=str(path))
+
+
+def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a TOML (.toml) or YAML (.yaml/.yml) file of overrides on `base` (default TrainConfig())."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with an existing .toml/.yaml file")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml  # lazy: PyYAML is optional
+
+            data = yaml.safe_load(path.read_text()) or {}
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path} has an unknown suffix; use .toml, .yaml/.yml or .json")
+    except ConfigError:
+        raise
+    except ImportError:
+        raise ConfigError("reading YAML needs PyYAML; `pip install pyyaml` or use a .toml file") from None
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {path} does not parse ({msg}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/mapping of sections")
+    return config_from_dict(base if base is not None else TrainConfig(), data, where=str(path))
+
+
+def config_from_dict(base: Any, data: dict[str, Any], where: str = "config") -> Any:
+    """Override the dataclass `base` with nested dict `data`, type-checking every value."""
+    return _merge(base, data, where, prefix="")
+
+
+def _merge(base: Any, data: dict[str, Any], where: str, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    hints = typing.get_type_hints(type(base), include_extras=True)
+    updates: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(fields)}"
+            raise ConfigError(f"{where}: unknown field '{prefix}{key}'{hint}")
+        tp = hints[name]
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{prefix}{name}' is a section; give it a table of fields")
+            updates[name] = _merge(current, value, where, prefix=f"{prefix}{name}.")
+        else:
+            updates[name] = _coerce(value, tp, f"{where}: field '{prefix}{name}'")
+    try:
+        return dataclasses.replace(base, **updates)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _coerce(value, typing.get_args(tp)[0], where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where} expects {tp}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r} is invalid: choose one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} expects true/false, got {value!r}")
+        return value
+    if tp is int:
+        if not _int(value):
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} expects a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,29 @@
+"""Training data behind one small protocol, so the trainer does not care where z0 comes from.
+
+A `TrainDataset` has `__len__`, `sample_shape`, `uncond()` (the empty prompt's condition for one
+sample) and `batch(indices) -> (z0 [B, ...], cond, labels or None)`. `build_dataset` picks the
+source from `DataConfig.source`: 'digits' (embedded default) or 'latents' (cached shards).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soar_fast.config import ConfigError, DataConfig
+from soar_fast.data.digits import NUM_CLASSES, DigitsDataset, load_digits_tensors
+from soar_fast.data.loader import ResumableSampler
+
+__all__ = ["NUM_CLASSES", "DigitsDataset", "ResumableSampler", "build_dataset", "load_digits_tensors"]
+
+
+def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projection_dim: int) -> Any:
+    """The dataset of `cfg.source`; condition dims come from the model being trained."""
+    if cfg.source == "digits":
+        return DigitsDataset(resolution=cfg.resolution, prompt_tokens=cfg.prompt_tokens,
+                             joint_attention_dim=joint_attention_dim,
+                             pooled_projection_dim=pooled_projection_dim, embedding_seed=cfg.embedding_seed)
+    if cfg.source == "latents":
+        from soar_fast.data.latents import LatentsDataset
+
+        return LatentsDataset(cfg.data_dir or "")
+    raise ConfigError(f"data.source={cfg.source!r} is invalid: choose 'digits' or 'latents'")
