@@ -1,0 +1,113 @@
+"""Shard writer/reader: round trip, DataLoader batches, and damaged shards named in the error."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from soar_fast.config import ConfigError
+from soar_fast.data.shards import (
+    ShardDataset,
+    ShardError,
+    ShardLoaderConfig,
+    ShardWriter,
+    load_empty_prompt,
+    make_shard_loader,
+    verify_cache,
+)
+
+
+def _write_cache(d, shapes=((4, 8, 8), (4, 8, 8), (4, 8, 12)), n=3):
+    w = ShardWriter(d, fingerprint="test")
+    g = torch.Generator().manual_seed(0)
+    w.write_empty_prompt(torch.randn(1, 10, 6, generator=g), torch.randn(1, 5, generator=g))
+    for i, s in enumerate(shapes):
+        t = {"latents": torch.randn(n, *s, generator=g), "prompt_embeds": torch.randn(n, 10, 6, generator=g),
+             "pooled": torch.randn(n, 5, generator=g)}
+        w.write_shard(i, t, [f"cap {i}.{r}" for r in range(n)], [f"src{i}.{r}.png" for r in range(n)])
+    w.finish(len(shapes))
+    return w
+
+
+def test_round_trip_and_loader(tmp_path):
+    _write_cache(tmp_path)
+    idx = verify_cache(tmp_path)
+    assert idx["num_samples"] == 9 and idx["complete"]
+    e = idx["shards"][2]
+    assert e["tensors"]["latents"] == {"shape": [3, 4, 8, 12], "dtype": "float32"} and len(e["sha256"]) == 64
+    ds = ShardDataset(tmp_path, verify="hash")
+    lat, pe, pooled = ds[7]
+    assert lat.shape == (4, 8, 12) and pe.shape == (10, 6) and pooled.shape == (5,) and ds.caption(7) == "cap 2.1"
+    u_pe, u_pooled = load_empty_prompt(tmp_path)
+    assert u_pe.shape == (10, 6) and u_pooled.shape == (5,)
+
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=2, num_workers=2,
+                                                 prefetch_factor=2, drop_last=False))
+    seen = 0
+    for lat, pe, pooled in loader:
+        assert lat.shape[1:] in ((4, 8, 8), (4, 8, 12)) and pe.shape[1:] == (10, 6) and pooled.shape[1:] == (5,)
+        seen += lat.shape[0]
+    assert seen == 9 and len(loader) == 5  # buckets of 6 and 3 samples -> 3 + 2 batches
+
+
+def test_loader_content_matches_files(tmp_path):
+    _write_cache(tmp_path)
+    from safetensors.torch import load_file
+
+    ref = load_file(tmp_path / "shard-00002.safetensors")
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=3, num_workers=0, shuffle=False))
+    batches = list(loader)
+    last = [b for b in batches if b[0].shape[-1] == 12][0]
+    torch.testing.assert_close(last[0], ref["latents"])
+    torch.testing.assert_close(last[2], ref["pooled"])
+
+
+def test_wrong_checksum_names_the_shard(tmp_path):
+    _write_cache(tmp_path)
+    # same shapes, different values: only the checksum can tell
+    save_file({"latents": torch.zeros(3, 4, 8, 8), "prompt_embeds": torch.zeros(3, 10, 6), "pooled": torch.zeros(3, 5)},
+              tmp_path / "shard-00001.safetensors")
+    verify_cache(tmp_path, check_hash=False)
+    with pytest.raises(ShardError, match=r"shard-00001\.safetensors fails its sha256.*re-run `soar-fast cache`"):
+        verify_cache(tmp_path)
+    with pytest.raises(ShardError, match="shard-00001"):
+        make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), verify="hash", num_workers=0))
+
+
+def test_wrong_shape_names_the_shard(tmp_path):
+    _write_cache(tmp_path)
+    save_file({"latents": torch.zeros(3, 4, 8, 9), "prompt_embeds": torch.zeros(3, 10, 6), "pooled": torch.zeros(3, 5)},
+              tmp_path / "shard-00000.safetensors")
+    with pytest.raises(ShardError, match=r"shard-00000\.safetensors holds .*8, 9.* but index\.json says"):
+        ShardDataset(tmp_path, verify="shape")
+
+
+def test_missing_truncated_and_incomplete(tmp_path):
+    _write_cache(tmp_path)
+    data = (tmp_path / "shard-00002.safetensors").read_bytes()
+    (tmp_path / "shard-00002.safetensors").write_bytes(data[:50])
+    with pytest.raises(ShardError, match=r"shard-00002\.safetensors is unreadable"):
+        verify_cache(tmp_path, check_hash=False)
+    (tmp_path / "shard-00002.safetensors").unlink()
+    with pytest.raises(ShardError, match=r"shard-00002\.safetensors listed in index.json is missing"):
+        verify_cache(tmp_path)
+    idx = json.loads((tmp_path / "index.json").read_text())
+    idx["complete"] = False
+    (tmp_path / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(ShardError, match="incomplete"):
+        verify_cache(tmp_path)
+    with pytest.raises(ShardError, match="not a soar_fast cache"):
+        verify_cache(tmp_path / "nowhere")
+
+
+def test_writer_refuses_other_fingerprint_and_bad_batches(tmp_path):
+    _write_cache(tmp_path)
+    with pytest.raises(ShardError, match="other settings"):
+        ShardWriter(tmp_path, fingerprint="other")
+    w = ShardWriter(tmp_path, fingerprint="test")
+    with pytest.raises(ValueError, match="one batch size"):
+        w.write_shard(5, {"latents": torch.zeros(2, 1), "prompt_embeds": torch.zeros(3, 1), "pooled": torch.zeros(2, 1)},
+                      ["a", "b"], ["a", "b"])
+    with pytest.raises(ConfigError, match="larger than every bucket"):
+        make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=64, num_workers=0))
