@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from soar_fast.config import SoarConfig
+from soar_fast.loss.cond import Cond, broadcast_uncond, cat_cond, where_cond
 from soar_fast.loss.schedule import loss_weight, quantize_sigma, quantize_u, sample_logit_normal, shift_sigma
 from soar_fast.ops import soar_aux_states
 
 __all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "sample_draws", "soar_loss", "soar_loss_from_draws"]
 
-Cond = torch.Tensor | tuple[torch.Tensor, ...]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
@@ -104,8 +104,8 @@ def soar_loss_from_draws(
     b = z0.shape[0]
     z1, sigma0, sigma1, sigma_aux = draws.z1.to(compute), draws.sigma0, draws.sigma1, draws.sigma_aux
     m = sigma_aux.shape[0]
-    uncond_b = _broadcast_uncond(uncond, cond, b)
-    cond = _where_cond(draws.drop, uncond_b, cond)  # conditioning dropout (default off)
+    uncond_b = broadcast_uncond(uncond, cond, b)
+    cond = where_cond(draws.drop, uncond_b, cond)  # conditioning dropout (default off)
 
     # 1. Base (SFT) term at the forward state z_σ0.
     s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
@@ -119,7 +119,7 @@ def soar_loss_from_draws(
         # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights.
         with torch.no_grad():
             v_u, v_c = velocity_fn(
-                torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), _cat_cond(uncond_b, cond)
+                torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
             ).chunk(2)
         # 3-4. Re-noise ẑ toward the same z1 and form v_corr = (z' − z0)/σ' (constants: no grad).
         z_aux, v_corr = soar_aux_states(
@@ -162,42 +162,3 @@ def _weighted_mse(v: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> tor
     """Per-sample mean over elements of w·(v − target)², in the target's (fp32/fp64) precision."""
     err = (v.to(target.dtype) - target).flatten(1)
     return (w.to(target.dtype)[:, None] * err.square()).mean(dim=1)
-
-
-def _as_tuple(c: Cond) -> tuple[torch.Tensor, ...]:
-    return c if isinstance(c, tuple) else (c,)
-
-
-def _like(c: Cond, parts: list[torch.Tensor]) -> Cond:
-    return tuple(parts) if isinstance(c, tuple) else parts[0]
-
-
-def _broadcast_uncond(uncond: Cond, cond: Cond, b: int) -> Cond:
-    """The empty-prompt condition of one sample, expanded to a batch of b (leading 1 optional)."""
-    us, cs = _as_tuple(uncond), _as_tuple(cond)
-    if len(us) != len(cs):
-        raise ValueError(f"uncond has {len(us)} tensors but cond has {len(cs)}: pass the same structure")
-    out = []
-    for u, c in zip(us, cs):
-        if u.dim() == c.dim() - 1:
-            u = u.unsqueeze(0)
-        if u.dim() != c.dim() or u.shape[0] != 1 or u.shape[1:] != c.shape[1:]:
-            raise ValueError(
-                f"uncond part has shape {tuple(u.shape)}, expected one sample of cond {tuple(c.shape[1:])}"
-            )
-        out.append(u.to(c.dtype).expand(b, *c.shape[1:]))
-    return _like(cond, out)
-
-
-def _where_cond(drop: torch.Tensor, uncond_b: Cond, cond: Cond) -> Cond:
-    if not bool(drop.any()):
-        return cond
-    parts = [
-        torch.where(drop.view(-1, *([1] * (c.dim() - 1))), u, c)
-        for u, c in zip(_as_tuple(uncond_b), _as_tuple(cond))
-    ]
-    return _like(cond, parts)
-
-
-def _cat_cond(a: Cond, b: Cond) -> Cond:
-    return _like(b, [torch.cat([x, y]) for x, y in zip(_as_tuple(a), _as_tuple(b))])

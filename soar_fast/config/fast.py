@@ -1,0 +1,57 @@
+"""`FastConfig`: which fast path runs a SOAR step. Every option has an eager fallback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from soar_fast.config.errors import ConfigError
+
+RolloutMode = Literal["eager", "cuda_graph", "fp8", "cuda_graph_fp8"]
+AttentionBackend = Literal["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn"]
+Fp8Scaling = Literal["tensorwise", "rowwise"]
+
+ROLLOUT_MODES = ("eager", "cuda_graph", "fp8", "cuda_graph_fp8")
+ATTENTION_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn")
+OPS_BACKENDS = ("auto", "reference", "triton", "native")
+
+
+@dataclass(kw_only=True)
+class FastConfig:
+    """The fast SOAR step (issue: batched passes, graphed FP8 rollout, compiled train step)."""
+
+    batched: bool = True
+    """Run the base and the M auxiliary states through the model as one (1+M)B batch."""
+    micro_chunks: int = 1
+    """Split the (1+M)B batch into this many sample groups, each run forward+backward alone."""
+    rollout: RolloutMode = "eager"
+    """No-grad CFG rollout: eager, a CUDA graph, FP8 GEMMs, or a CUDA graph of the FP8 rollout."""
+    fp8_scaling: Fp8Scaling = "tensorwise"
+    """FP8 scale granularity for the rollout GEMMs: one scale per tensor or per row/column."""
+    fp8_training: bool = False
+    """Also run the training GEMMs in FP8 (Transformer Engine if installed, else torch._scaled_mm)."""
+    ops_backend: str = "auto"
+    """Backend of the fused ops: auto (Triton on CUDA, else reference), reference, triton, native."""
+    compile: Literal["none", "per_block", "full"] = "none"
+    """torch.compile of the model: per transformer block (torchtitan style) or the whole forward."""
+    compile_optimizer: bool = False
+    """torch.compile the optimizer step as well."""
+    attention_backend: AttentionBackend = "sdpa"
+    """Attention kernel: torch SDPA (auto), a pinned SDPA backend, or the flash-attn package."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.micro_chunks, int) or self.micro_chunks < 1:
+            raise ConfigError(f"FastConfig.micro_chunks={self.micro_chunks!r} is invalid: need an integer >= 1")
+        if self.rollout not in ROLLOUT_MODES:
+            raise ConfigError(f"FastConfig.rollout={self.rollout!r} is invalid: choose one of {', '.join(ROLLOUT_MODES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"FastConfig.attention_backend={self.attention_backend!r} is invalid: "
+                f"choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.ops_backend not in OPS_BACKENDS:
+            raise ConfigError(f"FastConfig.ops_backend={self.ops_backend!r} is invalid: choose one of {', '.join(OPS_BACKENDS)}")
+        if self.compile not in ("none", "per_block", "full"):
+            raise ConfigError(f"FastConfig.compile={self.compile!r} is invalid: choose none, per_block or full")
+        if self.fp8_scaling not in ("tensorwise", "rowwise"):
+            raise ConfigError(f"FastConfig.fp8_scaling={self.fp8_scaling!r} is invalid: choose tensorwise or rowwise")

@@ -1,0 +1,145 @@
+"""FP8 GEMMs for the no-grad rollout: `torch._scaled_mm` on Hopper/Ada, exact emulation elsewhere.
+
+The rollout runs the same module as training. Eligible `nn.Linear`s are switched (by class, so
+their parameters and `state_dict` keys stay the stock diffusers ones) to `Fp8RolloutLinear`,
+which keeps an FP8 (e4m3) copy of its weight plus scales. `refresh_fp8_weights` re-quantises
+that copy from the live bf16/fp32 weight, once per optimizer step; inside `fp8_rollout(model)`
+forwards use the FP8 copy, everywhere else the module is a plain `nn.Linear`.
+
+Numerics: activations are quantised per tensor (or per row) with a dynamic amax scale, weights
+per tensor (or per output row); the GEMM accumulates in fp32 and writes the input dtype. Where
+`torch._scaled_mm` is unavailable (CPU, pre-SM89 GPUs), the same quantise-dequantise math runs
+in fp32, so the FP8 error can be measured on any machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FP8_DTYPE",
+    "Fp8RolloutLinear",
+    "enable_fp8_rollout",
+    "fp8_rollout",
+    "has_scaled_mm",
+    "quantize_fp8",
+    "refresh_fp8_weights",
+]
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+EPS = 1e-12
+
+
+def has_scaled_mm(device: torch.device) -> bool:
+    """True where `torch._scaled_mm` runs FP8 on this device (CUDA compute capability >= 8.9)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] -> (x_fp8 [R, K], scale) with x ≈ x_fp8 · scale; scale is [] or [R, 1], fp32."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True) if rowwise else x32.abs().amax()
+    scale = amax.clamp_min(EPS) / FP8_MAX
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+class Fp8RolloutLinear(nn.Linear):
+    """An `nn.Linear` with an FP8 weight copy used only inside `fp8_rollout` (same parameters)."""
+
+    fp8_active: bool = False
+    rowwise: bool = False
+    w_fp8: torch.Tensor | None = None
+    w_scale: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Re-quantise the FP8 weight from the live weight (call after each optimizer step)."""
+        with torch.no_grad():
+            w_fp8, w_scale = quantize_fp8(self.weight.detach(), self.rowwise)  # [N, K], [N, 1] or []
+        if self.w_fp8 is not None and self.w_fp8.shape == w_fp8.shape and self.w_fp8.device == w_fp8.device:
+            # copy in place so a captured CUDA graph keeps reading the same buffers
+            self.w_fp8.copy_(w_fp8)
+            self.w_scale.copy_(w_scale)
+        else:
+            self.w_fp8, self.w_scale = w_fp8, w_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp8_active:
+            return super().forward(x)
+        if self.w_fp8 is None:
+            self.refresh()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        x_fp8, x_scale = quantize_fp8(x2, self.rowwise)
+        bias = self.bias
+        if has_scaled_mm(x.device):
+            w_scale = self.w_scale.view(1, -1) if self.rowwise else self.w_scale
+            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            y = torch._scaled_mm(
+                x_fp8, self.w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
+                bias=None if bias is None else bias.to(out_dtype),
+            )
+        else:  # exact emulation: dequantise, fp32 GEMM
+            w = self.w_fp8.float() * self.w_scale
+            y = F.linear(x_fp8.float() * x_scale, w, None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*lead, -1)
+
+
+# The adaLN modulation (`norm*.linear`), embedders and the output projection steer every token's
+# scale and shift: FP8 there costs accuracy for few FLOPs, so (as common FP8 recipes do) only the
+# attention and MLP projections inside the blocks run in FP8.
+_SKIP = ("norm", "embed", "proj_out")
+
+
+def _eligible(name: str, module: nn.Module) -> bool:
+    # _scaled_mm needs K and N multiples of 16
+    return (
+        type(module) is nn.Linear
+        and "blocks." in name
+        and not any(s in name for s in _SKIP)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def enable_fp8_rollout(model: nn.Module, rowwise: bool = False) -> int:
+    """Switch eligible Linears of `model` to `Fp8RolloutLinear` in place; returns their count."""
+    n = 0
+    for name, module in model.named_modules():
+        if _eligible(name, module):
+            module.__class__ = Fp8RolloutLinear
+            module.rowwise = rowwise
+            n += 1
+    refresh_fp8_weights(model)
+    if n == 0:
+        log.warning("FP8 rollout: no Linear layer with sizes divisible by 16; the rollout stays in bf16")
+    return n
+
+
+@torch.no_grad()
+def refresh_fp8_weights(model: nn.Module) -> None:
+    """Re-quantise every FP8 weight copy from the live weights (once per optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, Fp8RolloutLinear):
+            module.refresh()
+
+
+@contextlib.contextmanager
+def fp8_rollout(model: nn.Module) -> Iterator[None]:
+    """Inside this context the model's `Fp8RolloutLinear`s compute with their FP8 weights."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8RolloutLinear)]
+    for m in layers:
+        m.fp8_active = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.fp8_active = False

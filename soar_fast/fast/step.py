@@ -1,0 +1,118 @@
+"""The batched SOAR step: base and auxiliary states through the model as one (1+M)B batch.
+
+Same math and same draws as the eager reference (`soar_fast.loss.soar`), arranged for speed:
+the rollout runs through a `RolloutEngine` (eager | CUDA graph | FP8), z' comes from the fused
+aux-state op, and the per-row losses from the fused MSE op, which recomputes the correction
+targets from z' instead of reading stored ones. With `micro_chunks > 1` the batch is split into
+sample groups that each run forward and backward alone (same gradient, less activation memory),
+so this function performs the backward pass itself when `backward=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from soar_fast.config import SoarConfig
+from soar_fast.fast.profiling import nvtx_range
+from soar_fast.fast.rollout import RolloutEngine
+from soar_fast.loss.cond import Cond, as_tuple, broadcast_uncond, like, repeat_cond, where_cond
+from soar_fast.loss.schedule import loss_weight
+from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn
+from soar_fast.ops import soar_aux_z, soar_fused_mse
+
+__all__ = ["batched_soar_step", "row_coefficients"]
+
+
+def row_coefficients(b: int, m: int, config: SoarConfig, device: torch.device) -> torch.Tensor:
+    """c [(1+M)B] with loss = Σ_rows c_row · L_row, for either normalisation of SOAR.md."""
+    lam = config.lambda_aux
+    if config.normalization == "points":
+        base = aux = 1.0 / (b + lam * m * b)
+        aux = lam * aux
+    else:
+        base, aux = 1.0 / b, (lam / (m * b) if m > 0 else 0.0)
+    return torch.cat([torch.full((b,), base), torch.full((m * b,), aux)]).to(device=device, dtype=torch.float32)
+
+
+def batched_soar_step(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    config: SoarConfig,
+    draws: SoarDraws,
+    *,
+    rollout: RolloutEngine | None = None,
+    ops_backend: str = "auto",
+    micro_chunks: int = 1,
+    backward: bool = True,
+) -> SoarOutput:
+    """One SOAR step with the given draws. With `backward=True` gradients are accumulated into
+    the parameters and `.loss` is detached; with `backward=False` (needs micro_chunks=1) `.loss`
+    keeps its graph, like `soar_loss`."""
+    if not backward and micro_chunks != 1:
+        raise ValueError("batched_soar_step: micro_chunks > 1 runs backward per chunk; pass backward=True")
+    z0 = z0.float() if z0.dtype != torch.float64 else z0
+    compute = z0.dtype
+    b = z0.shape[0]
+    z1, sigma0, sigma1, sigma_aux = draws.z1.to(compute), draws.sigma0, draws.sigma1, draws.sigma_aux
+    m = sigma_aux.shape[0]
+    uncond_b = broadcast_uncond(uncond, cond, b)
+    cond = where_cond(draws.drop, uncond_b, cond)
+    s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
+    z_t = (1 - s0) * z0 + s0 * z1
+    metrics: dict[str, float] = {}
+
+    if m > 0:
+        engine = rollout or RolloutEngine(velocity_fn)
+        with nvtx_range("soar/rollout"):
+            v_u, v_c = engine(z_t, sigma0, uncond_b, cond)
+        with nvtx_range("soar/aux_states"):
+            z_aux = soar_aux_z(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale,
+                               backend=ops_backend)
+        v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
+        dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
+        metrics["rollout_deviation"] = dev.mean().item()
+        metrics["rollout_deviation_rms"] = (dev / z0[0].numel() ** 0.5).mean().item()
+        metrics["sigma_aux_mean"] = sigma_aux.mean().item()
+    else:
+        z_aux = z0.new_zeros(0, *z0.shape[1:])
+
+    coeff = row_coefficients(b, m, config, z0.device)  # [(1+M)B], rows: base b, then point-major
+    row_losses, total = [], z0.new_zeros(())
+    for idx in torch.arange(b, device=z0.device).tensor_split(micro_chunks):
+        if idx.numel() == 0:
+            continue
+        rows = torch.cat([idx] + [b + i * b + idx for i in range(m)])  # this group's rows
+        sa = sigma_aux[:, idx]
+        z_in = torch.cat([z_t[idx], z_aux.view(m, b, *z0.shape[1:])[:, idx].reshape(-1, *z0.shape[1:])])
+        sig_in = torch.cat([sigma0[idx], sa.reshape(-1)])
+        cond_in = repeat_cond(like(cond, [c[idx] for c in as_tuple(cond)]), 1 + m)
+        with nvtx_range("soar/forward"):
+            v = velocity_fn(z_in, sig_in, cond_in)
+            losses = soar_fused_mse(v, z0[idx], z1[idx], z_in[idx.numel():], sa,
+                                    loss_weight(sig_in, config.weighting), backend=ops_backend)
+            chunk_loss = (coeff[rows].to(losses.dtype) * losses).sum()
+        if backward:
+            with nvtx_range("soar/backward"):
+                chunk_loss.backward()
+            chunk_loss = chunk_loss.detach()
+        total = total + chunk_loss
+        row_losses.append((rows, losses.detach() if backward else losses))
+
+    all_losses = torch.empty((1 + m) * b, device=z0.device, dtype=row_losses[0][1].dtype)
+    if not backward:
+        all_losses = row_losses[0][1]
+    else:
+        for rows, losses in row_losses:
+            all_losses[rows] = losses
+    base_losses, aux_losses = all_losses[:b], all_losses[b:].view(m, b)
+    metrics.update(
+        loss=total.item(),
+        base_loss=base_losses.mean().item(),
+        aux_loss=aux_losses.mean().item() if m > 0 else 0.0,
+        sigma0_mean=sigma0.mean().item(),
+        num_aux_points=float(m * b),
+    )
+    metrics.setdefault("rollout_deviation", 0.0)
+    return SoarOutput(loss=total, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)
