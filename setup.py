@@ -5,7 +5,30 @@ GPU users install a CUDA torch first (see README), then:  pip install -e ".[gpu]
 The optional native op (kernels/) builds with CMake; see README "Kernels".
 """
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _build_native() -> None:
+    """Opt-in (SOAR_FAST_BUILD_NATIVE=1): build kernels/ with CMake and put libsoar_fast_native.so in
+    soar_fast/ops/_native/, where soar_fast.ops.native looks for it. A plain install builds nothing."""
+    here = Path(__file__).resolve().parent
+    build = here / "build" / "native"
+    subprocess.run(["cmake", "-S", str(here), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DSOAR_PYTHON={sys.executable}"], check=True)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)], check=True)
+    dest = here / "soar_fast" / "ops" / "_native"
+    dest.mkdir(exist_ok=True)
+    shutil.copy2(build / "kernels" / "libsoar_fast_native.so", dest / "libsoar_fast_native.so")
+
+
+if os.environ.get("SOAR_FAST_BUILD_NATIVE", "0") not in ("", "0"):
+    _build_native()
 
 # torch is a range: the README command pins torch==2.13.0 on CPU machines so pip takes the local CPU
 # wheel (a bare range would pull a multi-GB CUDA build); GPU users keep their own CUDA torch.
@@ -41,4 +64,5 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["soar-fast=soar_fast.cli:main"]},
     include_package_data=True,
+    package_data={"soar_fast.ops": ["_native/*.so"]},
 )
