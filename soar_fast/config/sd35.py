@@ -1,4 +1,4 @@
-"""The SD3.5 path's plain settings: the `sd35m-soar` recipe and the pipeline-folder check.
+"""The SD3.5 path's plain settings: the `sd35m-soar` recipe and the pipeline-folder checks.
 
 Stdlib only (the config room imports nothing else of soar_fast): the trainer maps the recipe dict
 into its own config, and both `data.cache` and `models.pipeline` use `check_pipeline_folder`.
@@ -15,6 +15,7 @@ __all__ = [
     "NotAPipelineError",
     "SD3_PIPELINES",
     "check_pipeline_folder",
+    "pipeline_family",
     "sd35m_soar_recipe",
 ]
 
@@ -83,3 +84,9 @@ def check_pipeline_folder(path: str | Path, expect: tuple[str, ...] = SD3_PIPELI
     if name not in expect:
         raise NotAPipelineError(f"{p} holds a {name} (model_index.json), not a {want}; use a matching checkpoint")
     return name
+
+
+def pipeline_family(path: str | Path) -> str:
+    """'sd3' or 'flux' for a local pipeline folder of either family; `NotAPipelineError` otherwise."""
+    name = check_pipeline_folder(path, SD3_PIPELINES + FLUX_PIPELINES)
+    return "sd3" if name in SD3_PIPELINES else "flux"

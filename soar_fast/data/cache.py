@@ -1,8 +1,11 @@
-"""`soar-fast cache`: encode an image-caption folder once with an SD3 pipeline's VAE and text encoders.
+"""`soar-fast cache`: encode an image-caption folder once with a pipeline's VAE and text encoders.
 
-The transformer is never loaded. Latents are `(vae.encode(x) - shift_factor) * scaling_factor`,
-as `StableDiffusion3Pipeline` expects them; captions go through the pipeline's own `encode_prompt`
-(CLIP-L + CLIP-G + T5), and the empty prompt is encoded once. The result is a shard folder
+Works for `StableDiffusion3Pipeline` and `FluxPipeline` folders; the transformer is never loaded.
+Latents are `(vae.encode(x) - shift_factor) * scaling_factor`, as both pipelines expect them,
+stored unpacked `[C, h, w]` (Flux's 2x2 packing happens in `FluxVelocityFn`). Captions go through
+the pipeline's own `encode_prompt` (SD3: CLIP-L + CLIP-G + T5 -> prompt_embeds [L, 4096] and
+pooled [2048]; Flux: T5 -> prompt_embeds [L, 4096] and CLIP-L pooled [768]; Flux's text ids are
+zeros and not stored). The empty prompt is encoded once. The result is a shard folder
 (`soar_fast.data.shards`) that training reads with `make_shard_loader`.
 
 Resuming: the plan (which images go to which shard) is a deterministic function of the sorted
@@ -22,7 +25,7 @@ from typing import Literal
 import torch
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import check_pipeline_folder
+from soar_fast.config.sd35 import pipeline_family
 from soar_fast.data.images import (
     ImageFolderConfig,
     ImageRecord,
@@ -45,13 +48,13 @@ class CacheConfig:
     """Inputs and settings of `soar-fast cache`."""
 
     pretrained_model_name_or_path: str
-    """Local diffusers StableDiffusion3Pipeline folder (read with local_files_only=True)."""
+    """Local diffusers StableDiffusion3Pipeline or FluxPipeline folder (read with local_files_only=True)."""
     data: ImageFolderConfig
     """The image folder, its captions and the target resolution / buckets."""
     output_dir: str
     """Cache folder to write (index.json + shards)."""
     max_sequence_length: int = 256
-    """T5 tokens per caption (the pipeline's max_sequence_length; SD3 sampling uses 256)."""
+    """T5 tokens per caption (the pipeline's max_sequence_length: SD3 samples with 256, Flux-dev 512)."""
     batch_size: int = 8
     """Images encoded per forward pass."""
     shard_size: int = 256
@@ -126,22 +129,35 @@ def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_encoders(cfg: CacheConfig, device: torch.device):  # -> StableDiffusion3Pipeline
-    from diffusers import StableDiffusion3Pipeline
+def _load_encoders(cfg: CacheConfig, device: torch.device):  # -> StableDiffusion3Pipeline | FluxPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    check_pipeline_folder(cfg.pretrained_model_name_or_path)
-    pipe = StableDiffusion3Pipeline.from_pretrained(
+    family = pipeline_family(cfg.pretrained_model_name_or_path)
+    cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipe = cls.from_pretrained(
         cfg.pretrained_model_name_or_path, transformer=None, local_files_only=True, variant=cfg.variant,
         torch_dtype=_resolve_dtype(cfg.encoder_dtype, device),
     )
     pipe.vae.to(device=device, dtype=_resolve_dtype(cfg.vae_dtype, device))
-    for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if enc is not None:
-            enc.to(device)
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    for m in [pipe.vae, *encoders]:
         if m is not None:
-            m.requires_grad_(False).eval()
+            m.to(device).requires_grad_(False).eval()
     return pipe
+
+
+def _encode_prompts(pipe, captions: list[str], cfg: CacheConfig, device: torch.device):
+    """(prompt_embeds [B, L, D], pooled [B, P]) from the pipeline's own encode_prompt."""
+    if hasattr(pipe, "text_encoder_3"):  # SD3: returns (embeds, neg, pooled, neg_pooled)
+        pe, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=cfg.max_sequence_length,
+        )
+    else:  # Flux: returns (embeds, pooled, text_ids)
+        pe, pooled, _ = pipe.encode_prompt(
+            prompt=captions, prompt_2=None, device=device, max_sequence_length=cfg.max_sequence_length
+        )
+    return pe, pooled
 
 
 @torch.no_grad()
@@ -152,10 +168,10 @@ def _encode_batch(pipe, pixels: torch.Tensor, captions: list[str], cfg: CacheCon
     lat = dist.sample(generator) if cfg.latent_sampling == "sample" else dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     lat = (lat.float() - shift) * vae.config.scaling_factor
-    pe, _, pooled, _ = pipe.encode_prompt(
-        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-        max_sequence_length=cfg.max_sequence_length,
-    )
+    if not hasattr(pipe, "text_encoder_3") and (lat.shape[-1] % 2 or lat.shape[-2] % 2):
+        raise ConfigError(f"Flux packs 2x2 latent patches but latents are {tuple(lat.shape[-2:])}: make the "
+                          f"resolution / bucket_step a multiple of {2 * pipe.vae_scale_factor}")
+    pe, pooled = _encode_prompts(pipe, captions, cfg, device)
     store = getattr(torch, cfg.store_dtype)
     return {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
 
@@ -163,12 +179,12 @@ def _encode_batch(pipe, pixels: torch.Tensor, captions: list[str], cfg: CacheCon
 def run_cache(cfg: CacheConfig) -> CacheResult:
     """Encode `cfg.data` into shards at `cfg.output_dir`; resumable. Returns a `CacheResult`.
 
-    Raises `NotAPipelineError` for a folder that is not an SD3 pipeline, `CaptionError` for a
+    Raises `NotAPipelineError` for a folder that is not an SD3 / Flux pipeline, `CaptionError` for a
     missing caption; corrupt images are skipped and listed in the result and in index.json.
     """
     from tqdm.auto import tqdm
 
-    check_pipeline_folder(cfg.pretrained_model_name_or_path)
+    family = pipeline_family(cfg.pretrained_model_name_or_path)
     scan = scan_image_folder(cfg.data)
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
     plan = plan_shards(scan.records, cfg.shard_size)
@@ -179,6 +195,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     device = _resolve_device(cfg.device)
     info = {
         "pipeline": str(Path(cfg.pretrained_model_name_or_path).resolve()),
+        "family": family,
         "max_sequence_length": cfg.max_sequence_length,
         "resolution": cfg.data.resolution,
         "buckets": scan.buckets,
@@ -195,10 +212,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                                     vae_scaling_factor=vae_cfg.scaling_factor)
     if need_empty:
         with torch.no_grad():
-            pe, _, pooled, _ = pipe.encode_prompt(
-                prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-                max_sequence_length=cfg.max_sequence_length,
-            )
+            pe, pooled = _encode_prompts(pipe, [""], cfg, device)
         store = getattr(torch, cfg.store_dtype)
         writer.write_empty_prompt(pe[0].to(store).cpu(), pooled[0].to(store).cpu())
 

@@ -222,7 +222,7 @@ class ImageRewardScorer:
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         out = []
-        for im, p in zip(images, prompts):
+        for im, p in zip(images, prompts, strict=True):
             s = self.model.score(p, [im])
             out.append(float(s[0] if isinstance(s, list) else s))
         return out
@@ -239,7 +239,7 @@ class HpsV2Scorer:
         self._hpsv2, self.hps_version = hpsv2, hps_version
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
-        return [float(self._hpsv2.score([im], p, hps_version=self.hps_version)[0]) for im, p in zip(images, prompts)]
+        return [float(self._hpsv2.score([im], p, hps_version=self.hps_version)[0]) for im, p in zip(images, prompts, strict=True)]
 
 
 def quoted_text(prompt: str) -> str:
@@ -279,7 +279,7 @@ class OcrScorer:
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         out = []
-        for im, p in zip(images, prompts):
+        for im, p in zip(images, prompts, strict=True):
             target = re.sub(r"\s+", "", quoted_text(p).lower())
             found = re.sub(r"\s+", "", self.reader(im).lower())
             out.append(1.0 - min(1.0, _edit_distance(found, target) / max(len(target), 1)))
@@ -356,7 +356,7 @@ def run_external_eval(cfg: ExternalEvalConfig, pipe=None, scorers: Sequence[Scor
     """Sample the prompt file and score the images; writes and returns `results.json`'s content:
     {"scores": {name: {"mean", "per_image"}}, "skipped": {name: reason}, "prompts", "images",
     "config"}. `pipe` / `scorers` may be given to reuse loaded ones (then `cfg.scorers` is ignored)."""
-    from soar_fast.models.pipeline import SampleConfig, load_sd3_pipeline, read_prompts, sample_images
+    from soar_fast.models.pipeline import SampleConfig, load_pipeline, read_prompts, sample_images
 
     rows = read_prompts(cfg.prompt_file)[: cfg.limit]
     prompts = [r["prompt"] for r in rows]
@@ -364,7 +364,7 @@ def run_external_eval(cfg: ExternalEvalConfig, pipe=None, scorers: Sequence[Scor
     if scorers is None:
         scorers, skipped = load_scorers(cfg.scorers, cfg.scorer_options)
     if pipe is None:
-        pipe = load_sd3_pipeline(cfg.pretrained_model_name_or_path, transformer_path=cfg.transformer_path,
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, transformer_path=cfg.transformer_path,
                                  lora_path=cfg.lora_path, device=cfg.device, dtype=cfg.dtype)
     pipe.set_progress_bar_config(disable=True)
     scfg = SampleConfig(

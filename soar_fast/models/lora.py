@@ -103,16 +103,18 @@ def lora_state_dict(transformer: nn.Module, adapter_name: str = "default") -> di
 
 
 def save_lora_weights(transformer: nn.Module, output_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write `output_dir/pytorch_lora_weights.safetensors` for `StableDiffusion3Pipeline.load_lora_weights`.
+    """Write `output_dir/pytorch_lora_weights.safetensors` for `StableDiffusion3Pipeline.load_lora_weights`
+    (or `FluxPipeline.load_lora_weights` when the transformer is a `FluxTransformer2DModel`).
 
     The adapter config (rank, alpha, targets) is stored as metadata so loading keeps the scale.
     """
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(transformer, adapter_name).items()}
-    StableDiffusion3Pipeline.save_lora_weights(
+    pipeline_cls = FluxPipeline if type(transformer).__name__ == "FluxTransformer2DModel" else StableDiffusion3Pipeline
+    pipeline_cls.save_lora_weights(
         out,
         transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),

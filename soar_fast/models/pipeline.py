@@ -1,9 +1,10 @@
-"""Local SD3 pipeline folders: load the transformer, export trained weights, sample image grids.
+"""Local pipeline folders (SD3 / SD3.5, and Flux): load the transformer, export, sample grids.
 
-- `load_sd3_transformer(path)`: the `SD3Transformer2DModel` of a local pipeline folder.
+- `load_sd3_transformer(path)` / `load_transformer(path)`: the `SD3Transformer2DModel` (or, for a
+  FluxPipeline folder, `FluxTransformer2DModel`) of a local pipeline folder.
 - `export_transformer(transformer, out, base=...)`: `save_pretrained` of the trained transformer,
   either alone (`out/transformer`) or as a complete pipeline folder (the other components copied
-  from `base`), so `StableDiffusion3Pipeline.from_pretrained(out)` loads the result.
+  from `base`), so `StableDiffusion3Pipeline.from_pretrained(out)` (or FluxPipeline) loads it.
 - `SampleConfig` + `run_sample(cfg)`: `soar-fast sample`, prompts -> PNGs + a grid.
 """
 
@@ -22,14 +23,15 @@ from PIL import Image
 from torch import nn
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import SD3_PIPELINES, check_pipeline_folder
+from soar_fast.config.sd35 import SD3_PIPELINES, check_pipeline_folder, pipeline_family
 
 __all__ = [
     "SampleConfig",
     "SampleResult",
     "export_transformer",
-    "load_sd3_pipeline",
+    "load_pipeline",
     "load_sd3_transformer",
+    "load_transformer",
     "make_grid",
     "read_prompts",
     "run_sample",
@@ -49,6 +51,30 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def _diffusers_cls(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def load_transformer(
+    pretrained_model_name_or_path: str | Path, *, torch_dtype: torch.dtype = torch.float32, variant: str | None = None
+) -> nn.Module:
+    """The transformer of a local StableDiffusion3Pipeline or FluxPipeline folder (local files only).
+
+    Raises `NotAPipelineError` for any other folder.
+    """
+    family = pipeline_family(pretrained_model_name_or_path)
+    return _diffusers_cls(_TRANSFORMERS[family]).from_pretrained(
+        pretrained_model_name_or_path, subfolder="transformer", torch_dtype=torch_dtype, variant=variant,
+        local_files_only=True,
+    )
+
+
 def load_sd3_transformer(
     pretrained_model_name_or_path: str | Path, *, torch_dtype: torch.dtype = torch.float32, variant: str | None = None
 ) -> nn.Module:
@@ -56,13 +82,8 @@ def load_sd3_transformer(
 
     Raises `NotAPipelineError` when `path` is not a StableDiffusion3Pipeline folder.
     """
-    from diffusers import SD3Transformer2DModel
-
     check_pipeline_folder(pretrained_model_name_or_path, SD3_PIPELINES)
-    return SD3Transformer2DModel.from_pretrained(
-        pretrained_model_name_or_path, subfolder="transformer", torch_dtype=torch_dtype, variant=variant,
-        local_files_only=True,
-    )
+    return load_transformer(pretrained_model_name_or_path, torch_dtype=torch_dtype, variant=variant)
 
 
 def export_transformer(
@@ -89,7 +110,9 @@ def export_transformer(
     if mode == "pipeline":
         if base is None:
             raise ValueError("export_transformer(mode='pipeline') needs base=<the pipeline folder trained from>")
-        check_pipeline_folder(base, SD3_PIPELINES)
+        family = pipeline_family(base)
+        if type(transformer).__name__ != _TRANSFORMERS[family]:
+            raise ValueError(f"base {base} is a {family} pipeline but the transformer is a {type(transformer).__name__}")
         base = Path(base)
         if base.resolve() == out.resolve():
             raise ValueError(f"output_dir {out} is the base folder; export to a new folder")
@@ -109,7 +132,7 @@ def export_transformer(
     return out
 
 
-def load_sd3_pipeline(
+def load_pipeline(
     pretrained_model_name_or_path: str | Path,
     *,
     transformer_path: str | Path | None = None,
@@ -118,22 +141,20 @@ def load_sd3_pipeline(
     device: str = "auto",
     dtype: str = "auto",
     variant: str | None = None,
-):  # -> StableDiffusion3Pipeline
-    """A `StableDiffusion3Pipeline` from a local folder, optionally with another transformer (a
-    folder holding `transformer/` or the transformer's own folder) and a LoRA folder or file."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    check_pipeline_folder(pretrained_model_name_or_path, SD3_PIPELINES)
+):  # -> StableDiffusion3Pipeline | FluxPipeline
+    """The pipeline of a local SD3 or Flux folder, optionally with another transformer (a folder
+    holding `transformer/` or the transformer's own folder) and a LoRA folder or file."""
+    family = pipeline_family(pretrained_model_name_or_path)
     dev = _device(device)
     td = _dtype(dtype, dev)
     kwargs: dict[str, Any] = {}
     if transformer_path is not None:
         tp = Path(transformer_path)
         sub = "transformer" if (tp / "transformer" / "config.json").is_file() else None
-        kwargs["transformer"] = SD3Transformer2DModel.from_pretrained(
+        kwargs["transformer"] = _diffusers_cls(_TRANSFORMERS[family]).from_pretrained(
             tp, subfolder=sub, torch_dtype=td, local_files_only=True
         )
-    pipe = StableDiffusion3Pipeline.from_pretrained(
+    pipe = _diffusers_cls(_PIPELINES[family]).from_pretrained(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )
     if lora_path is not None:
@@ -185,7 +206,7 @@ class SampleConfig:
     """Inputs and settings of `soar-fast sample`."""
 
     pretrained_model_name_or_path: str
-    """Local StableDiffusion3Pipeline folder (a base checkpoint or an exported one)."""
+    """Local StableDiffusion3Pipeline (or FluxPipeline) folder, a base checkpoint or an exported one."""
     output_dir: str
     """Where the PNGs, grid.png and prompts.json go."""
     prompts: list[str] = field(default_factory=list)
@@ -201,7 +222,8 @@ class SampleConfig:
     num_inference_steps: int = 40
     """Sampler steps (the SOAR evaluation setting)."""
     guidance_scale: float = 4.5
-    """Classifier-free guidance (the SOAR evaluation setting)."""
+    """Classifier-free guidance (the SOAR evaluation setting). For Flux-dev this is the pipeline's
+    distilled-guidance embedding (3.5 there), not CFG."""
     height: int | None = None
     """Image height; None uses the transformer's default (sample_size x VAE factor)."""
     width: int | None = None
@@ -215,7 +237,7 @@ class SampleConfig:
     max_sequence_length: int = 256
     """T5 tokens per prompt."""
     negative_prompt: str = ""
-    """Negative prompt of CFG (SOAR's uncond is the empty prompt)."""
+    """Negative prompt of CFG (SOAR's uncond is the empty prompt); SD3 only."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -253,11 +275,11 @@ def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Ima
         chunk = prompts[s : s + cfg.batch_size]
         gens = [torch.Generator(device=dev).manual_seed(cfg.seed + (s + i) * k + j)
                 for i in range(len(chunk)) for j in range(k)]
+        extra = {"negative_prompt": [cfg.negative_prompt] * len(chunk)} if hasattr(pipe, "text_encoder_3") else {}
         out = pipe(
-            prompt=chunk, negative_prompt=[cfg.negative_prompt] * len(chunk), num_images_per_prompt=k,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            height=cfg.height, width=cfg.width, generator=gens, max_sequence_length=cfg.max_sequence_length,
-            output_type="pil",
+            prompt=chunk, num_images_per_prompt=k, num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, generator=gens,
+            max_sequence_length=cfg.max_sequence_length, output_type="pil", **extra,
         )
         images += out.images
     return images
@@ -274,7 +296,7 @@ def run_sample(cfg: SampleConfig, pipe=None) -> SampleResult:
     if not prompts:
         raise ConfigError("SampleConfig: no prompts; set prompts=[...] or prompt_file=<file>")
     if pipe is None:
-        pipe = load_sd3_pipeline(
+        pipe = load_pipeline(
             cfg.pretrained_model_name_or_path, transformer_path=cfg.transformer_path, lora_path=cfg.lora_path,
             lora_scale=cfg.lora_scale, device=cfg.device, dtype=cfg.dtype,
         )

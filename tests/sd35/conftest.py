@@ -26,10 +26,20 @@ CAPTIONS = ["a red square", "a green field", "a blue sky", "a yellow sun", "a bl
 
 
 def build_tiny_sd3_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in CHARS:
@@ -113,3 +123,62 @@ def tiny_cache(tiny_sd3_dir, caption_folder, tmp_path_factory):
         store_dtype="float32",
     )
     return cfg, run_cache(cfg)
+
+
+def build_tiny_flux_pipeline(seed: int = 0):
+    """A tiny random FluxPipeline (guidance-distilled transformer like Flux-dev), no downloads."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    t5_vocab += [(c, -3.0) for c in CHARS] + [("▁" + c, -3.5) for c in CHARS]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), hidden_act="gelu",
+        ))
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        ))
+        # joint = T5 d_model = 32, pooled = CLIP hidden = 32, in_channels = 4 latent channels x 2x2 packing.
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+            guidance_embeds=True,
+        )
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_2=t5,
+        tokenizer_2=T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512), transformer=transformer,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_flux")
+    build_tiny_flux_pipeline().save_pretrained(path)
+    return path

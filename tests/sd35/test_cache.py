@@ -104,9 +104,9 @@ def test_missing_caption_is_a_clear_error(tiny_sd3_dir, tmp_path):
 def test_not_an_sd3_folder(tiny_sd3_dir, caption_folder, tmp_path):
     flux = tmp_path / "flux"
     flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     data = ImageFolderConfig(root=str(caption_folder), resolution=32)
-    with pytest.raises(NotAPipelineError, match=r"holds a FluxPipeline.*not a StableDiffusion3Pipeline"):
+    with pytest.raises(NotAPipelineError, match=r"holds a StableDiffusionXLPipeline.*not a StableDiffusion3Pipeline.*FluxPipeline"):
         run_cache(CacheConfig(pretrained_model_name_or_path=str(flux), data=data, output_dir=str(tmp_path / "c")))
     with pytest.raises(NotAPipelineError, match="single model folder"):
         run_cache(CacheConfig(pretrained_model_name_or_path=str(tiny_sd3_dir / "transformer"), data=data,

@@ -12,11 +12,17 @@ from PIL import Image
 
 from soar_fast import SoarConfig, soar_loss
 from soar_fast.data.shards import ShardLoaderConfig, load_empty_prompt, make_shard_loader
-from soar_fast.models.lora import LoraSettings, apply_lora, merge_lora, save_lora_weights, trainable_parameters
+from soar_fast.models.lora import (
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    save_lora_weights,
+    trainable_parameters,
+)
 from soar_fast.models.pipeline import (
     SampleConfig,
     export_transformer,
-    load_sd3_pipeline,
+    load_pipeline,
     load_sd3_transformer,
     run_sample,
 )
@@ -47,7 +53,7 @@ def _train(transformer, cache_dir, steps=3, lr=1e-3):
         metrics.append(out.metrics)
     transformer.eval()
     assert all(np.isfinite(m["loss"]) and m["aux_loss"] > 0 for m in metrics)
-    assert max((p - b).abs().max().item() for p, b in zip(params, before)) > 1e-4
+    assert max((p - b).abs().max().item() for p, b in zip(params, before, strict=True)) > 1e-4
     return metrics
 
 
@@ -95,7 +101,7 @@ def test_lora_train_save_load_sample(tiny_cache, tiny_sd3_dir, tmp_path):
     lora_dir = tmp_path / "lora"
     save_lora_weights(transformer, lora_dir)
 
-    pipe = load_sd3_pipeline(tiny_sd3_dir, lora_path=lora_dir)
+    pipe = load_pipeline(tiny_sd3_dir, lora_path=lora_dir)
     torch.testing.assert_close(_probe(pipe.transformer), _probe(transformer), atol=1e-5, rtol=1e-5)
     lora_imgs = _sample(tmp_path, "lora", pretrained_model_name_or_path=str(tiny_sd3_dir), lora_path=str(lora_dir))
     base_imgs = _sample(tmp_path, "base", pretrained_model_name_or_path=str(tiny_sd3_dir))

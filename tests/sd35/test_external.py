@@ -30,7 +30,7 @@ class ToyScorer:
 
     def score(self, images, prompts):
         return [np.asarray(im.convert("RGB"))[..., 0].mean() / 255 + self.bonus * ("red" in p)
-                for im, p in zip(images, prompts)]
+                for im, p in zip(images, prompts, strict=True)]
 
 
 def broken_factory():
@@ -73,7 +73,13 @@ def test_ocr_scorer_with_injected_reader():
 
 def test_clip_scorer_on_a_tiny_local_clip(tmp_path):
     from conftest import CHARS
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in CHARS:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from soar_fast.config import ConfigError
-from soar_fast.models.lora import LoraSettings, apply_lora, merge_lora, save_lora_weights, trainable_parameters
+from soar_fast.models.lora import (
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    save_lora_weights,
+    trainable_parameters,
+)
 from soar_fast.models.pipeline import load_sd3_transformer
 
 

@@ -1,0 +1,98 @@
+"""The same path for Flux: cache -> SOAR steps (full, LoRA) -> export -> FluxPipeline -> sample."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from soar_fast import SoarConfig, soar_loss
+from soar_fast.config.sd35 import NotAPipelineError
+from soar_fast.data.cache import CacheConfig, run_cache
+from soar_fast.data.images import ImageFolderConfig
+from soar_fast.data.shards import ShardLoaderConfig, load_empty_prompt, make_shard_loader
+from soar_fast.models.flux import FluxVelocityFn
+from soar_fast.models.lora import LoraSettings, apply_lora, save_lora_weights, trainable_parameters
+from soar_fast.models.pipeline import (
+    SampleConfig,
+    export_transformer,
+    load_pipeline,
+    load_sd3_transformer,
+    load_transformer,
+    run_sample,
+)
+
+
+@pytest.fixture(scope="module")
+def flux_cache(tiny_flux_dir, caption_folder, tmp_path_factory):
+    cfg = CacheConfig(pretrained_model_name_or_path=str(tiny_flux_dir),
+                      data=ImageFolderConfig(root=str(caption_folder), resolution=32),
+                      output_dir=str(tmp_path_factory.mktemp("flux_cache")), max_sequence_length=16,
+                      progress=False, store_dtype="float32")
+    return cfg, run_cache(cfg)
+
+
+def _steps(transformer, cache_dir, steps=2, lr=1e-3):
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cache_dir, batch_size=2, num_workers=0))
+    uncond = load_empty_prompt(cache_dir)
+    params = trainable_parameters(transformer)
+    opt = torch.optim.AdamW(params, lr=lr)
+    vf = FluxVelocityFn(transformer, guidance=3.5)
+    before = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    for lat, pe, pooled in itertools.islice(itertools.cycle(loader), steps):
+        out = soar_loss(vf, lat, (pe, pooled), uncond, SoarConfig(num_aux=2), gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert np.isfinite(out.metrics["loss"]) and out.metrics["aux_loss"] > 0
+    assert max((p - b).abs().max().item() for p, b in zip(params, before, strict=True)) > 1e-4
+
+
+def _probe(transformer):
+    with torch.no_grad():
+        return FluxVelocityFn(transformer, guidance=3.5)(
+            torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.6]),
+            (torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(2)),
+             torch.randn(1, 32, generator=torch.Generator().manual_seed(3))))
+
+
+def test_flux_cache_contents(flux_cache, tiny_flux_dir):
+    from diffusers import FluxPipeline
+
+    cfg, res = flux_cache
+    assert res.num_samples == 6 and res.skipped == []
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cfg.output_dir, batch_size=3, num_workers=0,
+                                                 shuffle=False))
+    lat, pe, pooled = next(iter(loader))
+    assert lat.shape == (3, 4, 16, 16) and pe.shape == (3, 16, 32) and pooled.shape == (3, 32)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
+    with torch.no_grad():
+        e_pe, e_pooled, _ = pipe.encode_prompt("", None, max_sequence_length=16)
+    u_pe, u_pooled = load_empty_prompt(cfg.output_dir)
+    torch.testing.assert_close(u_pe, e_pe[0])
+    torch.testing.assert_close(u_pooled, e_pooled[0])
+    with pytest.raises(NotAPipelineError, match="holds a FluxPipeline"):
+        load_sd3_transformer(tiny_flux_dir)
+
+
+def test_flux_full_and_lora_round_trip(flux_cache, tiny_flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    cfg, _ = flux_cache
+    t = load_transformer(tiny_flux_dir)
+    _steps(t, cfg.output_dir)
+    out = export_transformer(t, tmp_path / "flux_full", base=tiny_flux_dir)
+    pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
+    torch.testing.assert_close(_probe(pipe.transformer), _probe(t))
+    res = run_sample(SampleConfig(pretrained_model_name_or_path=str(out), output_dir=str(tmp_path / "s"),
+                                  prompts=["a red cat", "a blue sky"], num_inference_steps=4,
+                                  guidance_scale=3.5, max_sequence_length=16, height=32, width=32))
+    assert len(res.images) == 2 and res.images[0].size == (32, 32) and res.grid_path.is_file()
+
+    lt = apply_lora(load_transformer(tiny_flux_dir), LoraSettings(rank=4, lora_alpha=2.0))
+    _steps(lt, cfg.output_dir, lr=1e-2)
+    save_lora_weights(lt, tmp_path / "flux_lora")
+    lp = load_pipeline(tiny_flux_dir, lora_path=tmp_path / "flux_lora")
+    torch.testing.assert_close(_probe(lp.transformer), _probe(lt), atol=1e-5, rtol=1e-5)
+    assert (_probe(lt) - _probe(load_transformer(tiny_flux_dir))).abs().max() > 1e-4  # the LoRA matters
