@@ -8,6 +8,7 @@ Variants, each adding one thing to the one before (b..f) and compared with (a):
   d  + torch.compile per transformer block
   e  + CUDA-graph rollout
   f  + FP8 rollout (CUDA graph of the FP8 rollout; torch._scaled_mm)
+  g  + FP8 for the training GEMMs too (our torch._scaled_mm linear: e4m3 forward, e5m2 grads)
   sft the SFT step (M = 0) with the settings of d, for the SOAR/SFT ratio
 Reported per variant: ms/step (p20/p50/p80), samples/s, peak memory, MFU against the bf16 GEMM
 rate measured in the same run (FLOPs from soar_fast.fast.flops), speedup over (a).
@@ -34,11 +35,12 @@ import torch
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.compile import compile_model
+from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.fast.flops import soar_step_flops
 from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
 
-VARIANTS = ("a", "b", "c", "d", "e", "f", "sft")
+VARIANTS = ("a", "b", "c", "d", "sft", "e", "f", "g")  # sft before e-g: it uses the settings of d
 DESCRIPTION = {
     "a": "baseline (reference-release structure)",
     "b": "eager batched step",
@@ -46,6 +48,7 @@ DESCRIPTION = {
     "d": "+ compile (per block)",
     "e": "+ CUDA-graph rollout",
     "f": "+ FP8 rollout",
+    "g": "+ FP8 training GEMMs",
     "sft": "SFT step (settings of d)",
 }
 
@@ -159,10 +162,12 @@ def run(args) -> list[dict]:
     for variant in args.variants:
         num_aux = 0 if variant == "sft" else args.num_aux
         config = sf.SoarConfig(num_aux=num_aux)
-        if variant in ("d", "e", "f", "sft") and not compiled and not args.no_compile:
+        if variant in ("d", "e", "f", "g", "sft") and not compiled and not args.no_compile:
             compile_model(model, "per_block", fullgraph=True)
             compiled = True
-        rollout_mode = {"e": "cuda_graph", "f": "cuda_graph_fp8"}.get(variant, "eager")
+        if variant == "g":
+            enable_fp8_training(model)  # every block GEMM (rollout included) now runs in FP8
+        rollout_mode = {"e": "cuda_graph", "f": "cuda_graph_fp8", "g": "cuda_graph"}.get(variant, "eager")
         vf = SD3VelocityFn(model)
         engine = RolloutEngine(vf, model, rollout_mode) if variant != "a" else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")

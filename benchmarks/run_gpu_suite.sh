@@ -27,7 +27,7 @@ run timeout 90 python -m soar_fast.fast.parity --device cuda --preset digits --b
 run timeout 240 python benchmarks/bench_step.py --resolution 512 --batch 2 --out "$OUT/step_512.json" \
     --attention_backends sdpa,sdpa_flash,sdpa_cudnn,flash_attn
 if [ "$QUICK" != "--quick" ]; then
-  run timeout 150 python benchmarks/bench_step.py --resolution 1024 --batch 1 --variants a,d,f,sft --iters 5 \
+  run timeout 150 python benchmarks/bench_step.py --resolution 1024 --batch 1 --variants a,d,sft,f --iters 5 \
       --out "$OUT/step_1024.json"
 fi
 echo "suite done (status $status); results in $OUT"

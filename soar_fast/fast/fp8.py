@@ -25,7 +25,9 @@ from torch import nn
 __all__ = [
     "FP8_DTYPE",
     "Fp8RolloutLinear",
+    "Fp8TrainLinear",
     "enable_fp8_rollout",
+    "enable_fp8_training",
     "fp8_rollout",
     "has_scaled_mm",
     "quantize_fp8",
@@ -143,3 +145,68 @@ def fp8_rollout(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.fp8_active = False
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 training GEMMs (variant g of the step benchmark): forward in e4m3, gradients in e5m2.
+
+FP8_GRAD_DTYPE = torch.float8_e5m2
+FP8_GRAD_MAX = torch.finfo(FP8_GRAD_DTYPE).max
+
+
+def _quant(x: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x32 = x.float()
+    scale = x32.abs().amax().clamp_min(EPS) / fmax
+    return (x32 / scale).clamp(-fmax, fmax).to(dtype), scale
+
+
+def _mm(a8: torch.Tensor, sa: torch.Tensor, b8_t: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a [R, K] (row-major) @ b [K, N] given as b8_t = bᵀ [N, K] row-major; fp32 accumulate."""
+    if has_scaled_mm(a8.device):
+        return torch._scaled_mm(a8, b8_t.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return ((a8.float() * sa) @ (b8_t.float() * sb).t()).to(out_dtype)
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight):
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if has_scaled_mm(x2.device) and out_dtype == torch.float32:
+            out_dtype = torch.bfloat16
+        x8, sx = _quant(x2, FP8_DTYPE, FP8_MAX)
+        w8, sw = _quant(weight, FP8_DTYPE, FP8_MAX)
+        ctx.save_for_backward(x8, sx, w8, sw)
+        ctx.dtypes = (x2.dtype, weight.dtype)
+        return _mm(x8, sx, w8, sw, out_dtype).to(x2.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, sx, w8, sw = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g8, sg = _quant(grad, FP8_GRAD_DTYPE, FP8_GRAD_MAX)
+        out = torch.bfloat16 if has_scaled_mm(grad.device) else torch.float32
+        grad_x = _mm(g8, sg, w8.t().contiguous(), sw, out)  # [R, N] @ [N, K]
+        grad_w = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, out)  # [N, R] @ [R, K]
+        return grad_x.to(x_dtype), grad_w.to(w_dtype)
+
+
+class Fp8TrainLinear(nn.Linear):
+    """An `nn.Linear` whose GEMMs (forward and both backward GEMMs) run in FP8 with per-tensor
+    dynamic scales; the weight stays in its own dtype (master copy), parameters and keys unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, -1)
+
+
+def enable_fp8_training(model: nn.Module) -> int:
+    """Switch the blocks' attention/MLP Linears to `Fp8TrainLinear` (the rollout then runs FP8 too)."""
+    n = 0
+    for name, module in model.named_modules():
+        if _eligible(name, module) or (type(module) is Fp8RolloutLinear and "blocks." in name):
+            module.__class__ = Fp8TrainLinear
+            n += 1
+    return n
