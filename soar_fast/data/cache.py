@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -57,6 +60,8 @@ class CacheConfig:
     """T5 tokens per caption (the pipeline's max_sequence_length: SD3 samples with 256, Flux-dev 512)."""
     batch_size: int = 8
     """Images encoded per forward pass."""
+    num_workers: int = 4
+    """Threads decoding and resizing images ahead of the encoders (0: in the main thread)."""
     shard_size: int = 256
     """Samples per shard file (one latent shape per shard)."""
     latent_sampling: Literal["mode", "sample"] = "mode"
@@ -79,6 +84,8 @@ class CacheConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"CacheConfig.num_workers={self.num_workers} is invalid: need >= 0")
         for name in ("max_sequence_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CacheConfig.{name}={getattr(self, name)} is invalid: need >= 1")
@@ -123,7 +130,9 @@ def plan_shards(records: list[ImageRecord], shard_size: int) -> list[list[ImageR
 
 
 def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress", "device", "batch_size", "output_dir")}
+    ignore = ("resume", "progress", "device", "batch_size", "num_workers", "output_dir")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    settings["data"].pop("verify_decode", None)
     settings["pretrained_model_name_or_path"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
     settings["plan"] = [[(r.path, r.caption, r.bucket) for r in shard] for shard in plan]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -176,6 +185,34 @@ def _encode_batch(pipe, pixels: torch.Tensor, captions: list[str], cfg: CacheCon
     return {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
 
 
+def _load_pixels(r: ImageRecord, center_crop: bool) -> torch.Tensor | BaseException:
+    try:
+        return image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
+    except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
+        return e
+
+
+def _load_batches(
+    records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None
+) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
+    """Batches of (record, pixels [3, h, w] or the load error); with a pool, the next two
+    batches decode in threads while the current one is encoded (PIL releases the GIL)."""
+    batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
+    if pool is None:
+        for b in batches:
+            yield [(r, _load_pixels(r, center_crop)) for r in b]
+        return
+    pending: deque = deque()
+    for b in batches:
+        pending.append((b, [pool.submit(_load_pixels, r, center_crop) for r in b]))
+        if len(pending) > 2:
+            rb, futs = pending.popleft()
+            yield list(zip(rb, (f.result() for f in futs), strict=True))
+    while pending:
+        rb, futs = pending.popleft()
+        yield list(zip(rb, (f.result() for f in futs), strict=True))
+
+
 def run_cache(cfg: CacheConfig) -> CacheResult:
     """Encode `cfg.data` into shards at `cfg.output_dir`; resumable. Returns a `CacheResult`.
 
@@ -218,30 +255,33 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
 
     done_samples = sum(len(plan[i]) for i in set(range(len(plan))) - set(todo))
     bar = tqdm(total=len(scan.records), initial=done_samples, desc="cache", unit="img", disable=not cfg.progress)
-    for i in todo:
-        gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
-        parts: list[dict[str, torch.Tensor]] = []
-        captions, sources, shard_skipped = [], [], []
-        for s in range(0, len(plan[i]), cfg.batch_size):
-            batch_px, batch_caps = [], []
-            for r in plan[i][s : s + cfg.batch_size]:
-                try:
-                    img = resize_center_crop(load_image(r.path), r.bucket, cfg.data.center_crop)
-                except Exception as e:  # noqa: BLE001 - a file changed since the scan: skip and report
-                    shard_skipped.append({"path": r.path, "reason": f"{type(e).__name__}: {e}"})
-                    continue
-                batch_px.append(image_to_tensor(img))
-                batch_caps.append(r.caption)
-                sources.append(r.path)
-            if batch_px:
-                parts.append(_encode_batch(pipe, torch.stack(batch_px), batch_caps, cfg, device, gen))
-                captions += batch_caps
-            bar.update(len(plan[i][s : s + cfg.batch_size]))
-        if not parts:
-            skipped += shard_skipped
-            continue
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        writer.write_shard(i, tensors, captions, sources, shard_skipped)
+    pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None
+    try:
+        for i in todo:
+            gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
+            parts: list[dict[str, torch.Tensor]] = []
+            captions, sources, shard_skipped = [], [], []
+            for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool):
+                batch_px, batch_caps = [], []
+                for r, px in batch:
+                    if isinstance(px, BaseException):  # unreadable since the scan: skip and report
+                        shard_skipped.append({"path": r.path, "reason": f"{type(px).__name__}: {px}"})
+                        continue
+                    batch_px.append(px)
+                    batch_caps.append(r.caption)
+                    sources.append(r.path)
+                if batch_px:
+                    parts.append(_encode_batch(pipe, torch.stack(batch_px), batch_caps, cfg, device, gen))
+                    captions += batch_caps
+                bar.update(len(batch))
+            if not parts:
+                skipped += shard_skipped
+                continue
+            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            writer.write_shard(i, tensors, captions, sources, shard_skipped)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     for e in writer.index["shards"]:
         skipped += e.get("skipped", [])

@@ -86,6 +86,9 @@ class ImageFolderConfig:
     """Widest (and tallest) bucket allowed, as long side / short side."""
     center_crop: bool = True
     """Center crop after resizing; False takes the top-left crop (as diffusers' `--center_crop` off)."""
+    verify_decode: bool = False
+    """Decode every image fully while scanning. Off: the scan reads headers only, and an image that
+    fails to decode later (truncated data) is skipped and reported by the cache step instead."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -169,11 +172,12 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _probe(path: Path) -> tuple[int, int]:
-    """(width, height) after checking the file decodes; raises on a corrupt image."""
+def _probe(path: Path, decode: bool) -> tuple[int, int]:
+    """(width, height) from the header (and a full decode if `decode`); raises on a bad image."""
     with Image.open(path) as im:
         size = im.size
-        im.load()  # verify() misses truncated pixel data; a full decode does not
+        if decode:
+            im.load()  # verify() misses truncated pixel data; a full decode does not
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"empty image {size}")
     return size
@@ -235,8 +239,8 @@ def _read_sidecars(cfg: ImageFolderConfig) -> list[tuple[Path, str | None]]:
 def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
     """List the images and captions of a folder, probe each image, assign buckets.
 
-    Records come sorted by path (a deterministic order, so caching can resume). Corrupt or missing
-    images are skipped and reported in `ScanResult.skipped`; a missing or empty caption raises
+    Records come sorted by path (a deterministic order, so caching can resume). Unreadable images
+    are skipped and reported in `ScanResult.skipped` (headers only unless `cfg.verify_decode`); a missing or empty caption raises
     `CaptionError` naming the file, unless `cfg.allow_empty_captions`.
     """
     root = Path(cfg.root)
@@ -266,7 +270,7 @@ def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
                 )
             caption = ""
         try:
-            size = _probe(path)
+            size = _probe(path, cfg.verify_decode)
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report
             skipped.append(SkippedFile(str(path), f"{type(e).__name__}: {e}"))
             continue

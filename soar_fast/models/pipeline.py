@@ -93,6 +93,7 @@ def export_transformer(
     base: str | Path | None = None,
     mode: Literal["pipeline", "transformer"] = "pipeline",
     torch_dtype: torch.dtype | None = None,
+    link_components: bool = False,
 ) -> Path:
     """Save a trained transformer with `save_pretrained` to `output_dir/transformer`.
 
@@ -102,7 +103,8 @@ def export_transformer(
     the transformer subfolder (load it with `SD3Transformer2DModel.from_pretrained(out,
     subfolder="transformer")` and pass it to the pipeline). A LoRA-adapted transformer must be
     merged first (`soar_fast.models.lora.merge_lora`) or saved with `save_lora_weights`.
-    Returns `output_dir`.
+    `link_components=True` symlinks the frozen components instead of copying them (no second copy
+    of the ~10 GB T5; the export then depends on `base` staying in place). Returns `output_dir`.
     """
     if getattr(transformer, "_hf_peft_config_loaded", False):
         raise ValueError("transformer still has LoRA adapters: merge_lora() it first, or use save_lora_weights()")
@@ -120,7 +122,9 @@ def export_transformer(
         for item in base.iterdir():
             if item.name == "transformer" or item.name.startswith("."):
                 continue
-            if item.is_dir():
+            if link_components and not (out / item.name).exists():
+                (out / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+            elif item.is_dir():
                 shutil.copytree(item, out / item.name, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, out / item.name)

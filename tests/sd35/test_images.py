@@ -77,9 +77,14 @@ def test_corrupt_images_skipped_with_reasons(tmp_path):
     root = make_caption_folder(tmp_path / "d", n=2)
     (root / "bad.jpg").write_bytes(b"definitely not a jpeg")
     (root / "bad.txt").write_text("bad")
+    write_image(root / "trunc.png", seed=5)
+    (root / "trunc.png").write_bytes((root / "trunc.png").read_bytes()[:200])
+    (root / "trunc.txt").write_text("truncated")
     res = scan_image_folder(ImageFolderConfig(root=str(root), resolution=16))
-    assert len(res.records) == 2
+    assert len(res.records) == 3  # headers only: the truncated file is caught when caching
     assert [s.path.endswith("bad.jpg") for s in res.skipped] == [True] and res.skipped[0].reason
+    res = scan_image_folder(ImageFolderConfig(root=str(root), resolution=16, verify_decode=True))
+    assert len(res.records) == 2 and sorted(s.path.rsplit("/", 1)[-1] for s in res.skipped) == ["bad.jpg", "trunc.png"]
 
 
 def test_buckets():
