@@ -1,6 +1,8 @@
-"""Microbenchmark of the fused SOAR loss (per-row weighted MSE with recomputed targets), modes fwd
-and fwd+bwd, and of the aux+loss pair (aux_z + fused loss vs the reference chain aux_states +
-loss reading stored v_corr). Providers: torch_eager, torch_compile, triton, native.
+"""Microbenchmark of the fused SOAR loss (per-row weighted MSE with recomputed targets), modes fwd,
+fwd+bwd (autograd: forward pass, then backward pass) and loss+grad (losses and d(Σ losses)/dv;
+the fused providers do it in one pass with soar_fused_mse_and_grad, torch providers by autograd),
+and of the aux+loss pair (fused: aux_z + loss+grad; reference chains: aux_states storing v_corr +
+a loss reading it, fwd+bwd). Providers: torch_eager, torch_compile, triton, native.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from bench_soar_aux_states import DTYPES, SHAPES, inputs
 from kernel_bench import bytes_aux_states, bytes_aux_z, bytes_loss, emit, native_ready, report, triton_ready, want_compile
 
-from soar_fast.ops import soar_aux_z, soar_fused_mse
+from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
 from soar_fast.ops.soar_mse.reference import soar_fused_mse_reference
 
@@ -55,17 +57,25 @@ def loss_fn(provider, args, dtype):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "loss+grad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,shape,m", SHAPES, ids=[s[0] for s in SHAPES])
 def test_bench_fused_mse(benchmark, name, shape, m, dtype, mode, provider):
     args, grad = loss_inputs(shape, m, dtype)
     f = loss_fn(provider, args, dtype)
     v = args[0]
+    ones = torch.ones_like(grad)
     if mode == "fwd":
         def fn():
             with torch.no_grad():
                 return f(*args)
+    elif mode == "loss+grad" and provider in ("triton", "native"):
+        def fn():
+            return soar_fused_mse_and_grad(*args, backend=provider)
+    elif mode == "loss+grad":
+        def fn():
+            loss = f(*args)
+            return loss.detach(), torch.autograd.grad(loss, v, ones)[0]
     else:
         def fn():
             return torch.autograd.grad(f(*args), v, grad)
@@ -78,8 +88,9 @@ def test_bench_fused_mse(benchmark, name, shape, m, dtype, mode, provider):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,shape,m", SHAPES, ids=[s[0] for s in SHAPES])
 def test_bench_aux_loss_pair(benchmark, name, shape, m, dtype, provider):
-    """Aux states + loss fwd+bwd. Reference chains (eager, compiled) store v_corr and read it back;
-    the fused pair writes z' only and recomputes v_corr in the loss kernels."""
+    """Aux states + loss forward and backward. Reference chains (eager, compiled) store v_corr, read
+    it back in the forward and again in the backward; the fused pair writes z' only, recomputes
+    v_corr and forms losses and grad_v in one pass (upstream grad folded into the weights)."""
     (v, z0, z1, _, sa, w), grad = loss_inputs(shape, m, dtype)
     z0_, z1_, vu, vc, s0, s1, _, g = inputs(shape, m, dtype)
     aux_args = (z0, z1, vu, vc, s0, s1, sa, g)
@@ -104,9 +115,9 @@ def test_bench_aux_loss_pair(benchmark, name, shape, m, dtype, provider):
 
         def fn():
             z_aux = soar_aux_z(*aux_args, backend=provider)
-            return torch.autograd.grad(soar_fused_mse(v, z0, z1, z_aux, sa, w, backend=provider), v, grad)
+            return soar_fused_mse_and_grad(v, z0, z1, z_aux, sa, w * grad, backend=provider)
 
-        nbytes = bytes_aux_z(e, m, s) + bytes_loss(e, m, s, "fwd+bwd")
+        nbytes = bytes_aux_z(e, m, s) + bytes_loss(e, m, s, "loss+grad")
     report("soar_aux+loss", provider, "fwd+bwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, benchmark)
     ref_bytes = bytes_aux_states(e, m, s) + bytes_loss(e, m, s, "fwd+bwd")
     emit(op="soar_aux+loss", provider=provider, mode="fwd+bwd", shape=f"{name}:{'x'.join(map(str, shape))}",

@@ -104,10 +104,11 @@ def bytes_aux_z(e: int, m: int, s: int) -> int:
 
 
 def bytes_loss(e: int, m: int, s: int, mode: str) -> int:
-    """fwd reads v [(1+M)E], z0, z1, z' (or v_corr) [ME]; bwd reads the same and writes grad_v."""
+    """fwd reads v [(1+M)E], z0, z1, z' (or v_corr) [ME]; bwd reads the same and writes grad_v;
+    "loss+grad" (forward and backward in one pass) reads the inputs once and writes grad_v."""
     fwd = (3 + 2 * m) * e * s
     bwd = fwd + (1 + m) * e * s
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd, "loss+grad": bwd}[mode]
 
 
 @functools.cache

@@ -55,6 +55,9 @@ TORCH_LIBRARY(soar_fast_native, m) {
   m.def(
       "fused_mse_backward(Tensor grad, Tensor v, Tensor z0, Tensor z1, Tensor z_aux, Tensor sigma_aux, "
       "Tensor weights) -> Tensor");
+  m.def(
+      "fused_mse_and_grad(Tensor v, Tensor z0, Tensor z1, Tensor z_aux, Tensor sigma_aux, Tensor weights) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(soar_fast_native, CPU, m) {
@@ -62,4 +65,5 @@ TORCH_LIBRARY_IMPL(soar_fast_native, CPU, m) {
   m.impl("aux_states_z", &soar_native::aux_states_z);
   m.impl("fused_mse", &soar_native::fused_mse_cpu);
   m.impl("fused_mse_backward", &soar_native::fused_mse_backward_cpu);
+  m.impl("fused_mse_and_grad", &soar_native::fused_mse_and_grad_cpu);
 }

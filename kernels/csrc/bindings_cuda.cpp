@@ -1,6 +1,8 @@
 // CUDA kernels of torch.ops.soar_fast_native.*: ATen argument handling here, the kernels behind
 // plain launchers in the .cu files (which include no ATen, so CI can compile them with nvcc alone).
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -44,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> aux_cuda(const at::Tensor& z0, const at::Tens
                         vcr.const_data_ptr(), svc, s0c.const_data_ptr<float>(), s1c.const_data_ptr<float>(),
                         sac.const_data_ptr<float>(), zaux.mutable_data_ptr(),
                         write_v_corr ? vcorr.mutable_data_ptr() : nullptr, B, N, M, float(g),
-                        at::cuda::getCurrentCUDAStream().stream()),
+                        c10::cuda::getCurrentCUDAStream().stream()),
         "aux_states_cuda");
   return {zaux, vcorr};
 }
@@ -60,8 +62,9 @@ at::Tensor aux_states_z(const at::Tensor& z0, const at::Tensor& z1, const at::Te
   return std::get<0>(aux_cuda(z0, z1, vu, vc, s0, s1, sa, g, false));
 }
 
-at::Tensor mse_launch(const at::Tensor* grad, const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1,
-                      const at::Tensor& za, const at::Tensor& sa, const at::Tensor& w) {
+std::tuple<at::Tensor, at::Tensor> mse_launch(const at::Tensor* grad, const at::Tensor& v, const at::Tensor& z0,
+                                              const at::Tensor& z1, const at::Tensor& za, const at::Tensor& sa,
+                                              const at::Tensor& w, bool want_loss, bool want_grad) {
   c10::cuda::CUDAGuard guard(v.device());
   const int64_t B = z0.size(0), M = sa.size(0), N = B > 0 ? z0.numel() / B : 0, R = (1 + M) * B;
   TORCH_CHECK(v.size(0) == R && v.numel() == R * N && za.numel() == M * B * N && z1.sizes() == z0.sizes(),
@@ -71,35 +74,38 @@ at::Tensor mse_launch(const at::Tensor* grad, const at::Tensor& v, const at::Ten
   auto [z1r, sz1] = as_rows(z1, "z1");
   auto [zar, sza] = M > 0 ? as_rows(za, "z_aux") : std::make_tuple(z0r, int64_t(0));
   at::Tensor sac = sa.to(at::kFloat).contiguous();
+  at::Tensor wf = w.to(at::kFloat);
   const int64_t nblk = (N + kMseBlock - 1) / kMseBlock;
-  auto stream = at::cuda::getCurrentCUDAStream().stream();
-  if (grad == nullptr) {
-    at::Tensor part = empty_output({R, nblk}, v.options().dtype(at::kFloat));
-    if (R == 0 || N == 0) return at::zeros({R}, v.options().dtype(at::kFloat));
-    check(fused_mse_cuda(dtype_of(v), 0, vr.const_data_ptr(), sv, z0r.const_data_ptr(), sz0, z1r.const_data_ptr(), sz1,
-                         zar.const_data_ptr(), sza, sac.const_data_ptr<float>(), nullptr, part.mutable_data_ptr(), B, N,
-                         M, nblk, stream),
-          "fused_mse_cuda");
-    return part.sum(1) * w.to(at::kFloat) / double(N);
+  at::Tensor losses, gv;
+  if (want_grad) gv = empty_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  if (R == 0 || N == 0) {
+    if (want_loss) losses = at::zeros({R}, v.options().dtype(at::kFloat));
+    return {losses, gv};
   }
-  at::Tensor gv = empty_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
-  if (gv.numel() == 0) return gv;
-  at::Tensor coef = (grad->to(at::kFloat) * w.to(at::kFloat) * (2.0 / double(N))).contiguous();
-  check(fused_mse_cuda(dtype_of(v), 1, vr.const_data_ptr(), sv, z0r.const_data_ptr(), sz0, z1r.const_data_ptr(), sz1,
+  at::Tensor part = want_loss ? empty_output({R, nblk}, v.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor coef = ((grad != nullptr ? grad->to(at::kFloat) * wf : wf) * (2.0 / double(N))).contiguous();
+  check(fused_mse_cuda(dtype_of(v), vr.const_data_ptr(), sv, z0r.const_data_ptr(), sz0, z1r.const_data_ptr(), sz1,
                        zar.const_data_ptr(), sza, sac.const_data_ptr<float>(), coef.const_data_ptr<float>(),
-                       gv.mutable_data_ptr(), B, N, M, nblk, stream),
-        "fused_mse_cuda(backward)");
-  return gv;
+                       want_loss ? part.mutable_data_ptr<float>() : nullptr, want_grad ? gv.mutable_data_ptr() : nullptr,
+                       B, N, M, nblk, c10::cuda::getCurrentCUDAStream().stream()),
+        "fused_mse_cuda");
+  if (want_loss) losses = part.sum(1) * wf / double(N);
+  return {losses, gv};
 }
 
 at::Tensor fused_mse(const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1, const at::Tensor& za,
                      const at::Tensor& sa, const at::Tensor& w) {
-  return mse_launch(nullptr, v, z0, z1, za, sa, w);
+  return std::get<0>(mse_launch(nullptr, v, z0, z1, za, sa, w, true, false));
 }
 
 at::Tensor fused_mse_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1,
                               const at::Tensor& za, const at::Tensor& sa, const at::Tensor& w) {
-  return mse_launch(&grad, v, z0, z1, za, sa, w);
+  return std::get<1>(mse_launch(&grad, v, z0, z1, za, sa, w, false, true));
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_mse_and_grad(const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1,
+                                                      const at::Tensor& za, const at::Tensor& sa, const at::Tensor& w) {
+  return mse_launch(nullptr, v, z0, z1, za, sa, w, true, true);
 }
 
 }  // namespace
@@ -110,4 +116,5 @@ TORCH_LIBRARY_IMPL(soar_fast_native, CUDA, m) {
   m.impl("aux_states_z", &soar_native::aux_states_z);
   m.impl("fused_mse", &soar_native::fused_mse);
   m.impl("fused_mse_backward", &soar_native::fused_mse_backward);
+  m.impl("fused_mse_and_grad", &soar_native::fused_mse_and_grad);
 }

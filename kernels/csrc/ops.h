@@ -23,5 +23,8 @@ at::Tensor fused_mse_cpu(const at::Tensor& v, const at::Tensor& z0, const at::Te
 at::Tensor fused_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& z0,
                                   const at::Tensor& z1, const at::Tensor& za, const at::Tensor& sa,
                                   const at::Tensor& w);
+std::tuple<at::Tensor, at::Tensor> fused_mse_and_grad_cpu(const at::Tensor& v, const at::Tensor& z0,
+                                                          const at::Tensor& z1, const at::Tensor& za,
+                                                          const at::Tensor& sa, const at::Tensor& w);
 
 }  // namespace soar_native

@@ -49,11 +49,11 @@ constexpr int kMseThreads = 256;
 constexpr int kMseElemsPerThread = 8;
 constexpr int64_t kMseBlock = kMseThreads * kMseElemsPerThread;  // elements per CUDA block
 
-// backward == 0: out = fp32 partial sums [(1+M)B, nblk] of (v - t)^2; backward == 1: out = grad_v
-// [(1+M)B, N] in dt, grad = coef[row] * (v - t).
-int fused_mse_cuda(DType dt, int backward, const void* v, int64_t sv, const void* z0, int64_t sz0,
-                   const void* z1, int64_t sz1, const void* za, int64_t sza, const float* sa,
-                   const float* coef, void* out, int64_t B, int64_t N, int64_t M, int64_t nblk,
+// partials != nullptr: fp32 partial sums [(1+M)B, nblk] of (v - t)^2; grad != nullptr: grad_v
+// [(1+M)B, N] in dt, grad = coef[row] * (v - t). Both at once is the fused loss-and-grad.
+int fused_mse_cuda(DType dt, const void* v, int64_t sv, const void* z0, int64_t sz0, const void* z1,
+                   int64_t sz1, const void* za, int64_t sza, const float* sa, const float* coef,
+                   float* partials, void* grad, int64_t B, int64_t N, int64_t M, int64_t nblk,
                    void* stream);
 
 }  // namespace soar_native

@@ -17,10 +17,12 @@ from soar_fast.ops._common import interpreting, triton_available
 from soar_fast.ops.native import load_native
 from soar_fast.ops.soar_aux_states.op import aux_states_op, aux_states_z_op
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
-from soar_fast.ops.soar_mse.op import fused_mse_op
-from soar_fast.ops.soar_mse.reference import soar_fused_mse_reference
+from soar_fast.ops.soar_mse.op import fused_mse_and_grad_op, fused_mse_op
+from soar_fast.ops.soar_mse.reference import soar_fused_mse_and_grad_reference, soar_fused_mse_reference
 
-__all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "soar_aux_states", "soar_aux_z", "soar_fused_mse"]
+__all__ = [
+    "BACKENDS", "ENV_VAR", "resolve_backend", "soar_aux_states", "soar_aux_z", "soar_fused_mse", "soar_fused_mse_and_grad",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,29 @@ def soar_fused_mse(
     if chosen == "native":
         return torch.ops.soar_fast_native.fused_mse(*args)
     return soar_fused_mse_reference(*args)
+
+
+def soar_fused_mse_and_grad(
+    v: torch.Tensor,
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    z_aux: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    weights: torch.Tensor,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and gradient in one pass: (per-row losses `[(1+M)*B]` fp32, grad_v = d(Σ_r losses_r)/dv
+    `[(1+M)*B, ...]` in v's dtype). Shapes as `soar_fused_mse`. No autograd graph: fold the SOAR
+    normalisation into `weights` (e.g. w_r/(B + λMB), λ on aux rows) and call `v.backward(grad_v)`.
+    It reads v, z0, z1 and z' once for forward and backward together, never saving them."""
+    _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights)
+    chosen = resolve_backend("soar_fused_mse_and_grad", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype)
+    args = (v.detach(), z0, z1, z_aux, sigma_aux, weights)
+    if chosen == "triton":
+        return fused_mse_and_grad_op(*args)
+    if chosen == "native":
+        return torch.ops.soar_fast_native.fused_mse_and_grad(*args)
+    return soar_fused_mse_and_grad_reference(*args)
 
 
 def _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux) -> None:

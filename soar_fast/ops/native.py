@@ -1,5 +1,6 @@
 """Loader of the optional native extension (kernels/): `libsoar_fast_native.so`, which registers
-`torch.ops.soar_fast_native.{aux_states, aux_states_z, fused_mse, fused_mse_backward}` (CPU C++;
+`torch.ops.soar_fast_native.{aux_states, aux_states_z, fused_mse, fused_mse_backward,
+fused_mse_and_grad}` (CPU C++;
 CUDA when built against a CUDA torch with nvcc). Build it with
 
     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
@@ -84,6 +85,10 @@ def _register_python_side() -> None:
     @torch.library.register_fake(f"{ns}::fused_mse_backward")
     def _(grad, v, z0, z1, za, sa, w):
         return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{ns}::fused_mse_and_grad")
+    def _(v, z0, z1, za, sa, w):
+        return v.new_empty((v.shape[0],), dtype=torch.float32), torch.empty_like(v, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -27,7 +27,7 @@ def test_micro_benchmarks_smoke(tmp_path, native_lib):
         assert isinstance(row["value"], (int, float)) and math.isfinite(row["value"]), row
     seen = {(r["op"], r["provider"], r["mode"]) for r in rows}
     for op, mode in [("soar_aux_states", "fwd"), ("soar_aux_z", "fwd"), ("soar_fused_mse", "fwd"),
-                     ("soar_fused_mse", "fwd+bwd"), ("soar_aux+loss", "fwd+bwd")]:
+                     ("soar_fused_mse", "fwd+bwd"), ("soar_fused_mse", "loss+grad"), ("soar_aux+loss", "fwd+bwd")]:
         for provider in ("torch_eager", "triton", "native"):
             assert (op, provider, mode) in seen, (op, provider, mode)
     metrics = {r["metric"] for r in rows}

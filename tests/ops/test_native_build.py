@@ -11,7 +11,7 @@ import pytest
 import torch
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
-OPS = ("aux_states", "aux_states_z", "fused_mse", "fused_mse_backward")
+OPS = ("aux_states", "aux_states_z", "fused_mse", "fused_mse_backward", "fused_mse_and_grad")
 
 
 def test_native_library_registers_cpu_ops(native_lib):
@@ -47,3 +47,27 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, src):
     syms = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True).stdout
     launcher = "aux_states_cuda" if "aux" in src else "fused_mse_cuda"
     assert f"soar_native::{launcher}" in syms, "the plain launcher the bindings call must be defined"
+
+
+def _torch_include() -> Path:
+    return Path(torch.__file__).parent / "include"
+
+
+@pytest.mark.skipif(
+    not (Path("/usr/local/cuda/include/cuda_runtime.h").is_file() and (_torch_include() / "c10/cuda/CUDAStream.h").is_file()),
+    reason="needs the CUDA toolkit headers and torch's c10/cuda headers",
+)
+def test_cuda_bindings_compile_against_torch_headers(tmp_path):
+    """bindings_cuda.cpp (the ATen side of the CUDA path) type-checks against this torch's headers.
+    A CPU wheel lacks only the generated c10/cuda/impl/cuda_cmake_macros.h, stubbed empty here."""
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    inc = _torch_include()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    r = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{tmp_path}", f"-I{inc}",
+         f"-I{inc / 'torch/csrc/api/include'}", "-I/usr/local/cuda/include", str(KERNELS / "csrc" / "bindings_cuda.cpp")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -12,7 +12,7 @@ from soar_ops_cases import LOWP, assert_close_to_oracle, layout, sigmas
 from soar_fast.config import SoarConfig
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.loss.soar import sample_draws, soar_loss_from_draws
-from soar_fast.ops import SoarFusedMSEFunction, soar_aux_states, soar_fused_mse
+from soar_fast.ops import SoarFusedMSEFunction, soar_aux_states, soar_fused_mse, soar_fused_mse_and_grad
 from soar_fast.ops.soar_mse.reference import soar_fused_mse_reference
 
 SHAPES = [
@@ -90,6 +90,36 @@ def test_fused_mse_noncontiguous(request, backend, kind):
     _check(nc, grad, backend, torch.bfloat16, f"{backend}-{kind}")
 
 
+def _check_and_grad(args, backend, dtype, name):
+    """Loss and grad in one pass = forward + backward at upstream grad 1."""
+    ones = torch.ones(args[0].shape[0], device=args[0].device)
+    loss, gv = soar_fused_mse_and_grad(*args, backend=backend)
+    loss_o, gv_o = oracle(args, ones)
+    assert loss.dtype == torch.float32 and gv.dtype == args[0].dtype and gv.shape == args[0].shape
+    lowp = run([a.cpu() for a in args], ones.cpu(), "reference") if dtype in LOWP else (None, None)
+    assert_close_to_oracle(loss.cpu(), loss_o, dtype, lowp[0], f"{name}.loss")
+    assert_close_to_oracle(gv.cpu(), gv_o, dtype, lowp[1], f"{name}.grad_v")
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", SHAPES)
+def test_fused_mse_and_grad_parity(request, backend, shape, m, dtype):
+    backend = _backend(request, backend)
+    args, _ = make_case(shape, m, dtype)
+    _check_and_grad(args, backend, dtype, f"and_grad-{backend}{shape}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_fused_mse_and_grad_noncontiguous_and_reference(request, backend):
+    backend = _backend(request, backend)
+    args, _ = make_case((3, 4, 5, 7), 4, torch.bfloat16)
+    nc = [layout(a, "batch_strided") for a in args[:4]] + args[4:]
+    _check_and_grad(nc, backend, torch.bfloat16, f"and_grad-{backend}-strided")
+    args, _ = make_case((2, 3, 5, 7), 2, torch.float32)
+    _check_and_grad(args, "reference", torch.float32, "and_grad-reference")
+
+
 def test_fused_reference_equals_soar_loss():
     """The fused reference computes exactly the per-sample terms of soar_fast.loss.soar."""
     cfg = SoarConfig(num_aux=3, weighting="cosmap")
@@ -134,12 +164,14 @@ def test_fused_mse_opcheck():
     v = args[0].clone().requires_grad_()
     torch.library.opcheck(torch.ops.soar_fast.fused_mse.default, (v, *args[1:]))
     torch.library.opcheck(torch.ops.soar_fast.fused_mse_backward.default, (grad, *args))
+    torch.library.opcheck(torch.ops.soar_fast.fused_mse_and_grad.default, tuple(args))
 
 
 def test_fused_mse_native_opcheck(native_lib):
     args, grad = make_case((2, 3, 5, 7), 3, torch.float32)
     v = args[0].clone().requires_grad_()
     torch.library.opcheck(torch.ops.soar_fast_native.fused_mse.default, (v, *args[1:]))
+    torch.library.opcheck(torch.ops.soar_fast_native.fused_mse_and_grad.default, tuple(args))
     torch.library.opcheck(torch.ops.soar_fast_native.fused_mse_backward.default, (grad, *args))
 
 
@@ -168,6 +200,7 @@ def test_fused_mse_cuda(shape, m, dtype):
     args, grad = make_case(shape, m, dtype, device="cuda")
     _check(args, grad, "triton", dtype, "cuda-triton")
     _check(args, grad, "auto", dtype, "cuda-auto")
+    _check_and_grad(args, "triton", dtype, "cuda-and_grad")
 
 
 @pytest.mark.cuda
@@ -180,6 +213,7 @@ def test_fused_mse_cuda_native(request):
     for dtype in (torch.float32, torch.bfloat16):
         args, grad = make_case((2, 16, 64, 64), 6, dtype, device="cuda")
         _check(args, grad, "native", dtype, "cuda-native")
+        _check_and_grad(args, "native", dtype, "cuda-native-and_grad")
 
 
 @pytest.mark.cuda

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused SOAR loss (forward partial sums, backward grad_v). ATen-free (see
+// CUDA kernels of the fused SOAR loss (forward partial sums, backward grad_v, or both in one pass). ATen-free (see
 // aux_states.cu). Block (j, b) covers kMseBlock elements of sample b for all 1 + M rows, reading z0
 // and z1 once; aux targets (z' - z0)/sigma' are recomputed in registers.
 #include <cuda_bf16.h>
@@ -33,36 +33,39 @@ __device__ __forceinline__ float block_sum(float x, float* smem) {
   return x;
 }
 
-template <typename T, bool kBackward>
+template <typename T, bool kLoss, bool kGrad>
 __global__ void __launch_bounds__(kMseThreads) fused_mse_kernel(
     const T* __restrict__ v, int64_t sv, const T* __restrict__ z0, int64_t sz0, const T* __restrict__ z1,
     int64_t sz1, const T* __restrict__ za, int64_t sza, const float* __restrict__ sa,
-    const float* __restrict__ coef, void* __restrict__ out, int64_t B, int64_t N, int64_t M, int64_t nblk) {
+    const float* __restrict__ coef, float* __restrict__ partials, T* __restrict__ grad, int64_t B, int64_t N,
+    int64_t M, int64_t nblk) {
   __shared__ float smem[kMseThreads / 32];
   const int64_t b = blockIdx.y, j = blockIdx.x;
   const int64_t base = j * kMseBlock + threadIdx.x;
   float z[kMseElemsPerThread], d[kMseElemsPerThread];
   float acc = 0.f;
+  const float cb = kGrad ? coef[b] : 0.f;
 #pragma unroll
   for (int i = 0; i < kMseElemsPerThread; ++i) {
-    const int64_t n = base + int64_t(i) * kMseThreads;
+    const int64_t n = base + int64_t(i) * kMseThreads;  // strided by the block: coalesced per warp
     z[i] = 0.f;
     d[i] = 0.f;
     if (n < N) {
       z[i] = to_f(z0[b * sz0 + n]);
       d[i] = to_f(z1[b * sz1 + n]) - z[i];
       const float err = to_f(v[b * sv + n]) - d[i];
-      if (kBackward) static_cast<T*>(out)[b * N + n] = from_f<T>(coef[b] * err);
-      else acc += err * err;
+      if (kGrad) grad[b * N + n] = from_f<T>(cb * err);
+      if (kLoss) acc += err * err;
     }
   }
-  if (!kBackward) {
+  if (kLoss) {
     acc = block_sum(acc, smem);
-    if (threadIdx.x == 0) static_cast<float*>(out)[b * nblk + j] = acc;
+    if (threadIdx.x == 0) partials[b * nblk + j] = acc;
   }
   for (int64_t m = 0; m < M; ++m) {
     const float s = sa[m * B + b];
     const int64_t row = B + m * B + b, zrow = m * B + b;
+    const float cr = kGrad ? coef[row] : 0.f;
     acc = 0.f;
 #pragma unroll
     for (int i = 0; i < kMseElemsPerThread; ++i) {
@@ -70,44 +73,47 @@ __global__ void __launch_bounds__(kMseThreads) fused_mse_kernel(
       if (n < N) {
         const float t = __fdiv_rn(to_f(za[zrow * sza + n]) - z[i], s);
         const float err = to_f(v[row * sv + n]) - t;
-        if (kBackward) static_cast<T*>(out)[row * N + n] = from_f<T>(coef[row] * err);
-        else acc += err * err;
+        if (kGrad) grad[row * N + n] = from_f<T>(cr * err);
+        if (kLoss) acc += err * err;
       }
     }
-    if (!kBackward) {
+    if (kLoss) {
       acc = block_sum(acc, smem);
-      if (threadIdx.x == 0) static_cast<float*>(out)[row * nblk + j] = acc;
+      if (threadIdx.x == 0) partials[row * nblk + j] = acc;
     }
   }
 }
 
 template <typename T>
-int launch(int backward, const void* v, int64_t sv, const void* z0, int64_t sz0, const void* z1, int64_t sz1,
-           const void* za, int64_t sza, const float* sa, const float* coef, void* out, int64_t B, int64_t N, int64_t M,
-           int64_t nblk, cudaStream_t stream) {
+int launch(const void* v, int64_t sv, const void* z0, int64_t sz0, const void* z1, int64_t sz1, const void* za,
+           int64_t sza, const float* sa, const float* coef, float* partials, void* grad, int64_t B, int64_t N,
+           int64_t M, int64_t nblk, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(B));
-  auto args = [&](auto kernel) {
+  auto go = [&](auto kernel) {
     kernel<<<grid, kMseThreads, 0, stream>>>(static_cast<const T*>(v), sv, static_cast<const T*>(z0), sz0,
                                             static_cast<const T*>(z1), sz1, static_cast<const T*>(za), sza, sa, coef,
-                                            out, B, N, M, nblk);
+                                            partials, static_cast<T*>(grad), B, N, M, nblk);
   };
-  if (backward) args(fused_mse_kernel<T, true>);
-  else args(fused_mse_kernel<T, false>);
+  if (partials && grad) go(fused_mse_kernel<T, true, true>);
+  else if (partials) go(fused_mse_kernel<T, true, false>);
+  else if (grad) go(fused_mse_kernel<T, false, true>);
   return int(cudaGetLastError());
 }
 
 }  // namespace
 
-int fused_mse_cuda(DType dt, int backward, const void* v, int64_t sv, const void* z0, int64_t sz0, const void* z1,
-                   int64_t sz1, const void* za, int64_t sza, const float* sa, const float* coef, void* out, int64_t B,
-                   int64_t N, int64_t M, int64_t nblk, void* stream) {
+int fused_mse_cuda(DType dt, const void* v, int64_t sv, const void* z0, int64_t sz0, const void* z1, int64_t sz1,
+                   const void* za, int64_t sza, const float* sa, const float* coef, float* partials, void* grad,
+                   int64_t B, int64_t N, int64_t M, int64_t nblk, void* stream) {
   if (B == 0 || N == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return launch<float>(backward, v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, out, B, N, M, nblk, s);
-    case DType::kFloat16: return launch<__half>(backward, v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, out, B, N, M, nblk, s);
+    case DType::kFloat32:
+      return launch<float>(v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, partials, grad, B, N, M, nblk, s);
+    case DType::kFloat16:
+      return launch<__half>(v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, partials, grad, B, N, M, nblk, s);
     case DType::kBFloat16:
-      return launch<__nv_bfloat16>(backward, v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, out, B, N, M, nblk, s);
+      return launch<__nv_bfloat16>(v, sv, z0, sz0, z1, sz1, za, sza, sa, coef, partials, grad, B, N, M, nblk, s);
   }
   return int(cudaErrorInvalidValue);
 }

@@ -66,61 +66,71 @@ void for_rows(const Rows& r, const A* sa, int64_t b, int64_t lo, int64_t n, A* d
 
 }  // namespace
 
-at::Tensor fused_mse_cpu(const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1,
-                         const at::Tensor& za, const at::Tensor& sa, const at::Tensor& w) {
+namespace {
+
+// One pass over (sample, chunk) blocks: partial sums of (v - t)^2 (want_loss) and/or grad_v =
+// coef_row (v - t) (want_grad; coef = 2 w g / N, g = upstream grad or 1 when grad is undefined).
+std::tuple<at::Tensor, at::Tensor> mse_cpu(const at::Tensor* grad, const at::Tensor& v, const at::Tensor& z0,
+                                           const at::Tensor& z1, const at::Tensor& za, const at::Tensor& sa,
+                                           const at::Tensor& w, bool want_loss, bool want_grad) {
   Rows r = prepare(v, z0, z1, za, sa);
   const int64_t R = (1 + r.M) * r.B, nch = std::max<int64_t>(1, (r.N + kChunk - 1) / kChunk);
-  at::Tensor partials = empty_output({R, nch}, z0.options().dtype(at::kDouble));
-  if (R == 0 || r.N == 0) return at::zeros({R}, z0.options().dtype(at::kFloat));
+  const bool f64 = z0.scalar_type() == at::kDouble;
+  at::Tensor losses, gv;
+  if (want_grad) gv = empty_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  if (R == 0 || r.N == 0) {
+    if (want_loss) losses = at::zeros({R}, z0.options().dtype(f64 ? at::kDouble : at::kFloat));
+    return {losses, gv};
+  }
+  at::Tensor partials = want_loss ? empty_output({R, nch}, z0.options().dtype(at::kDouble)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "soar_fused_mse_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    at::Tensor sac = sa.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const auto acc_t = c10::CppTypeToScalarType<A>::value;
+    at::Tensor sac = sa.to(acc_t).contiguous();
+    at::Tensor wc = w.to(acc_t);
+    at::Tensor coef = ((grad != nullptr ? grad->to(acc_t) * wc : wc) * (2.0 / double(r.N))).contiguous();
     const A* sap = sac.const_data_ptr<A>();
-    double* part = partials.mutable_data_ptr<double>();
+    const A* cp = coef.const_data_ptr<A>();
+    double* part = want_loss ? partials.mutable_data_ptr<double>() : nullptr;
+    scalar_t* out = want_grad ? gv.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, r.B * nch, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> d(kChunk), z(kChunk);
       std::vector<double> acc(1 + r.M);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / nch, c = i % nch, lo = c * kChunk, n = std::min(kChunk, r.N - lo);
         std::fill(acc.begin(), acc.end(), 0.0);
-        for_rows<scalar_t, A>(r, sap, b, lo, n, d.data(), z.data(), [&](int64_t row, int64_t, A err) {
-          acc[(row - b) / r.B] += double(err) * double(err);
+        for_rows<scalar_t, A>(r, sap, b, lo, n, d.data(), z.data(), [&](int64_t row, int64_t k, A err) {
+          if (part) acc[(row - b) / r.B] += double(err) * double(err);
+          if (out) out[row * r.N + lo + k] = scalar_t(cp[row] * err);
         });
-        for (int64_t j = 0; j <= r.M; ++j) part[(j * r.B + b) * nch + c] = acc[j];
+        if (part)
+          for (int64_t j = 0; j <= r.M; ++j) part[(j * r.B + b) * nch + c] = acc[j];
       }
     });
   });
-  at::Tensor wd = w.to(partials.device(), at::kDouble);
-  const bool f64 = z0.scalar_type() == at::kDouble;
-  return (partials.sum(1) * wd / double(r.N)).to(f64 ? at::kDouble : at::kFloat);
+  if (want_loss) {
+    losses = (partials.sum(1) * w.to(partials.device(), at::kDouble) / double(r.N)).to(f64 ? at::kDouble : at::kFloat);
+  }
+  return {losses, gv};
+}
+
+}  // namespace
+
+at::Tensor fused_mse_cpu(const at::Tensor& v, const at::Tensor& z0, const at::Tensor& z1,
+                         const at::Tensor& za, const at::Tensor& sa, const at::Tensor& w) {
+  return std::get<0>(mse_cpu(nullptr, v, z0, z1, za, sa, w, true, false));
 }
 
 at::Tensor fused_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& z0,
                                   const at::Tensor& z1, const at::Tensor& za, const at::Tensor& sa,
                                   const at::Tensor& w) {
-  Rows r = prepare(v, z0, z1, za, sa);
-  at::Tensor gv = empty_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
-  if (gv.numel() == 0) return gv;
-  const int64_t nch = (r.N + kChunk - 1) / kChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "soar_fused_mse_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    at::Tensor sac = sa.to(acc).contiguous();
-    at::Tensor coef = (grad.to(acc) * w.to(acc) * (2.0 / double(r.N))).contiguous();
-    const A* sap = sac.const_data_ptr<A>();
-    const A* cp = coef.const_data_ptr<A>();
-    scalar_t* out = gv.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, r.B * nch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> d(kChunk), z(kChunk);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / nch, lo = (i % nch) * kChunk, n = std::min(kChunk, r.N - lo);
-        for_rows<scalar_t, A>(r, sap, b, lo, n, d.data(), z.data(), [&](int64_t row, int64_t k, A err) {
-          out[row * r.N + lo + k] = scalar_t(cp[row] * err);
-        });
-      }
-    });
-  });
-  return gv;
+  return std::get<1>(mse_cpu(&grad, v, z0, z1, za, sa, w, false, true));
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_mse_and_grad_cpu(const at::Tensor& v, const at::Tensor& z0,
+                                                          const at::Tensor& z1, const at::Tensor& za,
+                                                          const at::Tensor& sa, const at::Tensor& w) {
+  return mse_cpu(nullptr, v, z0, z1, za, sa, w, true, true);
 }
 
 }  // namespace soar_native

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["soar_fused_mse_reference"]
+__all__ = ["soar_fused_mse_and_grad_reference", "soar_fused_mse_reference"]
 
 
 def soar_fused_mse_reference(
@@ -37,3 +37,20 @@ def soar_fused_mse_reference(
     target = torch.cat([base_target, aux_target]).detach()
     err = (v.to(compute) - target).flatten(1)
     return (weights.to(compute).detach()[:, None] * err.square()).mean(dim=1)
+
+
+def soar_fused_mse_and_grad_reference(
+    v: torch.Tensor,
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    z_aux: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row losses `[(1+M)*B]`, grad_v = d(Σ_r losses_r)/dv in v's dtype): the forward and the
+    backward at upstream grad 1, in closed form 2·w·(v − t)/N. Fold any normalisation into w."""
+    with torch.enable_grad():
+        vv = v.detach().to(torch.float64 if z0.dtype == torch.float64 else torch.float32).requires_grad_()
+        losses = soar_fused_mse_reference(vv, z0, z1, z_aux, sigma_aux, weights)
+        (grad,) = torch.autograd.grad(losses.sum(), vv)
+    return losses.detach(), grad.to(v.dtype)

@@ -4,7 +4,9 @@ Grid: (cdiv(N, BLOCK), B). Program (j, b) loads block j of z0[b] and z1[b] once 
 1 + M rows of sample b: the base row b (target z1 − z0) and the aux rows B + m*B + b (target
 (z'_{mB+b} − z0)/σ'_{m,b}), so v_corr is never stored and z0 is read once, not 1 + M times.
 Forward writes fp32 partial sums of (v − t)² per (row, block), reduced in a fixed order by torch
-(deterministic, no atomics). Backward writes grad_v = c_row·(v − t), c_row = 2·w·g_row / N.
+(deterministic, no atomics). Backward writes grad_v = c_row·(v − t), c_row = 2·w·g_row / N. The
+fused loss-and-grad mode does both in one pass with g = 1 (the caller folds any normalisation into
+w), so a training step reads v, z0, z1 and z' once instead of twice and never re-reads them.
 """
 
 from __future__ import annotations
@@ -16,17 +18,31 @@ import triton.language as tl
 from soar_fast.ops._common import as_rows, empty_output, interpreting
 from soar_fast.ops._triton_utils import needs_rne_fix, round_bf16_rne
 
-__all__ = ["fused_mse_backward_triton", "fused_mse_forward_triton"]
+__all__ = ["fused_mse_and_grad_triton", "fused_mse_backward_triton", "fused_mse_forward_triton"]
+
+
+@triton.jit
+def _row_out(err, c_ptr, row, part_ptr, grad_ptr, N, NBLK, pid_n, offs, mask,
+             WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, RNE_FIX: tl.constexpr):
+    if WRITE_LOSS:
+        tl.store(part_ptr + row * NBLK + pid_n, tl.sum(err * err, axis=0))
+    if WRITE_GRAD:
+        g = tl.load(c_ptr + row) * err
+        if RNE_FIX:
+            g = round_bf16_rne(g)
+        tl.store(grad_ptr + row * N + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fused_mse_kernel(
     v_ptr, z0_ptr, z1_ptr, za_ptr, sa_ptr,  # v [(1+M)B, N], z0/z1 [B, N], z' [MB, N]: row strides
-    c_ptr,  # fp32 [(1+M)B] row coefficients (backward only)
-    out_ptr,  # forward: fp32 partials [(1+M)B, NBLK]; backward: grad_v [(1+M)B, N] contiguous
+    c_ptr,  # fp32 [(1+M)B] gradient coefficient per row (WRITE_GRAD)
+    part_ptr,  # fp32 partial sums of (v - t)^2 [(1+M)B, NBLK] (WRITE_LOSS)
+    grad_ptr,  # grad_v [(1+M)B, N] contiguous, v's dtype (WRITE_GRAD)
     B, N, M, NBLK,
     stride_v, stride_z0, stride_z1, stride_za,
-    BACKWARD: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     RNE_FIX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -36,30 +52,18 @@ def _fused_mse_kernel(
     mask = offs < N
     z0 = tl.load(z0_ptr + b * stride_z0 + offs, mask=mask, other=0.0).to(tl.float32)
     z1 = tl.load(z1_ptr + b * stride_z1 + offs, mask=mask, other=0.0).to(tl.float32)
-    # Base row b.
+    # Base row b: target z1 - z0.
     v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(tl.float32)
-    err = v - (z1 - z0)
-    if BACKWARD:
-        g = tl.load(c_ptr + b) * err
-        if RNE_FIX:
-            g = round_bf16_rne(g)
-        tl.store(out_ptr + b * N + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + b * NBLK + pid_n, tl.sum(err * err, axis=0))
-    # Aux rows: point m of sample b is z' row m*B + b and v row B + m*B + b.
+    _row_out(v - (z1 - z0), c_ptr, b, part_ptr, grad_ptr, N, NBLK, pid_n, offs, mask,
+             WRITE_LOSS, WRITE_GRAD, RNE_FIX)
+    # Aux rows: point m of sample b is z' row m*B + b and v row B + m*B + b; target (z' - z0)/σ'.
     for m in range(M):
         za = tl.load(za_ptr + (m * B + b) * stride_za + offs, mask=mask, other=0.0).to(tl.float32)
         sa = tl.load(sa_ptr + m * B + b).to(tl.float32)
         row = B + m * B + b
         v = tl.load(v_ptr + row * stride_v + offs, mask=mask, other=0.0).to(tl.float32)
-        err = v - (za - z0) / sa
-        if BACKWARD:
-            g = tl.load(c_ptr + row) * err
-            if RNE_FIX:
-                g = round_bf16_rne(g)
-            tl.store(out_ptr + row * N + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out_ptr + row * NBLK + pid_n, tl.sum(err * err, axis=0))
+        _row_out(v - (za - z0) / sa, c_ptr, row, part_ptr, grad_ptr, N, NBLK, pid_n, offs, mask,
+                 WRITE_LOSS, WRITE_GRAD, RNE_FIX)
 
 
 def _block(n: int) -> tuple[int, int]:
@@ -83,33 +87,47 @@ def _prepare(v, z0, z1, z_aux, sigma_aux):
     return b, m, n, rows, sa, block, warps
 
 
-def fused_mse_forward_triton(v, z0, z1, z_aux, sigma_aux, weights) -> torch.Tensor:
-    """Per-row losses `[(1+M)B]` fp32 (shapes in reference.py)."""
+def _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, write_loss: bool, write_grad: bool):
+    """Shared launcher: returns (losses or None, grad_v or None). grad is the upstream grad [(1+M)B]
+    (None: d(sum of losses)/dv, i.e. upstream ones, for the fused loss-and-grad)."""
     b, m, n, rows, sa, block, warps = _prepare(v, z0, z1, z_aux, sigma_aux)
     r = (1 + m) * b
-    w = weights.to(device=z0.device, dtype=torch.float32)
-    if r == 0 or n == 0:
-        return torch.zeros(r, dtype=torch.float32, device=z0.device)
+    dev = v.device
+    w = weights.to(device=dev, dtype=torch.float32)
+    losses = grad_v = None
+    if write_loss and (r == 0 or n == 0):
+        losses = torch.zeros(r, dtype=torch.float32, device=dev)
+        write_loss = False
+    if write_grad:
+        grad_v = empty_output(v.shape, v.dtype, dev)
+        write_grad = grad_v.numel() > 0
+    if not (write_loss or write_grad):
+        return losses, grad_v
     nblk = triton.cdiv(n, block)
-    partials = empty_output((r, nblk), torch.float32, z0.device)
+    partials = empty_output((r, nblk), torch.float32, dev) if write_loss else w
+    c = w * (2.0 / n) if grad is None else grad.to(device=dev, dtype=torch.float32) * w * (2.0 / n)
     (vr, sv), (z0r, sz0), (z1r, sz1), (zar, sza) = rows
     _fused_mse_kernel[(nblk, b)](
-        vr, z0r, z1r, zar, sa, w, partials, b, n, m, nblk, sv, sz0, sz1, sza,
-        BACKWARD=False, RNE_FIX=False, BLOCK=block, num_warps=warps,
+        vr, z0r, z1r, zar, sa, c.contiguous(), partials, grad_v if write_grad else vr,
+        b, n, m, nblk, sv, sz0, sz1, sza,
+        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, RNE_FIX=write_grad and needs_rne_fix(v.dtype),
+        BLOCK=block, num_warps=warps,
     )
-    return partials.sum(dim=1) * w / n
+    if write_loss:
+        losses = partials.sum(dim=1) * w / n
+    return losses, grad_v
+
+
+def fused_mse_forward_triton(v, z0, z1, z_aux, sigma_aux, weights) -> torch.Tensor:
+    """Per-row losses `[(1+M)B]` fp32 (shapes in reference.py)."""
+    return _launch(v, z0, z1, z_aux, sigma_aux, weights, None, True, False)[0]
 
 
 def fused_mse_backward_triton(grad, v, z0, z1, z_aux, sigma_aux, weights) -> torch.Tensor:
     """grad_v `[(1+M)B, ...]` in v's dtype, contiguous, for upstream grad `[(1+M)B]`."""
-    b, m, n, rows, sa, block, warps = _prepare(v, z0, z1, z_aux, sigma_aux)
-    grad_v = empty_output(v.shape, v.dtype, v.device)
-    if grad_v.numel() == 0:
-        return grad_v
-    c = (grad.to(torch.float32) * weights.to(device=z0.device, dtype=torch.float32) * (2.0 / n)).contiguous()
-    (vr, sv), (z0r, sz0), (z1r, sz1), (zar, sza) = rows
-    _fused_mse_kernel[(triton.cdiv(n, block), b)](
-        vr, z0r, z1r, zar, sa, c, grad_v, b, n, m, 0, sv, sz0, sz1, sza,
-        BACKWARD=True, RNE_FIX=needs_rne_fix(v.dtype), BLOCK=block, num_warps=warps,
-    )
-    return grad_v
+    return _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, False, True)[1]
+
+
+def fused_mse_and_grad_triton(v, z0, z1, z_aux, sigma_aux, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: per-row losses and grad_v = d(sum_r losses_r)/dv (forward and backward fused)."""
+    return _launch(v, z0, z1, z_aux, sigma_aux, weights, None, True, True)
