@@ -38,9 +38,11 @@ def _log_once(op: str, backend: str, why: str) -> None:
         log.info("soar_fast.ops.%s: using the %s backend (%s)", op, backend, why)
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Map a requested backend to the one that runs. Raises on an unknown name, or when an explicitly
-    requested backend cannot run here (Triton without CUDA or interpreter, native not built)."""
+    requested backend cannot run here (Triton without CUDA or interpreter, native not built).
+    Under torch.compile it runs once at trace time (a constant of the graph), so it logs there."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     why = "requested"
