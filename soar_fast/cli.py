@@ -1,51 +1,201 @@
-"""`soar-fast` command line. Interim: `demo` trains a tiny SD3 model with SOAR on random latents."""
+"""`soar-fast`: train | sample | eval | demo | recipes. Thin: parse -> build -> run.
+
+    soar-fast train --recipe digits-soar --learning_rate 1e-4 --output_dir runs/x
+    soar-fast train --config my.toml --max_train_steps 500 --resume
+    soar-fast eval --run_dir runs/x
+    soar-fast sample --run_dir runs/x --num_samples 20 --guidance_scale 4.5
+    soar-fast demo
+
+Bad input exits with status 2 and one line `soar-fast: error: ...` naming the fix.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
-import time
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-import torch
+__all__ = ["main"]
 
-import soar_fast as sf
-from soar_fast.models import SD3VelocityFn, build_sd3_transformer
+USAGE = """usage: soar-fast {train,sample,eval,demo,recipes} [flags]
 
+  train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
+  sample   write a grid of samples of a trained run
+  eval     accuracy, Frechet distance and exposure bias of a trained digits run
+  demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
+  recipes  list the recipes
 
-def _demo(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    model = build_sd3_transformer("tiny", seed=args.seed)
-    velocity_fn = SD3VelocityFn(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(args.seed)
-    z0 = torch.randn(8, 4, 8, 8, generator=gen)
-    cond = (torch.randn(8, 7, 32, generator=gen), torch.randn(8, 64, generator=gen))
-    uncond = (torch.zeros(7, 32), torch.zeros(64))
-    cfg = sf.SoarConfig(num_aux=args.num_aux)
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        out = sf.soar_loss(velocity_fn, z0, cond, uncond, cfg, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        m = out.metrics
-        print(f"step {step:3d}  loss {m['loss']:.4f}  base {m['base_loss']:.4f}  aux {m['aux_loss']:.4f}"
-              f"  rollout_dev {m['rollout_deviation']:.4f}")
-    print(f"{args.steps} SOAR steps in {time.perf_counter() - t0:.1f} s")
+`soar-fast <command> --help` explains every flag."""
+
+TRAIN_EXTRA = """Before the flags below, `train` takes:
+  --recipe NAME   start from a recipe ({recipes}); default: the TrainConfig defaults
+  --config FILE   apply a .toml/.yaml/.json file of sections on top of the recipe
+  --resume        shorthand for --resume_from_checkpoint latest
+Flags then override single fields (`--section.field value`; diffusers names such as
+--learning_rate, --train_batch_size, --max_train_steps, --output_dir work without the section)."""
 
 
-def main(argv: list[str] | None = None) -> None:
+class UsageError(Exception):
+    """Bad command-line input; the message is one line."""
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"soar-fast: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _condense(text: str) -> str:
+    """tyro's boxed error as one line: the title, the message, and the first suggestion."""
+    lines = []
+    for raw in text.splitlines():
+        s = raw.strip().strip("│╭╮╰╯─").strip()
+        if s:
+            lines.append(s)
+    msg, suggestion, title = [], "", ""
+    for i, s in enumerate(lines):
+        if set(s) <= set("-─ "):
+            if msg:
+                rest = lines[i + 1:]
+                if rest and rest[0].startswith("Perhaps you meant"):
+                    suggestion = rest[1].split()[0].rstrip(",") if len(rest) > 1 else ""
+                break
+            continue
+        if s.startswith(("For full helptext", "Argument helptext")):
+            break
+        if not title:
+            title = s
+        else:
+            msg.append(s)
+    out = " ".join(msg) or title
+    if re.match(r"^Error parsing [\w.]+: ", out):  # a ConfigError from __post_init__: keep our message
+        out = out.split(": ", 1)[1]
+    if suggestion:
+        out += f"; did you mean {suggestion}?"
+    return out
+
+
+def _tyro_parse(cls: type, args: Sequence[str], prog: str, description: str, default: Any = None) -> Any:
+    """tyro.cli with its console output captured: --help passes through, errors become UsageError."""
+    import tyro
+
+    buf = io.StringIO()
+    kwargs: dict[str, Any] = {"prog": prog, "description": description, "args": list(args)}
+    if default is not None:
+        kwargs["default"] = default
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            return tyro.cli(cls, **kwargs)
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stdout.write(buf.getvalue())
+            raise
+        raise UsageError(_condense(buf.getvalue()) + f" (see `{prog} --help`)") from None
+
+
+def _parse_train(argv: Sequence[str]):
+    from soar_fast.config import TrainConfig, get_recipe, load_config_file, recipe_names
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--config")
+    pre.add_argument("--resume", action="store_true")
+    known, rest = pre.parse_known_args(list(argv))
+    cfg = get_recipe(known.recipe) if known.recipe else TrainConfig()
+    if known.config:
+        cfg = load_config_file(known.config, base=cfg)
+    if known.resume:
+        rest = [*rest, "--resume_from_checkpoint", "latest"]
+    desc = "Train with SFT (--soar.num_aux 0) or SOAR.\n\n" + TRAIN_EXTRA.format(recipes=", ".join(recipe_names()))
+    return _tyro_parse(TrainConfig, rest, "soar-fast train", desc, default=cfg)
+
+
+def _cmd_train(argv: Sequence[str]) -> int:
+    from soar_fast.train import Trainer
+
+    cfg = _parse_train(argv)
+    result = Trainer(cfg).train()
+    out = cfg.runtime.output_dir
+    if result.interrupted:
+        print(f"interrupted at step {result.step}: checkpoint {result.last_checkpoint}; "
+              f"continue with `soar-fast train ... --output_dir {out} --resume`")
+        return 0
+    print(f"done: {result.step} steps in {result.wall_time_s:.1f} s ({result.steps_per_s:.2f} steps/s), "
+          f"{result.nan_skipped} skipped; run folder {out}")
+    return 0
+
+
+def _cmd_sample(argv: Sequence[str]) -> int:
+    from soar_fast.config import SampleConfig
+    from soar_fast.eval.evaluate import sample_run
+
+    cfg = _tyro_parse(SampleConfig, argv, "soar-fast sample", SampleConfig.__doc__ or "")
+    print(f"samples written to {sample_run(cfg)}")
+    return 0
+
+
+def _cmd_eval(argv: Sequence[str]) -> int:
+    from soar_fast.config import EvalConfig
+    from soar_fast.eval.evaluate import evaluate_run
+
+    cfg = _tyro_parse(EvalConfig, argv, "soar-fast eval", EvalConfig.__doc__ or "")
+    res = evaluate_run(cfg)
+    line = (f"accuracy {res['accuracy']:.3f} (real digits {res['real_accuracy']:.3f})  "
+            f"Frechet distance {res['frechet_distance']:.3f}")
+    if "exposure_bias" in res:
+        line += f"  exposure bias {res['exposure_bias']:.4f}"
+    print(line)
+    print(f"written to {cfg.run_dir}/eval.json")
+    return 0
+
+
+def _cmd_demo(argv: Sequence[str]) -> int:
+    from soar_fast.config import DemoConfig
+    from soar_fast.train.demo import run_demo
+
+    cfg = _tyro_parse(DemoConfig, argv, "soar-fast demo", DemoConfig.__doc__ or "")
+    run_demo(cfg)
+    return 0
+
+
+def _cmd_recipes(argv: Sequence[str]) -> int:
+    from soar_fast.config import RECIPES
+
+    for name, fn in sorted(RECIPES.items()):
+        print(f"{name:18s} {(fn.__doc__ or '').splitlines()[0]}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
+            "recipes": _cmd_recipes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="soar-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="short SOAR training of a tiny SD3 model on random latents")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--num_aux", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        _demo(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        return _fail(f"unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}")
+    from soar_fast.config import ConfigError
+    from soar_fast.train.checkpoint import CheckpointError
+    from soar_fast.train.trainer import TrainingAborted
+
+    try:
+        return COMMANDS[cmd](rest)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (UsageError, ConfigError, CheckpointError) as e:
+        return _fail(str(e))
+    except TrainingAborted as e:
+        return _fail(str(e), code=3)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

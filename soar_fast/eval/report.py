@@ -1,0 +1,134 @@
+"""The demo's report folder: report.md with the table, loss-curve and exposure-bias plots, grids."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["plot_exposure", "plot_losses", "write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """Base (SFT-term) loss, total loss and auxiliary loss vs step for each run's metrics rows."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("train/base_loss", "train/loss", "train/aux_loss")):
+            ys = [r.get(key, float("nan")) for r in rows]
+            ax.plot(steps, _smooth(ys), label=name)
+    for ax, title in zip(axes, ("base (SFT) term", "total loss", "auxiliary (SOAR) term")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _smooth(ys: list[float], k: int = 5) -> list[float]:
+    out, acc = [], []
+    for y in ys:
+        acc = (acc + [y])[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_exposure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Velocity error vs sigma: on own-sampler states (solid) and on true forward states (dashed)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, res) in enumerate(results.items()):
+        eb = res.get("exposure")
+        if not eb:
+            continue
+        c = f"C{i}"
+        axes[0].plot(eb["sigma"], eb["err_own"], "-o", color=c, ms=3, label=f"{name}: own sampler states")
+        axes[0].plot(eb["sigma"], eb["err_true"], "--", color=c, label=f"{name}: true states")
+        gap = [a - b for a, b in zip(eb["err_own"], eb["err_true"])]
+        axes[1].plot(eb["sigma"], gap, "-o", color=c, ms=3, label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_title("velocity MSE")
+    axes[1].set_title("exposure bias: own − true")
+    for ax in axes:
+        ax.set_xlabel("sigma (1 = noise)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def write_report(out_dir: str | Path, *, results: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]],
+                 setup: dict[str, Any], grids: dict[str, str], plots: dict[str, str], total_wall_s: float) -> Path:
+    """report.md: setup, the table (accuracy, Frechet distance, exposure bias, wall time, steps/s),
+    an honest verdict computed from the numbers, plots and grids. Returns its path."""
+    out = Path(out_dir)
+    real = next(iter(results.values()))["real_accuracy"]
+    lines = ["# SOAR vs SFT on the sklearn digits (embedded default)", ""]
+    lines += [f"Total demo wall time: **{total_wall_s / 60:.1f} min** on {os.cpu_count()} CPU(s) "
+              f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads).", ""]
+    lines += ["## Setup", ""] + [f"- {k}: {v}" for k, v in setup.items()] + [""]
+    lines += ["## Results", "",
+              "| model | accuracy ↑ | Frechet distance ↓ | exposure bias ↓ | vel. error own / true | "
+              "train wall time (s) | steps/s |",
+              "|---|---|---|---|---|---|---|",
+              f"| real digits (held out) | {real:.3f} | 0 (reference) | - | - | - | - |"]
+    for name, res in results.items():
+        tr = train.get(name, {})
+        lines.append(
+            f"| {name} | {res['accuracy']:.3f} | {res['frechet_distance']:.3f} | {_fmt(res.get('exposure_bias'), 4)} | "
+            f"{_fmt(res.get('err_own_mean'), 4)} / {_fmt(res.get('err_true_mean'), 4)} | "
+            f"{_fmt(tr.get('wall_time_s'), 1)} | {_fmt(tr.get('steps_per_s'), 2)} |")
+    lines += ["", "Accuracy: a classifier trained on real digits (its held-out accuracy is the first row) "
+              "labels generated samples; the fraction matching the prompt's class (GenEval analogue). "
+              "Frechet distance: between the classifier's penultimate features of all 1,797 real digits and "
+              "of the generated ones (FID analogue). Exposure bias: mean over the probed sigmas of the "
+              "velocity MSE on states the model's own CFG sampler reaches minus that on true forward states "
+              "(see the plot; `vel. error own / true` are the two means).", ""]
+    lines += ["## Verdict (measured, one seed)", "", _verdict(results), ""]
+    lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    lines += ["## Samples (columns: classes 0-9)", ""]
+    for name, g in grids.items():
+        lines += [f"**{name}**", "", f"![{name}]({g})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _verdict(results: dict[str, dict[str, Any]]) -> str:
+    if "SFT" not in results or "SOAR" not in results:
+        return "SFT or SOAR missing: no comparison."
+    s, o = results["SFT"], results["SOAR"]
+    checks = [("accuracy", o["accuracy"] > s["accuracy"], o["accuracy"] - s["accuracy"]),
+              ("Frechet distance", o["frechet_distance"] < s["frechet_distance"],
+               o["frechet_distance"] - s["frechet_distance"])]
+    if "exposure_bias" in s and "exposure_bias" in o:
+        checks.append(("exposure bias", o["exposure_bias"] < s["exposure_bias"], o["exposure_bias"] - s["exposure_bias"]))
+    wins = [n for n, w, _ in checks if w]
+    detail = ", ".join(f"{n} {'better' if w else 'not better'} (SOAR − SFT = {d:+.4f})" for n, w, d in checks)
+    head = (f"SOAR beats SFT on {len(wins)} of {len(checks)} metrics" if wins
+            else f"SOAR does not beat SFT on any of the {len(checks)} metrics")
+    return f"{head}: {detail}. Single seed; differences of a few thousandths are within run-to-run noise."
