@@ -110,6 +110,9 @@ def save_lora_weights(transformer: nn.Module, output_dir: str | Path, adapter_na
     """
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
+    if adapter_name not in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError(f"{type(transformer).__name__} has no LoRA adapter {adapter_name!r}: apply_lora() it "
+                         "first, or export a full fine-tune with export_transformer()")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(transformer, adapter_name).items()}

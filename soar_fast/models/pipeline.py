@@ -162,7 +162,14 @@ def load_pipeline(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )
     if lora_path is not None:
-        pipe.load_lora_weights(str(lora_path), adapter_name="soar")
+        lp = Path(lora_path)
+        if lp.is_file():
+            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name="soar")
+        elif (lp / "pytorch_lora_weights.safetensors").is_file():
+            pipe.load_lora_weights(str(lp), weight_name="pytorch_lora_weights.safetensors", adapter_name="soar")
+        else:
+            raise FileNotFoundError(f"no LoRA weights at {lp}: pass the folder written by save_lora_weights "
+                                    "or a .safetensors file")
         if lora_scale != 1.0:
             pipe.set_adapters(["soar"], adapter_weights=[lora_scale])
     return pipe.to(dev)

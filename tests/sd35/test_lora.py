@@ -11,7 +11,7 @@ from soar_fast.models.lora import (
     save_lora_weights,
     trainable_parameters,
 )
-from soar_fast.models.pipeline import load_sd3_transformer
+from soar_fast.models.pipeline import load_pipeline, load_sd3_transformer
 
 
 def _inputs(seed=0):
@@ -35,8 +35,10 @@ def test_bad_rank(rank):
         LoraSettings(rank=rank)
 
 
-def test_unknown_target_module(tiny_sd3_dir):
+def test_unknown_target_module(tiny_sd3_dir, tmp_path):
     t = load_sd3_transformer(tiny_sd3_dir)
+    with pytest.raises(ValueError, match="no LoRA adapter 'default': apply_lora"):
+        save_lora_weights(t, tmp_path)
     with pytest.raises(ConfigError, match="match no module"):
         apply_lora(t, LoraSettings(rank=2, target_modules=("no_such_proj",)))
 
@@ -70,6 +72,11 @@ def test_saved_lora_loads_into_pipeline_with_same_scale(tiny_sd3_dir, tmp_path):
         got = pipe.transformer(**_inputs())[0]
     assert (want - before).abs().max() > 1e-3  # the adapters matter
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    via_file = load_pipeline(tiny_sd3_dir, lora_path=f, device="cpu")  # a file path works too
+    with torch.no_grad():
+        torch.testing.assert_close(via_file.transformer(**_inputs())[0], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        load_pipeline(tiny_sd3_dir, lora_path=tmp_path)
 
 
 def test_merge_lora_gives_stock_keys_and_same_output(tiny_sd3_dir):
