@@ -66,12 +66,10 @@ def _aux_states_kernel(
             tl.store(vcorr_ptr + row * N + offs, v_out.to(vcorr_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(n: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): fixed configs (autotuning fails in the interpreter). The interpreter's
-    cost is per program, so it gets large blocks; a GPU gets 8 fp32 / 16 B of bf16 per thread."""
-    if interpreting():
-        return min(16384, max(16, triton.next_power_of_2(n))), 4
-    return 1024, 4
+# CUDA: a few configs autotuned per (N, M) (the interpreter cannot autotune; it gets one config
+# with large blocks, since its cost is per program).
+_CUDA_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
+_aux_states_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(_aux_states_kernel)
 
 
 def aux_states_triton(
@@ -102,11 +100,15 @@ def aux_states_triton(
     s0 = sigma0.to(device=dev, dtype=torch.float32).contiguous()
     s1 = sigma1.to(device=dev, dtype=torch.float32).contiguous()
     sa = sigma_aux.to(device=dev, dtype=torch.float32).contiguous()
-    block, warps = _launch_config(n)
-    grid = (triton.cdiv(n, block), b)
-    _aux_states_kernel[grid](
-        z0r, z1r, vur, vcr, s0, s1, sa, z_aux, v_corr if write_v_corr else z_aux,
-        b, n, m, sz0, sz1, svu, svc, float(guidance_scale),
-        WRITE_VCORR=write_v_corr, RNE_FIX=needs_rne_fix(z0.dtype), BLOCK=block, num_warps=warps,
-    )
+    args = (z0r, z1r, vur, vcr, s0, s1, sa, z_aux, v_corr if write_v_corr else z_aux,
+            b, n, m, sz0, sz1, svu, svc, float(guidance_scale))
+    if interpreting():
+        block = min(16384, max(16, triton.next_power_of_2(n)))
+        _aux_states_kernel[(triton.cdiv(n, block), b)](
+            *args, WRITE_VCORR=write_v_corr, RNE_FIX=needs_rne_fix(z0.dtype), BLOCK=block, num_warps=4
+        )
+    else:
+        _aux_states_kernel_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](
+            *args, WRITE_VCORR=write_v_corr, RNE_FIX=False
+        )
     return z_aux, v_corr

@@ -66,10 +66,16 @@ def _fused_mse_kernel(
                  WRITE_LOSS, WRITE_GRAD, RNE_FIX)
 
 
-def _block(n: int) -> tuple[int, int]:
-    if interpreting():
-        return min(16384, max(16, triton.next_power_of_2(n))), 4
-    return 2048, 8
+# CUDA: autotuned per (N, M). The forward's partial sums are laid out for the smallest block
+# (zero-filled, so columns a larger block leaves unwritten add nothing). The interpreter cannot
+# autotune: one config with large blocks (its cost is per program).
+_CUDA_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+_MIN_CUDA_BLOCK = min(c.kwargs["BLOCK"] for c in _CUDA_CONFIGS)
+_fused_mse_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(_fused_mse_kernel)
+
+
+def _interp_block(n: int) -> int:
+    return min(16384, max(16, triton.next_power_of_2(n)))
 
 
 def _prepare(v, z0, z1, z_aux, sigma_aux):
@@ -83,14 +89,13 @@ def _prepare(v, z0, z1, z_aux, sigma_aux):
     if m == 0:  # no aux rows: pass any valid pointer, the loop body never runs
         rows[3] = (rows[1][0], 0)
     sa = sigma_aux.to(device=z0.device, dtype=torch.float32).contiguous()
-    block, warps = _block(n)
-    return b, m, n, rows, sa, block, warps
+    return b, m, n, rows, sa
 
 
 def _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, write_loss: bool, write_grad: bool):
     """Shared launcher: returns (losses or None, grad_v or None). grad is the upstream grad [(1+M)B]
     (None: d(sum of losses)/dv, i.e. upstream ones, for the fused loss-and-grad)."""
-    b, m, n, rows, sa, block, warps = _prepare(v, z0, z1, z_aux, sigma_aux)
+    b, m, n, rows, sa = _prepare(v, z0, z1, z_aux, sigma_aux)
     r = (1 + m) * b
     dev = v.device
     w = weights.to(device=dev, dtype=torch.float32)
@@ -103,16 +108,28 @@ def _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, write_loss: bool, write_
         write_grad = grad_v.numel() > 0
     if not (write_loss or write_grad):
         return losses, grad_v
-    nblk = triton.cdiv(n, block)
-    partials = empty_output((r, nblk), torch.float32, dev) if write_loss else w
+    interp = interpreting()
+    nblk = triton.cdiv(n, _interp_block(n) if interp else _MIN_CUDA_BLOCK)
+    if not write_loss:
+        partials = w  # unused
+    elif interp:
+        partials = empty_output((r, nblk), torch.float32, dev)  # every column written: poison-checked
+    else:
+        partials = torch.zeros((r, nblk), dtype=torch.float32, device=dev)
     c = w * (2.0 / n) if grad is None else grad.to(device=dev, dtype=torch.float32) * w * (2.0 / n)
     (vr, sv), (z0r, sz0), (z1r, sz1), (zar, sza) = rows
-    _fused_mse_kernel[(nblk, b)](
-        vr, z0r, z1r, zar, sa, c.contiguous(), partials, grad_v if write_grad else vr,
-        b, n, m, nblk, sv, sz0, sz1, sza,
-        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, RNE_FIX=write_grad and needs_rne_fix(v.dtype),
-        BLOCK=block, num_warps=warps,
-    )
+    args = (vr, z0r, z1r, zar, sa, c.contiguous(), partials, grad_v if write_grad else vr,
+            b, n, m, nblk, sv, sz0, sz1, sza)
+    if interp:
+        block = _interp_block(n)
+        _fused_mse_kernel[(triton.cdiv(n, block), b)](
+            *args, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+            RNE_FIX=write_grad and needs_rne_fix(v.dtype), BLOCK=block, num_warps=4,
+        )
+    else:
+        _fused_mse_kernel_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](
+            *args, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, RNE_FIX=False
+        )
     if write_loss:
         losses = partials.sum(dim=1) * w / n
     return losses, grad_v
