@@ -3,11 +3,13 @@
 Layout of a cache folder:
 ```
 index.json                  format, producer info, shards (file, num_samples, tensors with shape
-                            and dtype, sha256, captions, sources), skipped files, complete flag
+                            and dtype, sha256), skipped files, complete flag
 empty_prompt.safetensors    the empty-prompt condition, once: prompt_embeds [L, D], pooled [P]
-shard-00000.safetensors     latents [n, C, h, w], prompt_embeds [n, L, D], pooled [n, P]
-...
+shard-00000.safetensors     latents [n, C, h, w], prompt_embeds [n, L, D], pooled [n, P]; its
+...                         safetensors metadata holds the captions and source paths (JSON)
 ```
+Captions live in the shards, not the index, so the index stays small (it is rewritten after every
+shard) and each shard, checksum included, describes itself.
 Each shard holds one latent shape (one aspect bucket). Files are written to a temporary name and
 renamed, and the index is rewritten after every shard, so an interrupted run leaves a valid prefix
 that `soar_fast.data.cache.run_cache` resumes from. `verify_cache` checks every shard against the
@@ -41,6 +43,7 @@ __all__ = [
     "ShardLoaderConfig",
     "ShardWriter",
     "file_sha256",
+    "infinite_batches",
     "load_empty_prompt",
     "make_shard_loader",
     "read_index",
@@ -83,9 +86,9 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> str:
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     digest = file_sha256(tmp)
     os.replace(tmp, path)
     return digest
@@ -161,9 +164,10 @@ class ShardWriter:
             raise ValueError(f"shard {i}: need {TENSOR_NAMES} with one batch size matching captions, got "
                              f"{ {k: tuple(v.shape) for k, v in tensors.items()} } and {len(captions)} captions")
         name = self.shard_name(i)
-        digest = _save_atomic(tensors, self.dir / name)
+        meta = {"captions": json.dumps(list(captions)), "sources": json.dumps(list(sources))}
+        digest = _save_atomic(tensors, self.dir / name, meta)
         entry = {"id": i, "file": name, "num_samples": len(captions), "tensors": _tensor_info(tensors),
-                 "sha256": digest, "captions": list(captions), "sources": list(sources), "skipped": list(skipped)}
+                 "sha256": digest, "skipped": list(skipped)}
         self.index["shards"] = sorted([s for s in self.index["shards"] if s["id"] != i] + [entry],
                                       key=lambda s: s["id"])
         self.flush()
@@ -257,19 +261,35 @@ class ShardDataset(torch.utils.data.Dataset):
             self.locate += [(si, r) for r in range(e["num_samples"])]
         self.keys = [tuple(self.index["shards"][si]["tensors"]["latents"]["shape"][1:]) for si, _ in self.locate]
         self._handles: dict[int, Any] = {}
+        self._meta_cache: dict[tuple[int, str], list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.locate)
 
-    def caption(self, i: int) -> str:
-        si, r = self.locate[i]
-        return self.index["shards"][si]["captions"][r]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        si, r = self.locate[i]
+    def _handle(self, si: int) -> Any:
         f = self._handles.get(si)
         if f is None:
             f = self._handles[si] = safe_open(str(self.dir / self.index["shards"][si]["file"]), framework="pt")
+        return f
+
+    def _meta(self, si: int, key: str) -> list[str]:
+        if (si, key) not in self._meta_cache:
+            self._meta_cache[si, key] = json.loads(self._handle(si).metadata()[key])
+        return self._meta_cache[si, key]
+
+    def caption(self, i: int) -> str:
+        """The caption sample i was encoded from."""
+        si, r = self.locate[i]
+        return self._meta(si, "captions")[r]
+
+    def source(self, i: int) -> str:
+        """The image file sample i was encoded from."""
+        si, r = self.locate[i]
+        return self._meta(si, "sources")[r]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        si, r = self.locate[i]
+        f = self._handle(si)
         return tuple(f.get_slice(k)[r] for k in TENSOR_NAMES)  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:  # handles do not pickle (spawned workers)
@@ -327,3 +347,15 @@ def make_shard_loader(cfg: ShardLoaderConfig) -> torch.utils.data.DataLoader:
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers,
     )
+
+
+def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0):
+    """Batches of `loader` epoch after epoch, reshuffled each epoch (`set_epoch`). Unlike
+    `itertools.cycle`, nothing is kept in memory and every epoch has a new order."""
+    epoch = start_epoch
+    while True:
+        sampler = loader.batch_sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1

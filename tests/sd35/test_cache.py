@@ -27,7 +27,7 @@ def test_cache_matches_pipeline_encoders(tiny_cache, tiny_sd3_dir, caption_folde
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, local_files_only=True)
     from soar_fast.data.images import image_to_tensor, load_image
 
-    src = read_index(cfg.output_dir)["shards"][0]["sources"][0]
+    src = ds.source(0)
     with torch.no_grad():
         x = image_to_tensor(load_image(src))[None]
         ref = pipe.vae.encode(x).latent_dist.mode()

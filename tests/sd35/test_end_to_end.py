@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 
 from soar_fast import SoarConfig, soar_loss
-from soar_fast.data.shards import ShardLoaderConfig, load_empty_prompt, make_shard_loader
+from soar_fast.data.shards import (
+    ShardLoaderConfig,
+    infinite_batches,
+    load_empty_prompt,
+    make_shard_loader,
+)
 from soar_fast.models.lora import (
     LoraSettings,
     apply_lora,
@@ -43,7 +48,7 @@ def _train(transformer, cache_dir, steps=3, lr=1e-3):
     before = [p.detach().clone() for p in params]
     metrics = []
     transformer.train()
-    for lat, pe, pooled in itertools.islice(itertools.cycle(loader), steps):
+    for lat, pe, pooled in itertools.islice(infinite_batches(loader), steps):
         assert lat.shape == (2, 4, 16, 16) and pe.shape == (2, 93, 32) and pooled.shape == (2, 64)
         out = soar_loss(vf, lat, (pe, pooled), uncond, cfg, gen)
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,12 @@ from soar_fast import SoarConfig, soar_loss
 from soar_fast.config.sd35 import NotAPipelineError
 from soar_fast.data.cache import CacheConfig, run_cache
 from soar_fast.data.images import ImageFolderConfig
-from soar_fast.data.shards import ShardLoaderConfig, load_empty_prompt, make_shard_loader
+from soar_fast.data.shards import (
+    ShardLoaderConfig,
+    infinite_batches,
+    load_empty_prompt,
+    make_shard_loader,
+)
 from soar_fast.models.flux import FluxVelocityFn
 from soar_fast.models.lora import LoraSettings, apply_lora, save_lora_weights, trainable_parameters
 from soar_fast.models.pipeline import (
@@ -40,7 +45,7 @@ def _steps(transformer, cache_dir, steps=2, lr=1e-3):
     vf = FluxVelocityFn(transformer, guidance=3.5)
     before = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)
-    for lat, pe, pooled in itertools.islice(itertools.cycle(loader), steps):
+    for lat, pe, pooled in itertools.islice(infinite_batches(loader), steps):
         out = soar_loss(vf, lat, (pe, pooled), uncond, SoarConfig(num_aux=2), gen)
         opt.zero_grad()
         out.loss.backward()

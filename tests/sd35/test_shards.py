@@ -12,6 +12,7 @@ from soar_fast.data.shards import (
     ShardError,
     ShardLoaderConfig,
     ShardWriter,
+    infinite_batches,
     load_empty_prompt,
     make_shard_loader,
     verify_cache,
@@ -39,6 +40,7 @@ def test_round_trip_and_loader(tmp_path):
     ds = ShardDataset(tmp_path, verify="hash")
     lat, pe, pooled = ds[7]
     assert lat.shape == (4, 8, 12) and pe.shape == (10, 6) and pooled.shape == (5,) and ds.caption(7) == "cap 2.1"
+    assert ds.source(2) == "src0.2.png"
     u_pe, u_pooled = load_empty_prompt(tmp_path)
     assert u_pe.shape == (10, 6) and u_pooled.shape == (5,)
 
@@ -49,6 +51,17 @@ def test_round_trip_and_loader(tmp_path):
         assert lat.shape[1:] in ((4, 8, 8), (4, 8, 12)) and pe.shape[1:] == (10, 6) and pooled.shape[1:] == (5,)
         seen += lat.shape[0]
     assert seen == 9 and len(loader) == 5  # buckets of 6 and 3 samples -> 3 + 2 batches
+
+
+def test_infinite_batches_reshuffles_each_epoch(tmp_path):
+    import itertools
+
+    _write_cache(tmp_path, shapes=((4, 8, 8),) * 4, n=4)
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=16, num_workers=0))
+    a, b = itertools.islice(infinite_batches(loader), 2)
+    assert a[0].shape[0] == b[0].shape[0] == 16
+    key = lambda x: sorted(x[2][:, 0].tolist())  # noqa: E731 - same samples, other order
+    assert key(a) == key(b) and not torch.equal(a[2], b[2])
 
 
 def test_loader_content_matches_files(tmp_path):
