@@ -52,14 +52,18 @@ def test_resume_reuses_verified_shards_and_rewrites_damaged(tiny_cache, tmp_path
     cfg2 = replace(cfg, output_dir=str(out))
     again = run_cache(cfg2)
     assert (again.shards_written, again.shards_reused) == (0, 2)
-    before = read_index(out)["shards"][1]["sha256"]
+    from safetensors.torch import load_file
+
+    before = {k: v.clone() for k, v in load_file(out / "shard-00001.safetensors").items()}  # not mmap-backed
     (out / "shard-00001.safetensors").write_bytes(b"garbage")
     idx = json.loads((out / "index.json").read_text())
     idx["complete"] = False  # as if interrupted
     (out / "index.json").write_text(json.dumps(idx))
     res = run_cache(cfg2)
     assert (res.shards_written, res.shards_reused) == (1, 1)
-    assert read_index(out)["shards"][1]["sha256"] == before  # deterministic re-encode
+    after = load_file(out / "shard-00001.safetensors")
+    for k in before:  # deterministic re-encode (file bytes may differ: metadata order is not fixed)
+        torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
     verify_cache(out)
 
 
