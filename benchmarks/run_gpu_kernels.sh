@@ -12,6 +12,9 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET SOAR_FAST_POISON_OUTPUTS
 python -c "import torch, triton, json; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name()}))" > "$OUT/env.json" || exit 1
+# pytest-benchmark may be missing on the GPU image: clear the ini addopts (--benchmark-disable) and
+# keep the plugin off; the rows carry do_bench quantiles.
+PYTEST="python -m pytest -q -p no:cacheprovider -p no:benchmark -o addopts=-ra"
 status=0
 run() { echo "== $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 
@@ -26,19 +29,19 @@ GEN=""; command -v ninja >/dev/null && GEN="-G Ninja"
 build_pid=$!
 
 # 2. CUDA parity tests of the fused ops (Triton; native below once built).
-run timeout 300 python -m pytest -q -p no:cacheprovider -m cuda tests/ops --junitxml="$OUT/gpu_ops_tests.xml"
+run timeout 300 $PYTEST -m cuda tests/ops --junitxml="$OUT/gpu_ops_tests.xml"
 wait $build_pid && LIB="$BUILD/kernels/libsoar_fast_native.so" || LIB=""
 if [ -n "$LIB" ] && [ -f "$LIB" ]; then
   export SOAR_FAST_NATIVE_LIB=$PWD/$LIB
-  run timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/ops -k native --junitxml="$OUT/gpu_native_tests.xml"
+  run timeout 120 $PYTEST -m cuda tests/ops -k native --junitxml="$OUT/gpu_native_tests.xml"
 else
   echo "native build failed or skipped (see $OUT/native_build.log); benchmarks run without the native provider"
 fi
 
 # 3. Microbenchmarks: JSONL rows appended as measured.
 export SOAR_FAST_BENCH_JSON="$OUT/kernels.jsonl"
-run timeout 400 python -m pytest -q -p no:cacheprovider benchmarks/micro -k "not torch_compile"
-run timeout 400 python -m pytest -q -p no:cacheprovider benchmarks/micro -k "torch_compile"
+run timeout 400 $PYTEST benchmarks/micro -k "not torch_compile"
+run timeout 400 $PYTEST benchmarks/micro -k "torch_compile"
 run python benchmarks/micro/summarize.py "$OUT/kernels.jsonl" --json "$OUT/kernels.json" --md "$OUT/kernels.md"
 echo "kernels done (status $status); results in $OUT"
 exit $status

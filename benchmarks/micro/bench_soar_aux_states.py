@@ -65,12 +65,12 @@ def provider_fn(provider: str, which: str, args, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,shape,m", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("which", ["both", "z"], ids=["aux_states", "aux_z"])
-def test_bench_aux_states(benchmark, which, name, shape, m, dtype, provider):
+def test_bench_aux_states(bench, which, name, shape, m, dtype, provider):
     args = inputs(shape, m, dtype)
     fn = provider_fn(provider, which, args, dtype)
     e = shape[0] * int(torch.tensor(shape[1:]).prod())
     s = torch.empty((), dtype=dtype).element_size()
     nbytes = bytes_aux_z(e, m, s) if which == "z" else bytes_aux_states(e, m, s)
     op = "soar_aux_z" if which == "z" else "soar_aux_states"
-    rows = report(op, provider, "fwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, benchmark)
+    rows = report(op, provider, "fwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
     assert rows[1]["metric"] == "time_ms_p50" and rows[1]["value"] > 0

@@ -60,7 +60,7 @@ def loss_fn(provider, args, dtype):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "loss+grad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,shape,m", SHAPES, ids=[s[0] for s in SHAPES])
-def test_bench_fused_mse(benchmark, name, shape, m, dtype, mode, provider):
+def test_bench_fused_mse(bench, name, shape, m, dtype, mode, provider):
     args, grad = loss_inputs(shape, m, dtype)
     f = loss_fn(provider, args, dtype)
     v = args[0]
@@ -81,13 +81,13 @@ def test_bench_fused_mse(benchmark, name, shape, m, dtype, mode, provider):
             return torch.autograd.grad(f(*args), v, grad)
     e = shape[0] * int(torch.tensor(shape[1:]).prod())
     nbytes = bytes_loss(e, m, torch.empty((), dtype=dtype).element_size(), mode)
-    report("soar_fused_mse", provider, mode, f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, benchmark)
+    report("soar_fused_mse", provider, mode, f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
 
 
 @pytest.mark.parametrize("provider", ["torch_eager", "torch_compile", "triton", "native"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,shape,m", SHAPES, ids=[s[0] for s in SHAPES])
-def test_bench_aux_loss_pair(benchmark, name, shape, m, dtype, provider):
+def test_bench_aux_loss_pair(bench, name, shape, m, dtype, provider):
     """Aux states + loss forward and backward. Reference chains (eager, compiled) store v_corr, read
     it back in the forward and again in the backward; the fused pair writes z' only, recomputes
     v_corr and forms losses and grad_v in one pass (upstream grad folded into the weights)."""
@@ -118,7 +118,7 @@ def test_bench_aux_loss_pair(benchmark, name, shape, m, dtype, provider):
             return soar_fused_mse_and_grad(v, z0, z1, z_aux, sa, w * grad, backend=provider)
 
         nbytes = bytes_aux_z(e, m, s) + bytes_loss(e, m, s, "loss+grad")
-    report("soar_aux+loss", provider, "fwd+bwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, benchmark)
+    report("soar_aux+loss", provider, "fwd+bwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
     ref_bytes = bytes_aux_states(e, m, s) + bytes_loss(e, m, s, "fwd+bwd")
     emit(op="soar_aux+loss", provider=provider, mode="fwd+bwd", shape=f"{name}:{'x'.join(map(str, shape))}",
          dtype=str(dtype).split(".")[-1], metric="bytes_saved_vs_reference_chain", value=100 * (1 - nbytes / ref_bytes),

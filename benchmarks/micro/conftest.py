@@ -17,3 +17,12 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+@pytest.fixture
+def bench(request):
+    """pytest-benchmark's `benchmark` fixture when that plugin is active (its table then sits beside
+    our rows; pass --benchmark-enable for real rounds), else None (rows only)."""
+    if request.config.pluginmanager.hasplugin("benchmark"):
+        return request.getfixturevalue("benchmark")
+    return None

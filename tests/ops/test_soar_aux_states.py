@@ -153,3 +153,12 @@ def test_aux_states_cuda_compile_and_graph():
     graph.replay()
     torch.cuda.synchronize()
     _check(outs, oracle, args, torch.bfloat16, "cuda-graph")
+
+
+def test_aux_states_mixed_dtypes_triton():
+    """Rollout velocities in bf16 (the model's dtype) with fp32 latents: fp32 outputs, fp32 accuracy."""
+    args, _ = make_case((2, 3, 5, 7), 4, torch.float32)
+    args[2], args[3] = args[2].bfloat16(), args[3].bfloat16()
+    oracle = soar_aux_states_reference(*[a.double() for a in args[:7]], G)
+    outs = soar_aux_states(*args, G, backend="triton")
+    _check(outs, oracle, args, torch.float32, "mixed")

@@ -228,3 +228,11 @@ def test_fused_mse_cuda_compile():
     _, gv_o = oracle(args, torch.ones_like(grad))
     lowp = run([a.cpu() for a in args], torch.ones_like(grad).cpu(), "reference")[1]
     assert_close_to_oracle(v.grad.cpu(), gv_o, torch.bfloat16, lowp, "cuda-compiled.grad_v")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fused_mse_mixed_dtypes(backend):
+    """A step feeds bf16 model outputs against fp32 latents and states: each is loaded in its own dtype."""
+    args, grad = make_case((2, 3, 5, 7), 3, torch.float32)
+    args = [args[0].bfloat16()] + args[1:]
+    _check(args, grad, backend, torch.bfloat16, f"mixed-{backend}")
