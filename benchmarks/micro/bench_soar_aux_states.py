@@ -10,7 +10,17 @@ import functools
 
 import pytest
 import torch
-from kernel_bench import bytes_aux_states, bytes_aux_z, device, full, native_ready, report, smoke, triton_ready, want_compile
+from kernel_bench import (
+    bytes_aux_states,
+    bytes_aux_z,
+    device,
+    full,
+    native_ready,
+    report,
+    smoke,
+    triton_ready,
+    want_compile,
+)
 
 from soar_fast.ops import soar_aux_states, soar_aux_z
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
@@ -20,10 +30,16 @@ if smoke():
     SHAPES = [("smoke_2x4x8x8_m2", (2, 4, 8, 8), 2)]
     DTYPES = [torch.float32, torch.bfloat16]
 else:
-    SHAPES = [("sd35m_512_b4_m6", (4, 16, 64, 64), 6), ("sd35m_1024_b2_m6", (2, 16, 128, 128), 6),
-              ("sd35m_512_b32_m6", (32, 16, 64, 64), 6)]
+    SHAPES = [
+        ("sd35m_512_b4_m6", (4, 16, 64, 64), 6),
+        ("sd35m_1024_b2_m6", (2, 16, 128, 128), 6),
+        ("sd35m_512_b32_m6", (32, 16, 64, 64), 6),
+    ]
     if full():
-        SHAPES += [("sd35m_512_b4_m4", (4, 16, 64, 64), 4), ("sd35m_1024_b8_m6", (8, 16, 128, 128), 6)]
+        SHAPES += [
+            ("sd35m_512_b4_m4", (4, 16, 64, 64), 4),
+            ("sd35m_1024_b8_m6", (8, 16, 128, 128), 6),
+        ]
     DTYPES = [torch.bfloat16, torch.float32]
 PROVIDERS = ["torch_eager", "torch_compile", "triton", "native"]
 
@@ -47,7 +63,11 @@ def inputs(shape, m, dtype):
 
 def provider_fn(provider: str, which: str, args, dtype):
     if provider == "torch_eager":
-        return (lambda: soar_aux_states_reference(*args)[0]) if which == "z" else (lambda: soar_aux_states_reference(*args))
+        return (
+            (lambda: soar_aux_states_reference(*args)[0])
+            if which == "z"
+            else (lambda: soar_aux_states_reference(*args))
+        )
     if provider == "torch_compile":
         if not want_compile(dtype):
             pytest.skip("torch.compile provider off here (SOAR_FAST_BENCH_COMPILE=1 turns it on)")
@@ -72,5 +92,7 @@ def test_bench_aux_states(bench, which, name, shape, m, dtype, provider):
     s = torch.empty((), dtype=dtype).element_size()
     nbytes = bytes_aux_z(e, m, s) if which == "z" else bytes_aux_states(e, m, s)
     op = "soar_aux_z" if which == "z" else "soar_aux_states"
-    rows = report(op, provider, "fwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
+    rows = report(
+        op, provider, "fwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench
+    )
     assert rows[1]["metric"] == "time_ms_p50" and rows[1]["value"] > 0

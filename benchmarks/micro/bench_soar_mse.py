@@ -12,7 +12,16 @@ import functools
 import pytest
 import torch
 from bench_soar_aux_states import DTYPES, SHAPES, inputs
-from kernel_bench import bytes_aux_states, bytes_aux_z, bytes_loss, emit, native_ready, report, triton_ready, want_compile
+from kernel_bench import (
+    bytes_aux_states,
+    bytes_aux_z,
+    bytes_loss,
+    emit,
+    native_ready,
+    report,
+    triton_ready,
+    want_compile,
+)
 
 from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
@@ -29,7 +38,11 @@ def mse_from_vcorr(v, z0, z1, v_corr, weights):
 
 @functools.cache
 def _compiled(name: str):
-    fns = {"mse": soar_fused_mse_reference, "aux": soar_aux_states_reference, "mse_vcorr": mse_from_vcorr}
+    fns = {
+        "mse": soar_fused_mse_reference,
+        "aux": soar_aux_states_reference,
+        "mse_vcorr": mse_from_vcorr,
+    }
     return torch.compile(fns[name], dynamic=False)
 
 
@@ -66,22 +79,36 @@ def test_bench_fused_mse(bench, name, shape, m, dtype, mode, provider):
     v = args[0]
     ones = torch.ones_like(grad)
     if mode == "fwd":
+
         def fn():
             with torch.no_grad():
                 return f(*args)
     elif mode == "loss+grad" and provider in ("triton", "native"):
+
         def fn():
             return soar_fused_mse_and_grad(*args, backend=provider)
     elif mode == "loss+grad":
+
         def fn():
             loss = f(*args)
             return loss.detach(), torch.autograd.grad(loss, v, ones)[0]
     else:
+
         def fn():
             return torch.autograd.grad(f(*args), v, grad)
+
     e = shape[0] * int(torch.tensor(shape[1:]).prod())
     nbytes = bytes_loss(e, m, torch.empty((), dtype=dtype).element_size(), mode)
-    report("soar_fused_mse", provider, mode, f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
+    report(
+        "soar_fused_mse",
+        provider,
+        mode,
+        f"{name}:{'x'.join(map(str, shape))}",
+        dtype,
+        fn,
+        nbytes,
+        bench,
+    )
 
 
 @pytest.mark.parametrize("provider", ["torch_eager", "torch_compile", "triton", "native"])
@@ -118,8 +145,27 @@ def test_bench_aux_loss_pair(bench, name, shape, m, dtype, provider):
             return soar_fused_mse_and_grad(v, z0, z1, z_aux, sa, w * grad, backend=provider)
 
         nbytes = bytes_aux_z(e, m, s) + bytes_loss(e, m, s, "loss+grad")
-    report("soar_aux+loss", provider, "fwd+bwd", f"{name}:{'x'.join(map(str, shape))}", dtype, fn, nbytes, bench)
+    report(
+        "soar_aux+loss",
+        provider,
+        "fwd+bwd",
+        f"{name}:{'x'.join(map(str, shape))}",
+        dtype,
+        fn,
+        nbytes,
+        bench,
+    )
     ref_bytes = bytes_aux_states(e, m, s) + bytes_loss(e, m, s, "fwd+bwd")
-    emit(op="soar_aux+loss", provider=provider, mode="fwd+bwd", shape=f"{name}:{'x'.join(map(str, shape))}",
-         dtype=str(dtype).split(".")[-1], metric="bytes_saved_vs_reference_chain", value=100 * (1 - nbytes / ref_bytes),
-         unit="%", baseline="aux_states (z', v_corr stored) + loss reading v_corr", bytes=nbytes, baseline_bytes=ref_bytes)
+    emit(
+        op="soar_aux+loss",
+        provider=provider,
+        mode="fwd+bwd",
+        shape=f"{name}:{'x'.join(map(str, shape))}",
+        dtype=str(dtype).split(".")[-1],
+        metric="bytes_saved_vs_reference_chain",
+        value=100 * (1 - nbytes / ref_bytes),
+        unit="%",
+        baseline="aux_states (z', v_corr stored) + loss reading v_corr",
+        bytes=nbytes,
+        baseline_bytes=ref_bytes,
+    )

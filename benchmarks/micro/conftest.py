@@ -1,7 +1,7 @@
 """Collects benchmarks/micro/bench_*.py as pytest modules (pytest-benchmark style microbenchmarks).
 
-    python -m pytest benchmarks/micro                      # CPU: smoke shapes, Triton interpreter
-    SOAR_FAST_BENCH_JSON=rows.jsonl python -m pytest benchmarks/micro   # GPU: real shapes, rows out
+python -m pytest benchmarks/micro                      # CPU: smoke shapes, Triton interpreter
+SOAR_FAST_BENCH_JSON=rows.jsonl python -m pytest benchmarks/micro   # GPU: real shapes, rows out
 """
 
 import os

@@ -31,7 +31,10 @@ for _name in ("cache_size_limit", "recompile_limit"):
 
 
 def smoke() -> bool:
-    return os.environ.get("SOAR_FAST_BENCH_SMOKE", "0") not in ("", "0") or not torch.cuda.is_available()
+    return (
+        os.environ.get("SOAR_FAST_BENCH_SMOKE", "0") not in ("", "0")
+        or not torch.cuda.is_available()
+    )
 
 
 def full() -> bool:
@@ -91,9 +94,17 @@ def copy_bandwidth_gbps() -> float:
     y = torch.empty_like(x)
     _, p50, _ = timings_ms(lambda: y.copy_(x))
     gbps = 2 * x.numel() * x.element_size() / (p50 * 1e-3) / 1e9
-    del x, y
-    emit(op="copy", provider="torch", mode="fwd", shape=f"{n}", dtype="float32", metric="copy_gbps",
-         value=gbps, unit="GB/s", bytes=2 * n * 4)
+    emit(
+        op="copy",
+        provider="torch",
+        mode="fwd",
+        shape=f"{n}",
+        dtype="float32",
+        metric="copy_gbps",
+        value=gbps,
+        unit="GB/s",
+        bytes=2 * n * 4,
+    )
     return gbps
 
 
@@ -119,8 +130,12 @@ def bytes_loss(e: int, m: int, s: int, mode: str) -> int:
 @functools.cache
 def _env() -> dict:
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
+        commit = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"],
+            text=True,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).parent,
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:
@@ -129,10 +144,20 @@ def _env() -> dict:
         tv = triton.__version__
     except ImportError:
         tv = None
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    return {"device": dev, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda, "commit": commit,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")}
+    dev = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": tv,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    }
 
 
 def emit(**row) -> dict:
@@ -145,7 +170,16 @@ def emit(**row) -> dict:
     return row
 
 
-def report(op: str, provider: str, mode: str, shape: str, dtype: torch.dtype, fn, nbytes: int, benchmark=None) -> list[dict]:
+def report(
+    op: str,
+    provider: str,
+    mode: str,
+    shape: str,
+    dtype: torch.dtype,
+    fn,
+    nbytes: int,
+    benchmark=None,
+) -> list[dict]:
     """Time fn, emit p20/p50/p80, bytes, GB/s and % of copy bandwidth rows."""
     copy_bw = copy_bandwidth_gbps()
     p20, p50, p80 = timings_ms(fn)
@@ -155,9 +189,23 @@ def report(op: str, provider: str, mode: str, shape: str, dtype: torch.dtype, fn
     dts = str(dtype).split(".")[-1]
     gbps = nbytes / (p50 * 1e-3) / 1e9
     common = dict(op=op, provider=provider, mode=mode, shape=shape, dtype=dts)
-    rows = [emit(**common, metric=f"time_ms_p{int(q * 100)}", value=v, unit="ms") for q, v in zip(QUANTILES, (p20, p50, p80))]
+    rows = [
+        emit(**common, metric=f"time_ms_p{int(q * 100)}", value=v, unit="ms")
+        for q, v in zip(QUANTILES, (p20, p50, p80), strict=True)
+    ]
     rows.append(emit(**common, metric="bytes", value=nbytes, unit="B"))
-    rows.append(emit(**common, metric="gbps", value=gbps, unit="GB/s", bytes=nbytes, copy_gbps=copy_bw))
-    rows.append(emit(**common, metric="pct_copy_bw", value=100 * gbps / copy_bw, unit="%", bytes=nbytes, copy_gbps=copy_bw))
+    rows.append(
+        emit(**common, metric="gbps", value=gbps, unit="GB/s", bytes=nbytes, copy_gbps=copy_bw)
+    )
+    rows.append(
+        emit(
+            **common,
+            metric="pct_copy_bw",
+            value=100 * gbps / copy_bw,
+            unit="%",
+            bytes=nbytes,
+            copy_gbps=copy_bw,
+        )
+    )
     assert all(math.isfinite(r["value"]) for r in rows)
     return rows

@@ -28,10 +28,14 @@ def main() -> None:
     cell = defaultdict(dict)
     for r in rows:
         if r["op"] != "copy":
-            cell[(r["op"], r["mode"], r["shape"], r["dtype"])][(r["provider"], r["metric"])] = r["value"]
+            cell[(r["op"], r["mode"], r["shape"], r["dtype"])][(r["provider"], r["metric"])] = r[
+                "value"
+            ]
     speed = []
-    lines = ["| op | mode | shape | dtype | provider | p50 ms | GB/s | % copy BW | x eager | x compile |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | mode | shape | dtype | provider | p50 ms | GB/s | % copy BW | x eager | x compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (op, mode, shape, dtype), c in sorted(cell.items()):
         eager, comp = c.get(("torch_eager", "time_ms_p50")), c.get(("torch_compile", "time_ms_p50"))
         for prov in ("torch_eager", "torch_compile", "triton", "native"):
@@ -42,14 +46,33 @@ def main() -> None:
             xc = comp / t if comp else None
             for base, x in (("torch_eager", xe), ("torch_compile", xc)):
                 if x is not None and prov != base:
-                    speed.append({**{k: v for k, v in rows[0].items() if k in ("device", "torch", "triton", "commit", "date")},
-                                  "op": op, "mode": mode, "shape": shape, "dtype": dtype, "provider": prov,
-                                  "metric": "speedup", "value": x, "unit": "x", "baseline": base})
+                    speed.append(
+                        {
+                            **{
+                                k: v
+                                for k, v in rows[0].items()
+                                if k in ("device", "torch", "triton", "commit", "date")
+                            },
+                            "op": op,
+                            "mode": mode,
+                            "shape": shape,
+                            "dtype": dtype,
+                            "provider": prov,
+                            "metric": "speedup",
+                            "value": x,
+                            "unit": "x",
+                            "baseline": base,
+                        }
+                    )
             f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-            lines.append(f"| {op} | {mode} | {shape} | {dtype} | {prov} | {t:.4f} | {f(c.get((prov, 'gbps')))} | "
-                         f"{f(c.get((prov, 'pct_copy_bw')))} | {f(xe)} | {f(xc)} |")
+            lines.append(
+                f"| {op} | {mode} | {shape} | {dtype} | {prov} | {t:.4f} | {f(c.get((prov, 'gbps')))} | "
+                f"{f(c.get((prov, 'pct_copy_bw')))} | {f(xe)} | {f(xc)} |"
+            )
     copy = [r["value"] for r in rows if r["metric"] == "copy_gbps"]
-    lines.append(f"\ncopy bandwidth measured in the run: {', '.join(f'{x:.0f}' for x in copy)} GB/s; device {rows[0]['device']}")
+    lines.append(
+        f"\ncopy bandwidth measured in the run: {', '.join(f'{x:.0f}' for x in copy)} GB/s; device {rows[0]['device']}"
+    )
     lines.append("\nGoal checks (triton provider; goals are for an H100):")
     for (op, mode, shape, dtype), c in sorted(cell.items()):
         if (op, mode) in GOALS and ("triton", "time_ms_p50") in c:
@@ -59,12 +82,17 @@ def main() -> None:
             xe = c.get(("torch_eager", "time_ms_p50"), float("nan")) / t
             xc = c.get(("torch_compile", "time_ms_p50"), float("nan")) / t
             ok = pct >= bw and xe >= xe_min and (not beat or xc >= 1.0)
-            lines.append(f"- {op} {mode} {shape} {dtype}: {pct:.1f}% copy BW (>= {bw}), {xe:.2f}x eager (>= {xe_min})"
-                         + (f", {xc:.2f}x compile (>= 1)" if beat else "") + f" -> {'MET' if ok else 'NOT MET'}")
+            lines.append(
+                f"- {op} {mode} {shape} {dtype}: {pct:.1f}% copy BW (>= {bw}), {xe:.2f}x eager (>= {xe_min})"
+                + (f", {xc:.2f}x compile (>= 1)" if beat else "")
+                + f" -> {'MET' if ok else 'NOT MET'}"
+            )
         if op == "soar_aux+loss" and ("triton", "bytes_saved_vs_reference_chain") in c:
             s = c[("triton", "bytes_saved_vs_reference_chain")]
-            lines.append(f"- aux+loss pair bytes {shape} {dtype}: {s:.1f}% fewer than the reference chain (goal >= 30) -> "
-                         f"{'MET' if s >= 30 else 'NOT MET'}")
+            lines.append(
+                f"- aux+loss pair bytes {shape} {dtype}: {s:.1f}% fewer than the reference chain (goal >= 30) -> "
+                f"{'MET' if s >= 30 else 'NOT MET'}"
+            )
     text = "\n".join(lines)
     print(text)
     if a.json:

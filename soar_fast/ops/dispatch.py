@@ -18,10 +18,19 @@ from soar_fast.ops.native import load_native
 from soar_fast.ops.soar_aux_states.op import aux_states_op, aux_states_z_op
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
 from soar_fast.ops.soar_mse.op import fused_mse_and_grad_op, fused_mse_op
-from soar_fast.ops.soar_mse.reference import soar_fused_mse_and_grad_reference, soar_fused_mse_reference
+from soar_fast.ops.soar_mse.reference import (
+    soar_fused_mse_and_grad_reference,
+    soar_fused_mse_reference,
+)
 
 __all__ = [
-    "BACKENDS", "ENV_VAR", "resolve_backend", "soar_aux_states", "soar_aux_z", "soar_fused_mse", "soar_fused_mse_and_grad",
+    "BACKENDS",
+    "ENV_VAR",
+    "resolve_backend",
+    "soar_aux_states",
+    "soar_aux_z",
+    "soar_fused_mse",
+    "soar_fused_mse_and_grad",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,9 @@ def _log_once(op: str, backend: str, why: str) -> None:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None
+) -> str:
     """Map a requested backend to the one that runs. Raises on an unknown name, or when an explicitly
     requested backend cannot run here (Triton without CUDA or interpreter, native not built).
     Under torch.compile it runs once at trace time (a constant of the graph), so it logs there."""
@@ -50,17 +61,27 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
         forced = os.environ.get(ENV_VAR, "").strip().lower()
         if forced:
             if forced not in BACKENDS[1:]:
-                raise ValueError(f"{ENV_VAR}={forced!r} is invalid; set it to reference, triton or native")
+                raise ValueError(
+                    f"{ENV_VAR}={forced!r} is invalid; set it to reference, triton or native"
+                )
             backend, why = forced, f"forced by {ENV_VAR}"
-        elif device.type == "cuda" and triton_available() and (dtype is None or dtype in _KERNEL_DTYPES):
+        elif (
+            device.type == "cuda"
+            and triton_available()
+            and (dtype is None or dtype in _KERNEL_DTYPES)
+        ):
             backend, why = "triton", "auto: CUDA device with triton"
         else:
             backend, why = "reference", f"auto: no fused kernel chosen for {device.type}/{dtype}"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package (pip install triton)")
+            raise RuntimeError(
+                f"{op}: backend 'triton' needs the triton package (pip install triton)"
+            )
         if device.type != "cuda" and not interpreting():
-            raise RuntimeError(f"{op}: backend 'triton' needs a CUDA device or TRITON_INTERPRET=1 (got {device})")
+            raise RuntimeError(
+                f"{op}: backend 'triton' needs a CUDA device or TRITON_INTERPRET=1 (got {device})"
+            )
     elif backend == "native":
         load_native()
     _log_once(op, backend, why)
@@ -131,7 +152,9 @@ def soar_fused_mse(
     (z' − z0)/σ' (aux), formed in fp32. Differentiable in v only. The caller forms either
     normalisation of SOAR.md: "points" = (Σ base + λ Σ aux)/(B + λMB)."""
     _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights)
-    chosen = resolve_backend("soar_fused_mse", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype)
+    chosen = resolve_backend(
+        "soar_fused_mse", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype
+    )
     args = (v, z0, z1, z_aux, sigma_aux, weights)
     if chosen == "triton":
         return fused_mse_op(*args)
@@ -154,7 +177,12 @@ def soar_fused_mse_and_grad(
     normalisation into `weights` (e.g. w_r/(B + λMB), λ on aux rows) and call `v.backward(grad_v)`.
     It reads v, z0, z1 and z' once for forward and backward together, never saving them."""
     _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights)
-    chosen = resolve_backend("soar_fused_mse_and_grad", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype)
+    chosen = resolve_backend(
+        "soar_fused_mse_and_grad",
+        backend,
+        v.device,
+        v.dtype if z0.dtype != torch.float64 else z0.dtype,
+    )
     args = (v.detach(), z0, z1, z_aux, sigma_aux, weights)
     if chosen == "triton":
         return fused_mse_and_grad_op(*args)
@@ -166,22 +194,32 @@ def soar_fused_mse_and_grad(
 def _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux) -> None:
     for name, t in (("z1", z1), ("v_uncond", v_uncond), ("v_cond", v_cond)):
         if t.shape != z0.shape:
-            raise ValueError(f"soar_aux_states: {name} has shape {tuple(t.shape)}, expected z0's {tuple(z0.shape)}")
+            raise ValueError(
+                f"soar_aux_states: {name} has shape {tuple(t.shape)}, expected z0's {tuple(z0.shape)}"
+            )
     b = z0.shape[0]
     for name, t in (("sigma0", sigma0), ("sigma1", sigma1)):
         if t.shape != (b,):
             raise ValueError(f"soar_aux_states: {name} has shape {tuple(t.shape)}, expected ({b},)")
     if sigma_aux.dim() != 2 or sigma_aux.shape[1] != b:
-        raise ValueError(f"soar_aux_states: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})")
+        raise ValueError(
+            f"soar_aux_states: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})"
+        )
 
 
 def _check_mse_inputs(v, z0, z1, z_aux, sigma_aux, weights) -> None:
     b = z0.shape[0]
     if sigma_aux.dim() != 2 or sigma_aux.shape[1] != b:
-        raise ValueError(f"soar_fused_mse: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})")
+        raise ValueError(
+            f"soar_fused_mse: sigma_aux has shape {tuple(sigma_aux.shape)}, expected (M, {b})"
+        )
     m, tail = sigma_aux.shape[0], tuple(z0.shape[1:])
     for name, t, rows in (("z1", z1, b), ("z_aux", z_aux, m * b), ("v", v, (1 + m) * b)):
         if tuple(t.shape) != (rows, *tail):
-            raise ValueError(f"soar_fused_mse: {name} has shape {tuple(t.shape)}, expected {(rows, *tail)}")
+            raise ValueError(
+                f"soar_fused_mse: {name} has shape {tuple(t.shape)}, expected {(rows, *tail)}"
+            )
     if weights.shape != ((1 + m) * b,):
-        raise ValueError(f"soar_fused_mse: weights has shape {tuple(weights.shape)}, expected ({(1 + m) * b},)")
+        raise ValueError(
+            f"soar_fused_mse: weights has shape {tuple(weights.shape)}, expected ({(1 + m) * b},)"
+        )

@@ -28,7 +28,11 @@ _state: dict[str, object] = {"loaded": None, "error": None}
 
 def candidate_paths() -> list[Path]:
     root = Path(__file__).resolve().parents[2]
-    paths = [root / "build" / "kernels" / LIB_NAME, root / "build" / LIB_NAME, Path(__file__).parent / "_native" / LIB_NAME]
+    paths = [
+        root / "build" / "kernels" / LIB_NAME,
+        root / "build" / LIB_NAME,
+        Path(__file__).parent / "_native" / LIB_NAME,
+    ]
     env = os.environ.get(ENV_LIB)
     return ([Path(env)] if env else []) + paths
 
@@ -88,7 +92,9 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake(f"{ns}::fused_mse_and_grad")
     def _(v, z0, z1, za, sa, w):
-        return v.new_empty((v.shape[0],), dtype=torch.float32), torch.empty_like(v, memory_format=torch.contiguous_format)
+        return v.new_empty((v.shape[0],), dtype=torch.float32), torch.empty_like(
+            v, memory_format=torch.contiguous_format
+        )
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -31,8 +31,12 @@ def native_lib(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("native_build")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     t = time.time()
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *gen],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *gen],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     r = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"native build failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")

@@ -43,7 +43,13 @@ def rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
     return ((out - oracle).abs().max() / oracle.abs().max().clamp_min(1e-30)).item()
 
 
-def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, lowp_ref: torch.Tensor | None, name: str):
+def assert_close_to_oracle(
+    out: torch.Tensor,
+    oracle: torch.Tensor,
+    dtype: torch.dtype,
+    lowp_ref: torch.Tensor | None,
+    name: str,
+):
     """fp32: relative error <= 1e-6. bf16/fp16: error <= 2x that of the reference run in the same
     low precision (+ 1e-6 relative slack for fp32 accumulation-order differences)."""
     err = rel_err(out, oracle)
@@ -51,4 +57,6 @@ def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, dtype: torch
         assert err <= 1e-6, f"{name}: fp32 relative error {err:.3e} > 1e-6"
     else:
         ref_err = rel_err(lowp_ref, oracle)
-        assert err <= 2 * ref_err + 1e-6, f"{name}: {dtype} error {err:.3e} > 2 x reference's {ref_err:.3e}"
+        assert err <= 2 * ref_err + 1e-6, (
+            f"{name}: {dtype} error {err:.3e} > 2 x reference's {ref_err:.3e}"
+        )

@@ -22,7 +22,9 @@ def _clean(monkeypatch):
 
 
 def test_auto_choices():
-    assert dispatch.resolve_backend("x", "auto", CPU, torch.float32) == "reference"  # interpreter on or not
+    assert (
+        dispatch.resolve_backend("x", "auto", CPU, torch.float32) == "reference"
+    )  # interpreter on or not
     assert dispatch.resolve_backend("x", "auto", CUDA, torch.bfloat16) == "triton"
     assert dispatch.resolve_backend("x", "auto", CUDA, torch.float64) == "reference"
 
@@ -67,7 +69,9 @@ def test_one_log_line_names_the_backend_that_ran(caplog, monkeypatch):
         soar_fused_mse(v, z[0], z[1], za, sa, torch.ones(6))
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("soar_aux_states" in m for m in msgs) == 1
-    assert any("soar_aux_states: using the triton backend" in m and dispatch.ENV_VAR in m for m in msgs)
+    assert any(
+        "soar_aux_states: using the triton backend" in m and dispatch.ENV_VAR in m for m in msgs
+    )
     assert any("soar_fused_mse: using the triton backend" in m for m in msgs)
 
 

@@ -30,7 +30,7 @@ def test_native_fp64_cpu_matches_reference(native_lib):
     s1, sa = s0 - 0.02, torch.tensor([[0.8, 0.5], [0.9, 0.95]], dtype=torch.float64)
     ref = soar_aux_states(*z, s0, s1, sa, 4.5, backend="reference")
     nat = soar_aux_states(*z, s0, s1, sa, 4.5, backend="native")
-    for a, b in zip(nat, ref):
+    for a, b in zip(nat, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -39,14 +39,27 @@ def test_native_fp64_cpu_matches_reference(native_lib):
 def test_cuda_sources_compile_with_nvcc(tmp_path, src):
     out = tmp_path / (Path(src).stem + ".o")
     r = subprocess.run(
-        ["nvcc", "-c", "-std=c++17", "-O3", "-arch=sm_90", str(KERNELS / "csrc" / src), "-o", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            "nvcc",
+            "-c",
+            "-std=c++17",
+            "-O3",
+            "-arch=sm_90",
+            str(KERNELS / "csrc" / src),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.stat().st_size > 0
     syms = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True).stdout
     launcher = "aux_states_cuda" if "aux" in src else "fused_mse_cuda"
-    assert f"soar_native::{launcher}" in syms, "the plain launcher the bindings call must be defined"
+    assert f"soar_native::{launcher}" in syms, (
+        "the plain launcher the bindings call must be defined"
+    )
 
 
 def _torch_include() -> Path:
@@ -54,7 +67,10 @@ def _torch_include() -> Path:
 
 
 @pytest.mark.skipif(
-    not (Path("/usr/local/cuda/include/cuda_runtime.h").is_file() and (_torch_include() / "c10/cuda/CUDAStream.h").is_file()),
+    not (
+        Path("/usr/local/cuda/include/cuda_runtime.h").is_file()
+        and (_torch_include() / "c10/cuda/CUDAStream.h").is_file()
+    ),
     reason="needs the CUDA toolkit headers and torch's c10/cuda headers",
 )
 def test_cuda_bindings_compile_against_torch_headers(tmp_path):
@@ -66,8 +82,19 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
     inc = _torch_include()
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     r = subprocess.run(
-        ["g++", "-std=c++17", "-fsyntax-only", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{tmp_path}", f"-I{inc}",
-         f"-I{inc / 'torch/csrc/api/include'}", "-I/usr/local/cuda/include", str(KERNELS / "csrc" / "bindings_cuda.cpp")],
-        capture_output=True, text=True, timeout=300,
+        [
+            "g++",
+            "-std=c++17",
+            "-fsyntax-only",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{tmp_path}",
+            f"-I{inc}",
+            f"-I{inc / 'torch/csrc/api/include'}",
+            "-I/usr/local/cuda/include",
+            str(KERNELS / "csrc" / "bindings_cuda.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]

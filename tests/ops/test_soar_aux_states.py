@@ -4,7 +4,6 @@ under the cuda marker) against the reference computed in fp64."""
 from __future__ import annotations
 
 import os
-
 import warnings
 
 import pytest
@@ -25,7 +24,10 @@ SHAPES = [
     pytest.param((1, 16, 64, 64), 6, id="sd35m_512px_b1_m6"),
     pytest.param((1, 16, 128, 128), 6, id="sd35m_1024px_b1_m6"),
 ]
-DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.bfloat16, torch.float16)]
+DTYPES = [
+    pytest.param(d, id=str(d).split(".")[-1])
+    for d in (torch.float32, torch.bfloat16, torch.float16)
+]
 
 
 def make_case(shape, m, dtype, device="cpu", seed=0):
@@ -48,9 +50,13 @@ def _backend(request, backend):
 
 def _check(outs, oracle, args, dtype, name):
     lowp = soar_aux_states_reference(*args, G) if dtype in LOWP else (None, None)
-    for out, ora, lp, what in zip(outs, oracle, lowp, ("z_aux", "v_corr")):
-        assert out.dtype == dtype and out.shape == ora.shape, f"{name}.{what}: {out.dtype} {tuple(out.shape)}"
-        assert_close_to_oracle(out.cpu(), ora, dtype, None if lp is None else lp.cpu(), f"{name}.{what}")
+    for out, ora, lp, what in zip(outs, oracle, lowp, ("z_aux", "v_corr"), strict=True):
+        assert out.dtype == dtype and out.shape == ora.shape, (
+            f"{name}.{what}: {out.dtype} {tuple(out.shape)}"
+        )
+        assert_close_to_oracle(
+            out.cpu(), ora, dtype, None if lp is None else lp.cpu(), f"{name}.{what}"
+        )
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
@@ -70,7 +76,9 @@ def test_aux_states_parity(request, backend, shape, m, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_aux_states_noncontiguous(request, monkeypatch, backend, kind, dtype):
     backend = _backend(request, backend)
-    monkeypatch.setattr("soar_fast.ops._common._warned", set())  # the copy warning is once per process
+    monkeypatch.setattr(
+        "soar_fast.ops._common._warned", set()
+    )  # the copy warning is once per process
     args, oracle = make_case((3, 4, 5, 7), 4, dtype)
     nc = [layout(x, kind) for x in args[:4]]
     assert not any(x.is_contiguous() for x in nc)
@@ -78,7 +86,9 @@ def test_aux_states_noncontiguous(request, monkeypatch, backend, kind, dtype):
         warnings.simplefilter("always")
         outs = soar_aux_states(*nc, *args[4:], G, backend=backend)
     _check(outs, oracle, args, dtype, f"{backend}-{kind}")
-    if backend == "triton":  # batch strides are read in place; non-contiguous rows are copied with a warning
+    if (
+        backend == "triton"
+    ):  # batch strides are read in place; non-contiguous rows are copied with a warning
         copied = [w for w in rec if "non-contiguous rows" in str(w.message)]
         assert bool(copied) == (kind == "permuted")
 
@@ -116,13 +126,17 @@ def test_aux_states_compiles_as_one_node():
 
     dispatch._logged.clear()  # the first (logging) dispatch happens while dynamo traces
     args, oracle = make_case((2, 3, 5, 7), 3, torch.float32)
-    fn = torch.compile(lambda *a: soar_aux_states(*a, G, backend="triton"), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda *a: soar_aux_states(*a, G, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
     _check(fn(*args), oracle, args, torch.float32, "compiled")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,m", SHAPES + [pytest.param((4, 16, 128, 128), 6, id="sd35m_1024px_b4_m6")])
+@pytest.mark.parametrize(
+    "shape,m", SHAPES + [pytest.param((4, 16, 128, 128), 6, id="sd35m_1024px_b4_m6")]
+)
 def test_aux_states_cuda(shape, m, dtype):
     args, oracle = make_case(shape, m, dtype, device="cuda")
     _check(soar_aux_states(*args, G, backend="triton"), oracle, args, dtype, "cuda-triton")
@@ -132,7 +146,9 @@ def test_aux_states_cuda(shape, m, dtype):
 @pytest.mark.cuda
 def test_aux_states_cuda_native(request):
     if not os.environ.get("SOAR_FAST_NATIVE_LIB"):
-        pytest.skip("set SOAR_FAST_NATIVE_LIB to a CUDA build (benchmarks/run_gpu_kernels.sh builds one)")
+        pytest.skip(
+            "set SOAR_FAST_NATIVE_LIB to a CUDA build (benchmarks/run_gpu_kernels.sh builds one)"
+        )
     request.getfixturevalue("native_lib")
     if not torch.ops.soar_fast_native.aux_states.default.has_kernel_for_dispatch_key("CUDA"):
         pytest.skip("native extension built without CUDA")

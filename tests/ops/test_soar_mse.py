@@ -12,7 +12,12 @@ from soar_ops_cases import LOWP, assert_close_to_oracle, layout, sigmas
 from soar_fast.config import SoarConfig
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.loss.soar import sample_draws, soar_loss_from_draws
-from soar_fast.ops import SoarFusedMSEFunction, soar_aux_states, soar_fused_mse, soar_fused_mse_and_grad
+from soar_fast.ops import (
+    SoarFusedMSEFunction,
+    soar_aux_states,
+    soar_fused_mse,
+    soar_fused_mse_and_grad,
+)
 from soar_fast.ops.soar_mse.reference import soar_fused_mse_reference
 
 SHAPES = [
@@ -25,7 +30,10 @@ SHAPES = [
     pytest.param((1, 16, 64, 64), 6, id="sd35m_512px_b1_m6"),
     pytest.param((1, 16, 128, 128), 6, id="sd35m_1024px_b1_m6"),
 ]
-DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.bfloat16, torch.float16)]
+DTYPES = [
+    pytest.param(d, id=str(d).split(".")[-1])
+    for d in (torch.float32, torch.bfloat16, torch.float16)
+]
 
 
 def make_case(shape, m, dtype, device="cpu", seed=0):
@@ -134,25 +142,48 @@ def test_fused_reference_equals_soar_loss():
     z0 = torch.randn(2, 5, 6, dtype=torch.float64)
     cond = torch.randn(2, 1, 6, dtype=torch.float64)
     draws = sample_draws(z0, cfg, torch.Generator().manual_seed(1))
-    out = soar_loss_from_draws(velocity_fn, z0, cond, torch.zeros(1, 1, 6, dtype=torch.float64), cfg, draws)
+    out = soar_loss_from_draws(
+        velocity_fn, z0, cond, torch.zeros(1, 1, 6, dtype=torch.float64), cfg, draws
+    )
     b, m = 2, 3
     v = torch.cat([calls[0]] + calls[2:])  # base, (rollout skipped), aux points in order
-    z_aux, _ = soar_aux_states(z0, draws.z1.double(), *calls[1].chunk(2), draws.sigma0, draws.sigma1, draws.sigma_aux, cfg.guidance_scale, backend="reference")
-    w = torch.cat([loss_weight(draws.sigma0, cfg.weighting), loss_weight(draws.sigma_aux, cfg.weighting).flatten()])
+    z_aux, _ = soar_aux_states(
+        z0,
+        draws.z1.double(),
+        *calls[1].chunk(2),
+        draws.sigma0,
+        draws.sigma1,
+        draws.sigma_aux,
+        cfg.guidance_scale,
+        backend="reference",
+    )
+    w = torch.cat(
+        [
+            loss_weight(draws.sigma0, cfg.weighting),
+            loss_weight(draws.sigma_aux, cfg.weighting).flatten(),
+        ]
+    )
     fused = soar_fused_mse_reference(v, z0, draws.z1.double(), z_aux, draws.sigma_aux, w)
     torch.testing.assert_close(fused[:b], out.base_losses, rtol=1e-12, atol=0)
     torch.testing.assert_close(fused[b:].view(m, b), out.aux_losses, rtol=1e-12, atol=0)
     # And the Triton kernel on the fp32 versions of the same tensors.
     args32 = [t.detach().float() for t in (v, z0, draws.z1, z_aux, draws.sigma_aux, w)]
-    torch.testing.assert_close(soar_fused_mse(*args32, backend="triton").double(), fused.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        soar_fused_mse(*args32, backend="triton").double(), fused.detach(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_fused_mse_autograd_function_and_gradcheck():
-    from soar_fast.ops.soar_mse.triton_kernels import fused_mse_backward_triton, fused_mse_forward_triton
+    from soar_fast.ops.soar_mse.triton_kernels import (
+        fused_mse_backward_triton,
+        fused_mse_forward_triton,
+    )
 
     args, grad = make_case((2, 3, 5, 7), 2, torch.float32)
     v = args[0].clone().requires_grad_()
-    loss = SoarFusedMSEFunction.apply(v, *args[1:], fused_mse_forward_triton, fused_mse_backward_triton)
+    loss = SoarFusedMSEFunction.apply(
+        v, *args[1:], fused_mse_forward_triton, fused_mse_backward_triton
+    )
     (gv,) = torch.autograd.grad(loss, v, grad)
     loss_o, gv_o = oracle(args, grad)
     assert_close_to_oracle(loss, loss_o, torch.float32, None, "function.loss")
@@ -180,7 +211,9 @@ def test_fused_mse_compiles_as_one_node():
 
     dispatch._logged.clear()  # the first (logging) dispatch happens while dynamo traces
     args, grad = make_case((2, 3, 5, 7), 3, torch.float32)
-    fn = torch.compile(lambda *a: soar_fused_mse(*a, backend="triton"), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda *a: soar_fused_mse(*a, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
     v = args[0].clone().requires_grad_()
     loss = fn(v, *args[1:])
     (gv,) = torch.autograd.grad(loss, v, grad)
@@ -198,7 +231,9 @@ def test_fused_mse_shape_errors():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,m", SHAPES + [pytest.param((4, 16, 128, 128), 6, id="sd35m_1024px_b4_m6")])
+@pytest.mark.parametrize(
+    "shape,m", SHAPES + [pytest.param((4, 16, 128, 128), 6, id="sd35m_1024px_b4_m6")]
+)
 def test_fused_mse_cuda(shape, m, dtype):
     args, grad = make_case(shape, m, dtype, device="cuda")
     _check(args, grad, "triton", dtype, "cuda-triton")
@@ -209,7 +244,9 @@ def test_fused_mse_cuda(shape, m, dtype):
 @pytest.mark.cuda
 def test_fused_mse_cuda_native(request):
     if not os.environ.get("SOAR_FAST_NATIVE_LIB"):
-        pytest.skip("set SOAR_FAST_NATIVE_LIB to a CUDA build (benchmarks/run_gpu_kernels.sh builds one)")
+        pytest.skip(
+            "set SOAR_FAST_NATIVE_LIB to a CUDA build (benchmarks/run_gpu_kernels.sh builds one)"
+        )
     request.getfixturevalue("native_lib")
     if not torch.ops.soar_fast_native.fused_mse.default.has_kernel_for_dispatch_key("CUDA"):
         pytest.skip("native extension built without CUDA")

@@ -23,12 +23,20 @@ def _out(z0: Tensor, sigma_aux: Tensor) -> Tensor:
 
 @torch.library.custom_op("soar_fast::aux_states", mutates_args=())
 def aux_states_op(
-    z0: Tensor, z1: Tensor, v_uncond: Tensor, v_cond: Tensor,
-    sigma0: Tensor, sigma1: Tensor, sigma_aux: Tensor, guidance_scale: float,
+    z0: Tensor,
+    z1: Tensor,
+    v_uncond: Tensor,
+    v_cond: Tensor,
+    sigma0: Tensor,
+    sigma1: Tensor,
+    sigma_aux: Tensor,
+    guidance_scale: float,
 ) -> tuple[Tensor, Tensor]:
     from soar_fast.ops.soar_aux_states.triton_kernels import aux_states_triton
 
-    z_aux, v_corr = aux_states_triton(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, guidance_scale)
+    z_aux, v_corr = aux_states_triton(
+        z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, guidance_scale
+    )
     assert v_corr is not None
     return z_aux, v_corr
 
@@ -40,8 +48,14 @@ def _(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, guidance_scale):
 
 @torch.library.custom_op("soar_fast::aux_states_z", mutates_args=())
 def aux_states_z_op(
-    z0: Tensor, z1: Tensor, v_uncond: Tensor, v_cond: Tensor,
-    sigma0: Tensor, sigma1: Tensor, sigma_aux: Tensor, guidance_scale: float,
+    z0: Tensor,
+    z1: Tensor,
+    v_uncond: Tensor,
+    v_cond: Tensor,
+    sigma0: Tensor,
+    sigma1: Tensor,
+    sigma_aux: Tensor,
+    guidance_scale: float,
 ) -> Tensor:
     from soar_fast.ops.soar_aux_states.triton_kernels import aux_states_triton
 

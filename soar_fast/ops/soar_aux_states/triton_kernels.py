@@ -24,11 +24,22 @@ __all__ = ["aux_states_triton"]
 
 @triton.jit
 def _aux_states_kernel(
-    z0_ptr, z1_ptr, vu_ptr, vc_ptr,  # [B, N] rows with row strides
-    s0_ptr, s1_ptr, sa_ptr,  # fp32 [B], [B], [M, B] contiguous
-    zaux_ptr, vcorr_ptr,  # [M*B, N] contiguous outputs
-    B, N, M,
-    stride_z0, stride_z1, stride_vu, stride_vc,
+    z0_ptr,
+    z1_ptr,
+    vu_ptr,
+    vc_ptr,  # [B, N] rows with row strides
+    s0_ptr,
+    s1_ptr,
+    sa_ptr,  # fp32 [B], [B], [M, B] contiguous
+    zaux_ptr,
+    vcorr_ptr,  # [M*B, N] contiguous outputs
+    B,
+    N,
+    M,
+    stride_z0,
+    stride_z1,
+    stride_vu,
+    stride_vc,
     guidance,
     WRITE_VCORR: tl.constexpr,
     RNE_FIX: tl.constexpr,
@@ -68,8 +79,12 @@ def _aux_states_kernel(
 
 # CUDA: a few configs autotuned per (N, M) (the interpreter cannot autotune; it gets one config
 # with large blocks, since its cost is per program).
-_CUDA_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
-_aux_states_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(_aux_states_kernel)
+_CUDA_CONFIGS = [
+    triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))
+]
+_aux_states_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(
+    _aux_states_kernel
+)
 
 
 def aux_states_triton(
@@ -100,12 +115,33 @@ def aux_states_triton(
     s0 = sigma0.to(device=dev, dtype=torch.float32).contiguous()
     s1 = sigma1.to(device=dev, dtype=torch.float32).contiguous()
     sa = sigma_aux.to(device=dev, dtype=torch.float32).contiguous()
-    args = (z0r, z1r, vur, vcr, s0, s1, sa, z_aux, v_corr if write_v_corr else z_aux,
-            b, n, m, sz0, sz1, svu, svc, float(guidance_scale))
+    args = (
+        z0r,
+        z1r,
+        vur,
+        vcr,
+        s0,
+        s1,
+        sa,
+        z_aux,
+        v_corr if write_v_corr else z_aux,
+        b,
+        n,
+        m,
+        sz0,
+        sz1,
+        svu,
+        svc,
+        float(guidance_scale),
+    )
     if interpreting():
         block = min(16384, max(16, triton.next_power_of_2(n)))
         _aux_states_kernel[(triton.cdiv(n, block), b)](
-            *args, WRITE_VCORR=write_v_corr, RNE_FIX=needs_rne_fix(z0.dtype), BLOCK=block, num_warps=4
+            *args,
+            WRITE_VCORR=write_v_corr,
+            RNE_FIX=needs_rne_fix(z0.dtype),
+            BLOCK=block,
+            num_warps=4,
         )
     else:
         _aux_states_kernel_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](

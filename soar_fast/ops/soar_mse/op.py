@@ -20,7 +20,9 @@ __all__ = ["SoarFusedMSEFunction", "fused_mse_and_grad_op", "fused_mse_backward_
 
 
 @torch.library.custom_op("soar_fast::fused_mse", mutates_args=())
-def fused_mse_op(v: Tensor, z0: Tensor, z1: Tensor, z_aux: Tensor, sigma_aux: Tensor, weights: Tensor) -> Tensor:
+def fused_mse_op(
+    v: Tensor, z0: Tensor, z1: Tensor, z_aux: Tensor, sigma_aux: Tensor, weights: Tensor
+) -> Tensor:
     from soar_fast.ops.soar_mse.triton_kernels import fused_mse_forward_triton
 
     return fused_mse_forward_triton(v, z0, z1, z_aux, sigma_aux, weights)
@@ -33,7 +35,13 @@ def _(v, z0, z1, z_aux, sigma_aux, weights):
 
 @torch.library.custom_op("soar_fast::fused_mse_backward", mutates_args=())
 def fused_mse_backward_op(
-    grad: Tensor, v: Tensor, z0: Tensor, z1: Tensor, z_aux: Tensor, sigma_aux: Tensor, weights: Tensor
+    grad: Tensor,
+    v: Tensor,
+    z0: Tensor,
+    z1: Tensor,
+    z_aux: Tensor,
+    sigma_aux: Tensor,
+    weights: Tensor,
 ) -> Tensor:
     from soar_fast.ops.soar_mse.triton_kernels import fused_mse_backward_triton
 
@@ -56,7 +64,9 @@ def fused_mse_and_grad_op(
 
 @fused_mse_and_grad_op.register_fake
 def _(v, z0, z1, z_aux, sigma_aux, weights):
-    return v.new_empty((v.shape[0],), dtype=torch.float32), torch.empty_like(v, memory_format=torch.contiguous_format)
+    return v.new_empty((v.shape[0],), dtype=torch.float32), torch.empty_like(
+        v, memory_format=torch.contiguous_format
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -65,7 +75,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     v, z0, z1, z_aux, sigma_aux, weights = ctx.saved_tensors
-    grad_v = fused_mse_backward_op(grad, v, z0, z1, z_aux, sigma_aux, weights) if ctx.needs_input_grad[0] else None
+    grad_v = (
+        fused_mse_backward_op(grad, v, z0, z1, z_aux, sigma_aux, weights)
+        if ctx.needs_input_grad[0]
+        else None
+    )
     return grad_v, None, None, None, None, None
 
 
@@ -85,5 +99,9 @@ class SoarFusedMSEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         v, z0, z1, z_aux, sigma_aux, weights = ctx.saved_tensors
-        grad_v = ctx.bwd(grad.contiguous(), v, z0, z1, z_aux, sigma_aux, weights) if ctx.needs_input_grad[0] else None
+        grad_v = (
+            ctx.bwd(grad.contiguous(), v, z0, z1, z_aux, sigma_aux, weights)
+            if ctx.needs_input_grad[0]
+            else None
+        )
         return grad_v, None, None, None, None, None, None, None

@@ -50,7 +50,11 @@ def soar_fused_mse_and_grad_reference(
     """(per-row losses `[(1+M)*B]`, grad_v = d(Σ_r losses_r)/dv in v's dtype): the forward and the
     backward at upstream grad 1, in closed form 2·w·(v − t)/N. Fold any normalisation into w."""
     with torch.enable_grad():
-        vv = v.detach().to(torch.float64 if z0.dtype == torch.float64 else torch.float32).requires_grad_()
+        vv = (
+            v.detach()
+            .to(torch.float64 if z0.dtype == torch.float64 else torch.float32)
+            .requires_grad_()
+        )
         losses = soar_fused_mse_reference(vv, z0, z1, z_aux, sigma_aux, weights)
         (grad,) = torch.autograd.grad(losses.sum(), vv)
     return losses.detach(), grad.to(v.dtype)
