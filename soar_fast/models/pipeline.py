@@ -103,6 +103,7 @@ def export_transformer(
     the transformer subfolder (load it with `SD3Transformer2DModel.from_pretrained(out,
     subfolder="transformer")` and pass it to the pipeline). A LoRA-adapted transformer must be
     merged first (`soar_fast.models.lora.merge_lora`) or saved with `save_lora_weights`.
+    `torch_dtype` casts the saved weights (e.g. bf16) without changing `transformer` itself.
     `link_components=True` symlinks the frozen components instead of copying them (no second copy
     of the ~10 GB T5; the export then depends on `base` staying in place). Returns `output_dir`.
     """
@@ -130,9 +131,20 @@ def export_transformer(
                 shutil.copy2(item, out / item.name)
     elif mode != "transformer":
         raise ValueError(f"mode={mode!r}: choose 'pipeline' or 'transformer'")
+    handle = None
     if torch_dtype is not None:
-        transformer = transformer.to(torch_dtype)
-    transformer.save_pretrained(out / "transformer")
+        # Cast while saving (per tensor, on the CPU): the caller's model keeps its dtype.
+        def cast(module, state_dict, prefix, local_metadata):
+            for k, v in state_dict.items():
+                if v.is_floating_point():
+                    state_dict[k] = v.detach().to("cpu", torch_dtype)
+
+        handle = transformer._register_state_dict_hook(cast)
+    try:
+        transformer.save_pretrained(out / "transformer")
+    finally:
+        if handle is not None:
+            handle.remove()
     return out
 
 

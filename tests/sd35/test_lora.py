@@ -90,3 +90,21 @@ def test_merge_lora_gives_stock_keys_and_same_output(tiny_sd3_dir):
     assert set(t.state_dict()) == stock_keys
     with torch.no_grad():
         torch.testing.assert_close(t(**_inputs())[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_export_casts_without_touching_the_model(tiny_sd3_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from soar_fast.models.pipeline import export_transformer
+
+    t = load_sd3_transformer(tiny_sd3_dir)
+    out = export_transformer(t, tmp_path / "x", mode="transformer", torch_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in t.parameters())
+    ref = {k: v.to(torch.bfloat16) for k, v in t.state_dict().items()}
+    got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert got.keys() == ref.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="still has LoRA adapters"):
+        export_transformer(apply_lora(t, LoraSettings(rank=2)), tmp_path / "y", mode="transformer")
+    with pytest.raises(ValueError, match="is a sd3 pipeline but the transformer is"):
+        export_transformer(torch.nn.Linear(2, 2), tmp_path / "z", base=tiny_sd3_dir)
