@@ -23,7 +23,9 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "contig":
         return t.contiguous()
     if kind == "batch_strided":
-        wide = torch.full((2 * t.shape[0], *t.shape[1:]), float("nan"), dtype=t.dtype)
+        wide = torch.full(
+            (2 * t.shape[0], *t.shape[1:]), float("nan"), dtype=t.dtype, device=t.device
+        )
         wide[::2] = t
         return wide[::2]
     if kind == "permuted":

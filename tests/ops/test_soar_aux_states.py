@@ -178,3 +178,17 @@ def test_aux_states_mixed_dtypes_triton():
     oracle = soar_aux_states_reference(*[a.double() for a in args[:7]], G)
     outs = soar_aux_states(*args, G, backend="triton")
     _check(outs, oracle, args, torch.float32, "mixed")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["batch_strided", "permuted"])
+def test_aux_states_cuda_noncontiguous(kind):
+    args, oracle = make_case((3, 16, 8, 8), 4, torch.bfloat16, device="cuda")
+    nc = [layout(x, kind) for x in args[:4]]
+    _check(
+        soar_aux_states(*nc, *args[4:], G, backend="triton"),
+        oracle,
+        args,
+        torch.bfloat16,
+        f"cuda-{kind}",
+    )

@@ -273,3 +273,30 @@ def test_fused_mse_mixed_dtypes(backend):
     args, grad = make_case((2, 3, 5, 7), 3, torch.float32)
     args = [args[0].bfloat16()] + args[1:]
     _check(args, grad, backend, torch.bfloat16, f"mixed-{backend}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["batch_strided", "permuted"])
+def test_fused_mse_cuda_noncontiguous(kind):
+    args, grad = make_case((3, 16, 8, 8), 4, torch.bfloat16, device="cuda")
+    nc = [layout(a, kind) for a in args[:4]] + args[4:]
+    _check(nc, grad, "triton", torch.bfloat16, f"cuda-{kind}")
+    _check_and_grad(nc, "triton", torch.bfloat16, f"cuda-{kind}-and_grad")
+
+
+@pytest.mark.cuda
+def test_fused_mse_and_grad_cuda_graph():
+    args, _ = make_case((2, 16, 64, 64), 6, torch.bfloat16, device="cuda")
+    soar_fused_mse_and_grad(
+        *args, backend="triton"
+    )  # warm up (compile + autotune) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, gv = soar_fused_mse_and_grad(*args, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    ones = torch.ones(args[0].shape[0])
+    loss_o, gv_o = oracle(args, ones)
+    lowp = run([a.cpu() for a in args], ones, "reference")
+    assert_close_to_oracle(loss.cpu(), loss_o, torch.bfloat16, lowp[0], "graph.loss")
+    assert_close_to_oracle(gv.cpu(), gv_o, torch.bfloat16, lowp[1], "graph.grad_v")
