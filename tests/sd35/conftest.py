@@ -18,9 +18,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 CAPTIONS = ["a red square", "a green field", "a blue sky", "a yellow sun", "a black cat", "a white dog"]
 

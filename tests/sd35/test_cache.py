@@ -1,10 +1,14 @@
 """`run_cache` on the tiny SD3 pipeline: contents, resume, bad inputs."""
 
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
 import json
 import shutil
 from dataclasses import replace
 
-import pytest
 import torch
 from conftest import make_caption_folder, write_image
 

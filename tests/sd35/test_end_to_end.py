@@ -4,6 +4,11 @@ The training loop is a minimal one of the test's own: `soar_fast.soar_loss` on b
 shard DataLoader, AdamW, grad clipping. Everything runs on CPU on the tiny random pipeline.
 """
 
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
 import itertools
 
 import numpy as np

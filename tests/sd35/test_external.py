@@ -1,9 +1,13 @@
 """External scorer interface: a toy scorer, lazy discovery, skipping, the prompt-file eval."""
 
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -1,9 +1,13 @@
 """The same path for Flux: cache -> SOAR steps (full, LoRA) -> export -> FluxPipeline -> sample."""
 
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
 import itertools
 
 import numpy as np
-import pytest
 import torch
 
 from soar_fast import SoarConfig, soar_loss

@@ -1,6 +1,10 @@
 """LoRA through peft: settings checks, save -> load_lora_weights round trip, merge for export."""
 
 import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
 import torch
 
 from soar_fast.config import ConfigError
