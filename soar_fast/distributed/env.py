@@ -71,13 +71,30 @@ def init_distributed(cfg: ParallelConfig | None = None) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        timeout = timedelta(minutes=cfg.timeout_minutes)
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=cfg.timeout_minutes), **kwargs)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout),
+                                rank=rank, world_size=world, **kwargs)
     if rank == 0:
         nccl = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))}
         log.info("process group %s: world %d (%d per node)%s", backend, world, local_world,
                  f", env {nccl}" if nccl else "")
     return DistEnv(rank, world, local_rank, local_world, device, distributed=True)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store, under a prefix unique to this restart attempt.
+
+    After an elastic restart the workers reuse the agent's TCPStore, which still holds the
+    previous attempt's addresses; a new rank can read a dead peer's address before the peer
+    rewrites it (gloo: "connectFullMesh failed ... Connection refused", seen in about half of
+    our restarts). A per-attempt prefix makes every key fresh.
+    """
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"soar_fast/attempt_{attempt}/", store)
 
 
 def build_device_mesh(env: DistEnv, cfg: ParallelConfig | None = None) -> DeviceMesh | None:

@@ -40,7 +40,7 @@ def global_soar_loss(out: SoarOutput, config: SoarConfig, group: dist.ProcessGro
     if n_base == 0:
         raise ValueError("global_soar_loss: the global batch is empty")
     lam = config.lambda_aux
-    aux_sum = aux.sum() if aux.numel() else base.new_zeros(())
+    aux_sum = aux.sum()  # 0 (still in the graph) when M = 0
     if config.normalization == "points":
         loss = (base.sum() + lam * aux_sum) / (n_base + lam * n_aux)
     else:

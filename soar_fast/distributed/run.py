@@ -26,9 +26,20 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from soar_fast.config import SoarConfig
-from soar_fast.distributed.checkpoint import export_full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from soar_fast.distributed.checkpoint import (
+    export_full_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from soar_fast.distributed.config import ParallelConfig
-from soar_fast.distributed.env import DistEnv, build_device_mesh, cleanup, init_distributed, is_main_process
+from soar_fast.distributed.env import (
+    DistEnv,
+    build_device_mesh,
+    cleanup,
+    init_distributed,
+    is_main_process,
+)
 from soar_fast.distributed.loss import global_loss_value, global_soar_loss
 from soar_fast.distributed.parallelize import parallelize_sd3, unwrap_name
 from soar_fast.distributed.sampler import ResumableDistributedSampler
@@ -78,8 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="run folder: losses.jsonl, ckpt/, export/")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global_batch", type=int, default=4, help="split evenly over ranks")
-    p.add_argument("--local_batch_sizes", type=str, default=None,
-                   help="uneven split of the global batch, e.g. '3,1' (one entry per rank)")
     p.add_argument("--dataset_size", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_layers", type=int, default=2)
@@ -171,19 +180,19 @@ def _truncate_log(path: Path, step: int) -> None:
 class _Batches:
     """Local batches from the resumable sampler, rolling over epochs."""
 
-    def __init__(self, sampler: ResumableDistributedSampler, take: int, offset: int, count: int):
-        self.sampler, self.take, self.offset, self.count = sampler, take, offset, count
+    def __init__(self, sampler: ResumableDistributedSampler, size: int):
+        self.sampler, self.size = sampler, size
         self.it = iter(sampler)
 
     def next(self) -> list[int]:
         got: list[int] = []
-        while len(got) < self.take:
+        while len(got) < self.size:
             try:
                 got.append(next(self.it))
             except StopIteration:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
                 self.it = iter(self.sampler)
-        return got[self.offset : self.offset + self.count]
+        return got
 
     def restart(self) -> None:
         self.it = iter(self.sampler)
@@ -205,20 +214,12 @@ def train(args: argparse.Namespace) -> list[float]:
         out_dir.mkdir(parents=True, exist_ok=True)
     counter = _CollectiveCounter() if args.count_collectives and env.distributed else None
 
-    # Data: even split through the distributed sampler, or an explicit uneven split of one order.
+    # Data: each rank takes its shard of the epoch order, global_batch / world_size per step.
     data = SyntheticLatents(args.dataset_size, args.seed)
-    if args.local_batch_sizes:
-        sizes = [int(s) for s in args.local_batch_sizes.split(",")]
-        if len(sizes) != env.world_size:
-            raise ValueError(f"--local_batch_sizes has {len(sizes)} entries for {env.world_size} ranks")
-        sampler = ResumableDistributedSampler(data, num_replicas=1, rank=0, seed=args.seed)
-        batches = _Batches(sampler, sum(sizes), sum(sizes[: env.rank]), sizes[env.rank])
-    else:
-        if args.global_batch % env.world_size:
-            raise ValueError(f"--global_batch {args.global_batch} is not a multiple of {env.world_size} ranks")
-        local = args.global_batch // env.world_size
-        sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, seed=args.seed)
-        batches = _Batches(sampler, local, 0, local)
+    if args.global_batch % env.world_size:
+        raise ValueError(f"--global_batch {args.global_batch} is not a multiple of {env.world_size} ranks")
+    sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, seed=args.seed)
+    batches = _Batches(sampler, args.global_batch // env.world_size)
 
     model = build_sd3_transformer("tiny", seed=args.seed, num_layers=args.num_layers).to(device)
     model = parallelize_sd3(model, pcfg, mesh)
