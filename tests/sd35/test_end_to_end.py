@@ -123,3 +123,18 @@ def test_lora_train_save_load_sample(tiny_cache, tiny_sd3_dir, tmp_path):
     assert (out / "vae").is_symlink() and not (out / "transformer").is_symlink()
     merged_imgs = _sample(tmp_path, "merged", pretrained_model_name_or_path=str(out))
     assert np.abs(merged_imgs.astype(int) - lora_imgs.astype(int)).max() <= 2
+
+
+def test_builtin_exposure_bias_runs_on_cached_sd3_data(tiny_cache, tiny_sd3_dir):
+    """The built-in metric needs no external scorer: the SD3 adapter plus a cached batch."""
+    from soar_fast.eval.metrics import exposure_bias
+
+    cache_cfg, _ = tiny_cache
+    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cache_cfg.output_dir, batch_size=3, num_workers=0,
+                                                 shuffle=False))
+    z0, pe, pooled = next(iter(loader))
+    vf = SD3VelocityFn(load_sd3_transformer(tiny_sd3_dir))
+    out = exposure_bias(vf, z0, (pe, pooled), load_empty_prompt(cache_cfg.output_dir), num_steps=8,
+                        guidance_scale=4.5, shift=3.0, window=2, num_sigmas=3, seed=0)
+    assert len(out["sigma"]) == 3 and all(np.isfinite(out[k]).all() for k in out)
+    assert all(d > 0 for d in out["drift"])  # a random model leaves the trajectory
