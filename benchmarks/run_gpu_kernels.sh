@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET SOAR_FAST_POISON_OUTPUTS
-python -c "import torch, triton, json; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name()}))" > "$OUT/env.json" || exit 1
+python -c "import torch, triton, json; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)'}))" > "$OUT/env.json" || exit 1
 # pytest-benchmark may be missing on the GPU image: clear the ini addopts (--benchmark-disable) and
 # keep the plugin off; the rows carry do_bench quantiles.
 PYTEST="python -m pytest -q -p no:cacheprovider -p no:benchmark -o addopts=-ra"
