@@ -4,9 +4,12 @@
 # last, so a timeout only loses those rows). Writes into OUTDIR:
 #   env.json, native_build.log, gpu_ops_tests.xml, kernels.jsonl (rows as measured),
 #   kernels.json (rows + speedup rows), kernels.md (table + goal checks)
-#   bash benchmarks/run_gpu_kernels.sh OUTDIR          # SOAR_FAST_BENCH_FULL=1 for more shapes/dtypes
+#   bash benchmarks/run_gpu_kernels.sh OUTDIR [--bench-only]   # SOAR_FAST_BENCH_FULL=1: more shapes/dtypes
+# --bench-only skips the parity tests (for a caller that already ran `pytest -m cuda tests`). The
+# summary is rewritten after each stage, so an outer timeout keeps what was measured.
 set -uo pipefail
-OUT=${1:?usage: run_gpu_kernels.sh OUTDIR}
+OUT=${1:?usage: run_gpu_kernels.sh OUTDIR [--bench-only]}
+MODE=${2:-}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -29,7 +32,9 @@ GEN=""; command -v ninja >/dev/null && GEN="-G Ninja"
 build_pid=$!
 
 # 2. CUDA parity tests of the fused ops (Triton; native below once built).
-run timeout 300 $PYTEST -m cuda tests/ops --junitxml="$OUT/gpu_ops_tests.xml"
+if [ "$MODE" != "--bench-only" ]; then
+  run timeout 300 $PYTEST -m cuda tests/ops --junitxml="$OUT/gpu_ops_tests.xml"
+fi
 wait $build_pid && LIB="$BUILD/kernels/libsoar_fast_native.so" || LIB=""
 if [ -n "$LIB" ] && [ -f "$LIB" ]; then
   export SOAR_FAST_NATIVE_LIB=$PWD/$LIB
@@ -40,7 +45,9 @@ fi
 
 # 3. Microbenchmarks: JSONL rows appended as measured.
 export SOAR_FAST_BENCH_JSON="$OUT/kernels.jsonl"
+summary() { python benchmarks/micro/summarize.py "$OUT/kernels.jsonl" --json "$OUT/kernels.json" --md "$OUT/kernels.md" > /dev/null; }
 run timeout 400 $PYTEST benchmarks/micro -k "not torch_compile"
+summary
 run timeout 400 $PYTEST benchmarks/micro -k "torch_compile"
 run python benchmarks/micro/summarize.py "$OUT/kernels.jsonl" --json "$OUT/kernels.json" --md "$OUT/kernels.md"
 echo "kernels done (status $status); results in $OUT"

@@ -80,7 +80,7 @@ def _aux_states_kernel(
 # CUDA: a few configs autotuned per (N, M) (the interpreter cannot autotune; it gets one config
 # with large blocks, since its cost is per program).
 _CUDA_CONFIGS = [
-    triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))
+    triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8))
 ]
 _aux_states_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(
     _aux_states_kernel

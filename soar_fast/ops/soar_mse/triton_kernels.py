@@ -119,7 +119,7 @@ def _fused_mse_kernel(
 # (zero-filled, so columns a larger block leaves unwritten add nothing). The interpreter cannot
 # autotune: one config with large blocks (its cost is per program).
 _CUDA_CONFIGS = [
-    triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))
+    triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8))
 ]
 _MIN_CUDA_BLOCK = min(c.kwargs["BLOCK"] for c in _CUDA_CONFIGS)
 _fused_mse_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(_fused_mse_kernel)
