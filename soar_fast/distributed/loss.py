@@ -28,7 +28,8 @@ def global_soar_loss(out: SoarOutput, config: SoarConfig, group: dist.ProcessGro
 
     'points': W·(Σ_local L_base + λ Σ_local L_aux) / (B_g + λ·(M·B)_g).
     'sum':    W·(Σ_local L_base / B_g + λ Σ_local L_aux / (M·B)_g).
-    Without a process group (or world 1) this equals `out.loss`.
+    Without a process group (or world 1) this equals `out.loss`. Every rank needs at least one
+    sample: a rank without one would skip the model's forward and its FSDP collectives.
     """
     base, aux = out.base_losses, out.aux_losses
     counts = torch.tensor([base.numel(), aux.numel()], dtype=torch.float64, device=base.device)
