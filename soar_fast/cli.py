@@ -36,6 +36,7 @@ TRAIN_EXTRA = """Before the flags below, `train` takes:
   --recipe NAME   start from a recipe ({recipes}); default: the TrainConfig defaults
   --config FILE   apply a .toml/.yaml/.json file of sections on top of the recipe
   --resume        shorthand for --resume_from_checkpoint latest
+
 Flags then override single fields (`--section.field value`; diffusers names such as
 --learning_rate, --train_batch_size, --max_train_steps, --output_dir work without the section)."""
 
@@ -84,7 +85,8 @@ def _tyro_parse(cls: type, args: Sequence[str], prog: str, description: str, def
     import tyro
 
     buf = io.StringIO()
-    kwargs: dict[str, Any] = {"prog": prog, "description": description, "args": list(args)}
+    kwargs: dict[str, Any] = {"prog": prog, "description": description, "args": list(args),
+                              "use_underscores": True}
     if default is not None:
         kwargs["default"] = default
     try:

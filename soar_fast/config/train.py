@@ -23,8 +23,11 @@ from soar_fast.config.errors import ConfigError
 from soar_fast.config.soar import SoarConfig
 
 try:  # tyro is a dependency of the CLI; the config works without it (markers become no-ops).
+    from tyro.conf import Suppress as _Suppress
     from tyro.conf import arg as _tyro_arg
 except ImportError:  # pragma: no cover
+    _Suppress = None
+
     def _tyro_arg(**_: Any) -> None:  # type: ignore[misc]
         return None
 
@@ -268,8 +271,8 @@ class RuntimeConfig:
 class TrainConfig:
     """Everything a `soar-fast train` run needs. SFT is `--soar.num_aux 0`."""
 
-    recipe: str = "custom"
-    """Name of the recipe this config started from (informational)."""
+    recipe: Annotated[str, _Suppress] = "custom"
+    """Name of the recipe this config started from (informational; set by --recipe)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The transformer."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -377,9 +380,13 @@ class DemoConfig:
     """Seed of both post-training runs (equal seeds) and of evaluation."""
     progress_bar: bool = True
     """Show tqdm bars."""
+    num_threads: int = 0
+    """torch intra-op threads for every phase (0: torch's default, one per core)."""
 
     def __post_init__(self) -> None:
         _check_sampling(self.num_samples, self.num_inference_steps, self.guidance_scale, self.seed)
+        if not _int(self.num_threads, 0):
+            _fail("num_threads", self.num_threads, "need an integer >= 0 (0: one per core)")
         for name in ("pretrain_steps", "post_train_steps"):
             v = getattr(self, name)
             if v is not None and not _int(v, 1):

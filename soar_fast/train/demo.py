@@ -33,6 +33,7 @@ def base_cache_dir(cfg: TrainConfig) -> Path:
     """~/.cache/soar_fast/digits-base-<hash of the pretraining config> (or under $SOAR_FAST_CACHE)."""
     d = config_to_dict(cfg)
     d["runtime"].pop("output_dir")
+    d["runtime"].pop("num_threads")
     d["logging"].pop("progress_bar")
     key = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SOAR_FAST_CACHE", Path.home() / ".cache" / "soar_fast"))
@@ -57,6 +58,7 @@ def _pretrain(dc: DemoConfig, out: Path) -> tuple[Path, dict[str, Any]]:
         cfg.optim.max_train_steps = dc.pretrain_steps
     cfg.logging.progress_bar = dc.progress_bar
     base = Path(dc.base_dir) if dc.base_dir else base_cache_dir(cfg)
+    cfg.runtime.num_threads = dc.num_threads
     if not dc.reuse_base:
         base = out / "base-local"
     summary = base / "train_summary.json"
@@ -78,6 +80,7 @@ def _post_train(name: str, recipe: str, dc: DemoConfig, base: Path, out: Path) -
     cfg.runtime.output_dir = str(out / name)
     cfg.runtime.seed = dc.seed
     cfg.logging.progress_bar = dc.progress_bar
+    cfg.runtime.num_threads = dc.num_threads
     if dc.post_train_steps is not None:
         cfg.optim.max_train_steps = dc.post_train_steps
     print(f"post-training with {name.upper()} ({cfg.optim.max_train_steps} steps, num_aux={cfg.soar.num_aux})")
@@ -90,6 +93,8 @@ def _post_train(name: str, recipe: str, dc: DemoConfig, base: Path, out: Path) -
 def run_demo(dc: DemoConfig) -> Path:
     """The whole demo; returns the report path (also printed)."""
     t0 = time.perf_counter()
+    if dc.num_threads:
+        torch.set_num_threads(dc.num_threads)
     out = Path(dc.output_dir)
     _prepare_output(out)
     base, base_train = _pretrain(dc, out)

@@ -1,0 +1,72 @@
+"""Checkpoints: atomic writes, keep-last-N, corrupt/truncated fallback, refusal."""
+
+import logging
+
+import pytest
+import torch
+
+from soar_fast.train import CheckpointError, Trainer, find_checkpoints
+from soar_fast.train import checkpoint as ckpt_mod
+
+
+def _trained(tmp_path, make_cfg, steps=4, every=2, limit=3):
+    t = Trainer(make_cfg(tmp_path / "run", steps=steps, checkpointing_steps=every,
+                         checkpoint__checkpoints_total_limit=limit))
+    t.train()
+    return t
+
+
+def test_keeps_the_last_n_checkpoints(tmp_path, make_cfg):
+    _trained(tmp_path, make_cfg, steps=6, every=1, limit=2)
+    assert [p.name for p in find_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-6", "checkpoint-5"]
+
+
+def test_an_interrupted_write_leaves_the_last_good_checkpoint_loadable(tmp_path, make_cfg, monkeypatch):
+    t = _trained(tmp_path, make_cfg, steps=2, every=2)
+    good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train_step()
+
+    def crash(*a, **k):  # dies after model.safetensors is written, before optimizer/manifest
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        t.save()
+    monkeypatch.undo()
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in find_checkpoints(root)] == ["checkpoint-2"]
+    assert any(p.name.startswith(".tmp-checkpoint-3") for p in root.iterdir())  # the debris is ignored
+    fresh = Trainer(make_cfg(tmp_path / "run", steps=4, checkpointing_steps=2,
+                             checkpoint__resume_from_checkpoint="latest"))
+    assert fresh.step == 2
+    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in good.items())
+
+
+def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, make_cfg, caplog):
+    _trained(tmp_path, make_cfg, steps=4, every=2)
+    newest = tmp_path / "run" / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING):
+        t = Trainer(make_cfg(tmp_path / "run", steps=4, checkpoint__resume_from_checkpoint="latest"))
+    assert t.step == 2
+    assert "checkpoint-4 is unusable" in caplog.text and "truncated" in caplog.text
+    assert newest.exists()  # nothing already written is deleted
+
+
+def test_a_corrupt_byte_is_detected(tmp_path, make_cfg):
+    _trained(tmp_path, make_cfg, steps=2, every=2)
+    f = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"sha256 mismatch.*start fresh in a new --output_dir"):
+        ckpt_mod.load_checkpoint([f.parent], model=torch.nn.Linear(1, 1), optimizer=None, generator=None)
+
+
+def test_an_explicit_corrupt_checkpoint_is_refused_not_replaced(tmp_path, make_cfg):
+    _trained(tmp_path, make_cfg, steps=4, every=2)
+    target = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    (target / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="no loadable checkpoint"):
+        Trainer(make_cfg(tmp_path / "run", steps=4, checkpoint__resume_from_checkpoint=str(target)))
