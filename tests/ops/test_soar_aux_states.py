@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from soar_ops_cases import LOWP, assert_close_to_oracle, layout, sigmas
+from soar_ops_cases import LOWP, assert_close_to_oracle, cpu_cases, layout, sigmas
 
 from soar_fast.ops import soar_aux_states, soar_aux_z
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
@@ -60,8 +60,7 @@ def _check(outs, oracle, args, dtype, name):
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,m", SHAPES)
+@pytest.mark.parametrize("shape,m,dtype", cpu_cases(SHAPES, DTYPES))
 def test_aux_states_parity(request, backend, shape, m, dtype):
     backend = _backend(request, backend)
     args, oracle = make_case(shape, m, dtype)

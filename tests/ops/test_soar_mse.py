@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from soar_ops_cases import LOWP, assert_close_to_oracle, layout, sigmas
+from soar_ops_cases import LOWP, assert_close_to_oracle, cpu_cases, layout, sigmas
 
 from soar_fast.config import SoarConfig
 from soar_fast.loss.schedule import loss_weight
@@ -80,8 +80,7 @@ def _check(args, grad, backend, dtype, name):
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,m", SHAPES)
+@pytest.mark.parametrize("shape,m,dtype", cpu_cases(SHAPES, DTYPES))
 def test_fused_mse_parity(request, backend, shape, m, dtype):
     backend = _backend(request, backend)
     args, grad = make_case(shape, m, dtype)
@@ -110,8 +109,7 @@ def _check_and_grad(args, backend, dtype, name):
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,m", SHAPES)
+@pytest.mark.parametrize("shape,m,dtype", cpu_cases(SHAPES, DTYPES))
 def test_fused_mse_and_grad_parity(request, backend, shape, m, dtype):
     backend = _backend(request, backend)
     args, _ = make_case(shape, m, dtype)
