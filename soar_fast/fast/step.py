@@ -2,8 +2,8 @@
 
 Same math and same draws as the eager reference (`soar_fast.loss.soar`), arranged for speed:
 the rollout runs through a `RolloutEngine` (eager | CUDA graph | FP8), z' comes from the fused
-aux-state op, and the per-row losses from the fused MSE op, which recomputes the correction
-targets from z' instead of reading stored ones. With `micro_chunks > 1` the batch is split into
+aux-state op (v_corr is never stored), and the per-row losses and dL/dv come from one pass of
+the fused loss op, which recomputes the correction targets from z'. With `micro_chunks > 1` the batch is split into
 sample groups that each run forward and backward alone (same gradient, less activation memory),
 so this function performs the backward pass itself when `backward=True`.
 """
@@ -18,7 +18,7 @@ from soar_fast.fast.rollout import RolloutEngine
 from soar_fast.loss.cond import Cond, as_tuple, broadcast_uncond, like, repeat_cond, where_cond
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn
-from soar_fast.ops import soar_aux_z, soar_fused_mse
+from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
 
 __all__ = ["batched_soar_step", "row_coefficients"]
 
@@ -88,17 +88,26 @@ def batched_soar_step(
         z_in = torch.cat([z_t[idx], z_aux.view(m, b, *z0.shape[1:])[:, idx].reshape(-1, *z0.shape[1:])])
         sig_in = torch.cat([sigma0[idx], sa.reshape(-1)])
         cond_in = repeat_cond(like(cond, [c[idx] for c in as_tuple(cond)]), 1 + m)
+        w = loss_weight(sig_in, config.weighting)
         with nvtx_range("soar/forward"):
             v = velocity_fn(z_in, sig_in, cond_in)
-            losses = soar_fused_mse(v, z0[idx], z1[idx], z_in[idx.numel():], sa,
-                                    loss_weight(sig_in, config.weighting), backend=ops_backend)
-            chunk_loss = (coeff[rows].to(losses.dtype) * losses).sum()
         if backward:
+            # one pass for loss and dL/dv, the row coefficients folded into the weights; then
+            # backpropagate through the model only
+            with nvtx_range("soar/loss_and_grad"):
+                c = coeff[rows]
+                losses_c, grad_v = soar_fused_mse_and_grad(v, z0[idx], z1[idx], z_in[idx.numel():], sa, w * c,
+                                                           backend=ops_backend)
+                c = c.to(losses_c.dtype)
+                losses = torch.where(c > 0, losses_c / c.clamp_min(1e-30), torch.zeros_like(losses_c))
+                chunk_loss = losses_c.sum()
             with nvtx_range("soar/backward"):
-                chunk_loss.backward()
-            chunk_loss = chunk_loss.detach()
+                v.backward(grad_v)
+        else:
+            losses = soar_fused_mse(v, z0[idx], z1[idx], z_in[idx.numel():], sa, w, backend=ops_backend)
+            chunk_loss = (coeff[rows].to(losses.dtype) * losses).sum()
         total = total + chunk_loss
-        row_losses.append((rows, losses.detach() if backward else losses))
+        row_losses.append((rows, losses))
 
     all_losses = torch.empty((1 + m) * b, device=z0.device, dtype=row_losses[0][1].dtype)
     if not backward:
