@@ -20,7 +20,7 @@ from soar_fast.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from soar_fast.distributed.loss import global_loss_value, global_soar_loss
+from soar_fast.distributed.loss import global_loss_value, global_metrics, global_soar_loss
 from soar_fast.distributed.parallelize import parallelize_sd3
 from soar_fast.distributed.sampler import ResumableDistributedSampler
 
@@ -37,6 +37,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "global_loss_value",
+    "global_metrics",
     "global_soar_loss",
     "init_distributed",
     "is_main_process",

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from soar_fast.config import SoarConfig
 from soar_fast.loss import SoarOutput
 
-__all__ = ["global_loss_value", "global_soar_loss"]
+__all__ = ["global_loss_value", "global_metrics", "global_soar_loss"]
 
 
 def _active(group: dist.ProcessGroup | None) -> bool:
@@ -58,3 +58,23 @@ def global_loss_value(local_loss: torch.Tensor, group: dist.ProcessGroup | None 
         return float(v)
     dist.all_reduce(v, op=dist.ReduceOp.SUM, group=group)
     return float(v) / dist.get_world_size(group)
+
+
+def global_metrics(out: SoarOutput, config: SoarConfig, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Loss, base loss and aux loss over the global batch (one all-reduce), for logging.
+
+    'loss' equals `global_loss_value(global_soar_loss(out, config))` without a second collective.
+    """
+    base, aux = out.base_losses.detach(), out.aux_losses.detach()
+    t = torch.stack([base.sum(), aux.sum()]).to(torch.float64)
+    t = torch.cat([t, torch.tensor([base.numel(), aux.numel()], dtype=torch.float64, device=t.device)])
+    if _active(group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    s_base, s_aux, n_base, n_aux = t.tolist()
+    lam = config.lambda_aux
+    if config.normalization == "points":
+        loss = (s_base + lam * s_aux) / (n_base + lam * n_aux)
+    else:
+        loss = s_base / n_base + (lam * s_aux / n_aux if n_aux else 0.0)
+    return {"loss": loss, "base_loss": s_base / n_base, "aux_loss": s_aux / n_aux if n_aux else 0.0,
+            "num_samples": n_base, "num_aux_points": n_aux}

@@ -40,7 +40,7 @@ from soar_fast.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from soar_fast.distributed.loss import global_loss_value, global_soar_loss
+from soar_fast.distributed.loss import global_metrics, global_soar_loss
 from soar_fast.distributed.parallelize import parallelize_sd3, unwrap_name
 from soar_fast.distributed.sampler import ResumableDistributedSampler
 from soar_fast.loss import SoarDraws, sample_draws, soar_loss_from_draws
@@ -267,10 +267,12 @@ def train(args: argparse.Namespace) -> list[float]:
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         opt.step()
-        value = global_loss_value(loss) if env.distributed else float(loss.detach())
+        gm = global_metrics(out, cfg)  # global-batch means (one all-reduce)
+        value = gm["loss"] if env.distributed else float(loss.detach())
         losses.append(value)
-        row = {"step": step, "loss": value, "grad_norm": float(grad_norm), "world_size": env.world_size,
-               "local_batch": len(idx), "time_s": time.perf_counter() - t0}
+        row = {"step": step, "loss": value, "base_loss": gm["base_loss"], "aux_loss": gm["aux_loss"],
+               "grad_norm": float(grad_norm), "world_size": env.world_size, "local_batch": len(idx),
+               "time_s": time.perf_counter() - t0}
         if counter is not None:
             row["collectives"] = counter.pop()
         if is_main_process():

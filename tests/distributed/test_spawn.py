@@ -26,7 +26,7 @@ def _formula(base: torch.Tensor, aux: torch.Tensor, lam: float, normalization: s
 
 def _check_loss_normalisation(rank: int) -> None:
     from soar_fast import SoarConfig
-    from soar_fast.distributed import global_loss_value, global_soar_loss
+    from soar_fast.distributed import global_loss_value, global_metrics, global_soar_loss
     from soar_fast.loss import SoarOutput
 
     sizes = (3, 1)  # uneven local batches
@@ -57,6 +57,11 @@ def _check_loss_normalisation(rank: int) -> None:
                 ref_grads = torch.cat([ref_b.grad, ref_a.grad.flatten() if m else ref_a.detach().flatten()])
                 torch.testing.assert_close(grads, ref_grads, rtol=1e-12, atol=1e-15)
                 assert global_loss_value(loss) == pytest.approx(ref.item(), rel=1e-12), (m, lam, norm)
+                gm = global_metrics(out, cfg)
+                assert gm["loss"] == pytest.approx(ref.item(), rel=1e-12)
+                assert gm["base_loss"] == pytest.approx(base_all.mean().item(), rel=1e-12)
+                assert gm["aux_loss"] == pytest.approx(aux_all.mean().item() if m else 0.0, rel=1e-12)
+                assert (gm["num_samples"], gm["num_aux_points"]) == (sum(sizes), m * sum(sizes))
 
 
 def _check_sd3_step(rank: int, shard: str, shard_degree: int | None, sizes: tuple[int, int], norm: str) -> None:
