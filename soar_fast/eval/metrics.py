@@ -43,8 +43,10 @@ def exposure_bias(velocity_fn, z0: torch.Tensor, cond: Any, uncond: Any, *, num_
     steps earlier, z_{σ_j} = (1 − σ_j) z0 + σ_j z1, run the model's own CFG Euler steps to σ_k,
     reaching ẑ, and measure mean((v_θ(ẑ, σ_k, c) − (ẑ − z0)/σ_k)²) — the SOAR correction target,
     the velocity that lands on z0 — against mean((v_θ(z_σk, σ_k, c) − (z1 − z0))²) on the true
-    state (the two targets coincide when ẑ = z_σk). Also reports the state drift rms(ẑ − z_σk).
-    Returns lists over the probed sigmas (descending): sigma, err_own, err_true, drift.
+    state (the two targets coincide when ẑ = z_σk). Also reports the state drift rms(ẑ − z_σk)
+    and both errors times σ² (`x0_own`, `x0_true`): the MSE of the one-step clean-image estimate
+    z − σ v, comparable across sigmas (the velocity errors grow like 1/σ²).
+    Returns lists over the probed sigmas (descending): sigma, err_own, err_true, x0_own, x0_true, drift.
     """
     g = torch.Generator().manual_seed(seed)
     z0 = z0.float()
@@ -52,7 +54,7 @@ def exposure_bias(velocity_fn, z0: torch.Tensor, cond: Any, uncond: Any, *, num_
     sig = sampler_sigmas(num_steps, shift, z0.device)
     ks = np.unique(np.linspace(1, num_steps - 1, min(num_sigmas, num_steps - 1)).round().astype(int))
     ub = _expand(uncond, z0.shape[0])
-    out: dict[str, list[float]] = {"sigma": [], "err_own": [], "err_true": [], "drift": []}
+    out: dict[str, list[float]] = {k: [] for k in ("sigma", "err_own", "err_true", "x0_own", "x0_true", "drift")}
     for k in ks.tolist():
         j = max(k - window, 0)
         z = (1 - sig[j]) * z0 + sig[j] * z1
@@ -67,4 +69,6 @@ def exposure_bias(velocity_fn, z0: torch.Tensor, cond: Any, uncond: Any, *, num_
         out["err_own"].append(((v_own - (z - z0) / sig[k]) ** 2).mean().item())
         out["err_true"].append(((v_true - (z1 - z0)) ** 2).mean().item())
         out["drift"].append(((z - z_true) ** 2).mean().sqrt().item())
+        out["x0_own"].append(out["err_own"][-1] * float(sig[k]) ** 2)
+        out["x0_true"].append(out["err_true"][-1] * float(sig[k]) ** 2)
     return out
