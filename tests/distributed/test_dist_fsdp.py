@@ -7,7 +7,7 @@ Few launches, several checks each (a 2-rank launch costs ~15-25 s on 2 cores):
   elastic    torchrun --max-restarts 1, rank 1 exits at step 3 once; the restart loads on 2 ranks
 The oracle is the same harness run in this process without torchrun: a plain module, no FSDP, and
 the loss is `soar_loss`'s own `out.loss`. Uneven local batches and hybrid shard are checked in
-test_spawn.py (one SOAR step, in-process ranks).
+test_dist_spawn.py (one SOAR step, in-process ranks).
 """
 
 from __future__ import annotations
