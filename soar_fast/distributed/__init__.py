@@ -11,6 +11,7 @@ from soar_fast.distributed.checkpoint import (
 from soar_fast.distributed.config import ParallelConfig
 from soar_fast.distributed.env import (
     DistEnv,
+    all_ranks_true,
     barrier,
     build_device_mesh,
     cleanup,
@@ -28,6 +29,7 @@ __all__ = [
     "DistEnv",
     "ParallelConfig",
     "ResumableDistributedSampler",
+    "all_ranks_true",
     "barrier",
     "build_device_mesh",
     "cleanup",

@@ -133,6 +133,9 @@ def _worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         _check_loss_normalisation(rank)
+        from soar_fast.distributed import all_ranks_true
+
+        assert all_ranks_true(True) and not all_ranks_true(rank == 0) and not all_ranks_true(False)
         _check_sd3_step(rank, "full", None, (3, 1), "points")
         _check_sd3_step(rank, "hybrid", 1, (2, 2), "sum")  # mesh (2 replicas, 1 shard): HSDP
         _check_sd3_step(rank, "hybrid", 2, (1, 2), "points")  # mesh (1, 2): 2-D, sharded
