@@ -27,6 +27,7 @@ USAGE = """usage: soar-fast {train,sample,eval,demo,recipes} [flags]
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
   sample   write a grid of samples of a trained run
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
+           (`eval --prompts --help`: a prompt file through an SD3 pipeline, external scorers)
   demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
   recipes  list the recipes
 
@@ -140,9 +141,24 @@ def _cmd_sample(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_eval_prompts(argv: Sequence[str]) -> int:
+    from soar_fast.eval.external import ExternalEvalConfig, run_external_eval
+
+    cfg = _tyro_parse(ExternalEvalConfig, argv, "soar-fast eval --prompts", ExternalEvalConfig.__doc__ or "")
+    res = run_external_eval(cfg)
+    for name, s in res["scores"].items():
+        print(f"{name}: {s['mean']:.4f}")
+    print(f"written to {cfg.output_dir}/results.json")
+    return 0
+
+
 def _cmd_eval(argv: Sequence[str]) -> int:
     from soar_fast.config import EvalConfig
     from soar_fast.eval.evaluate import evaluate_run
+
+    if "--prompts" in argv or any(a.startswith("--prompt_file") for a in argv):
+        # Prompt-file evaluation of an SD3 pipeline with external scorers (soar_fast/eval/external.py).
+        return _cmd_eval_prompts([a for a in argv if a != "--prompts"])
 
     cfg = _tyro_parse(EvalConfig, argv, "soar-fast eval", EvalConfig.__doc__ or "")
     res = evaluate_run(cfg)

@@ -39,7 +39,7 @@ def digits_pretrain() -> TrainConfig:
         recipe="digits-pretrain",
         model=ModelConfig(preset="digits"),
         data=DataConfig(source="digits"),
-        optim=OptimConfig(learning_rate=1e-3, lr_warmup_steps=100, train_batch_size=64, max_train_steps=1200,
+        optim=OptimConfig(learning_rate=1e-3, lr_warmup_steps=100, train_batch_size=64, max_train_steps=1000,
                           adam_weight_decay=1e-2, max_grad_norm=1.0),
         soar=SoarConfig(num_aux=0, cond_dropout=0.1),
         checkpoint=CheckpointConfig(checkpointing_steps=400, checkpoints_total_limit=2),

@@ -295,8 +295,8 @@ class SampleConfig:
 
     run_dir: Annotated[str, _flat("run_dir")]
     """Run folder of `soar-fast train` (holds config.json and final/ or checkpoints/)."""
-    weights: Literal["final", "latest", "ema"] = "final"
-    """'final' model, 'latest' checkpoint, or the 'ema' weights of the final model."""
+    weights: Literal["final", "ema"] = "final"
+    """'final': <run_dir>/final/transformer; 'ema': the EMA weights (<run_dir>/final/transformer_ema)."""
     num_samples: Annotated[int, _flat("num_samples")] = 20
     """Images to draw (spread over the classes)."""
     class_label: int | None = None
@@ -322,8 +322,8 @@ class EvalConfig:
 
     run_dir: Annotated[str, _flat("run_dir")]
     """Run folder of `soar-fast train`."""
-    weights: Literal["final", "latest", "ema"] = "final"
-    """'final' model, 'latest' checkpoint, or the 'ema' weights of the final model."""
+    weights: Literal["final", "ema"] = "final"
+    """'final': <run_dir>/final/transformer; 'ema': the EMA weights (<run_dir>/final/transformer_ema)."""
     num_samples: Annotated[int, _flat("num_samples")] = 500
     """Generated images for accuracy and Frechet distance (spread evenly over the classes)."""
     num_inference_steps: Annotated[int, _flat("num_inference_steps")] = 40

@@ -102,7 +102,7 @@ def run_demo(dc: DemoConfig) -> Path:
     soar_cfg, soar_train = _post_train("soar", "digits-soar", dc, base, out)
 
     ec = EvalConfig(run_dir=str(out), num_samples=dc.num_samples, num_inference_steps=dc.num_inference_steps,
-                    guidance_scale=dc.guidance_scale, seed=dc.seed)
+                    guidance_scale=dc.guidance_scale, seed=dc.seed, exposure_samples=100, exposure_sigmas=10)
     results: dict[str, dict[str, Any]] = {}
     grids: dict[str, str] = {}
     for name, run in (("base", base), ("SFT", out / "sft"), ("SOAR", out / "soar")):

@@ -114,7 +114,7 @@ class Trainer:
             return None
         candidates = resolve_resume(resume, self.out / "checkpoints")
         if not candidates:
-            log.warning("no checkpoint in %s; starting a new run", self.out / "checkpoints")
+            log.info("no checkpoint in %s yet; starting a new run", self.out / "checkpoints")
             return None
         path, state = load_checkpoint(candidates, model=self.model, optimizer=self.optimizer,
                                       generator=self.generator, ema=self.ema)
