@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +236,9 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, oc, lc = self.cfg, self.cfg.optim, self.cfg.logging
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signals can only be caught in the main thread; elsewhere (a notebook worker) they keep their default.
+        old = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+               if threading.current_thread() is threading.main_thread() else {})
         bar = None
         if lc.progress_bar:
             from tqdm.auto import tqdm
@@ -275,7 +278,8 @@ class Trainer:
                 return result
             if result.last_checkpoint is None or not result.last_checkpoint.endswith(f"-{self.step}"):
                 result.last_checkpoint = str(self.save())
-            self.sample_grid()
+            if not (lc.validation_steps and self.step % lc.validation_steps == 0):
+                self.sample_grid()  # the final grid, unless the loop just wrote it
             if cfg.checkpoint.save_final_model:
                 result.final_model = str(self.save_final_model())
             (self.out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1))

@@ -91,3 +91,25 @@ def test_grad_accumulation_of_one_batch_matches_one_big_batch_in_loss_scale(tmp_
     t = Trainer(make_cfg(tmp_path / "r", steps=1, optim__gradient_accumulation_steps=3))
     m = t.train_step()
     assert t.sampler.position == 3 * t.cfg.optim.train_batch_size and math.isfinite(m["loss"])
+
+
+def test_bf16_autocast_trains_with_finite_losses(tmp_path, make_cfg):
+    t = Trainer(make_cfg(tmp_path / "r", steps=2, runtime__mixed_precision="bf16"))
+    t.train()
+    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train/loss"]) for r in rows) and t.nan_skipped == 0
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+def test_ema_weights_are_saved_beside_the_final_model(tmp_path, make_cfg):
+    from safetensors.torch import load_file
+
+    t = Trainer(make_cfg(tmp_path / "r", steps=3, optim__use_ema=True, optim__ema_decay=0.5, save_final_model=True))
+    t.train()
+    final = tmp_path / "r" / "final"
+    live = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(final / "transformer_ema" / "diffusion_pytorch_model.safetensors"))
+    assert live.keys() == ema.keys()
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
+    for n, p in t.model.named_parameters():  # the live weights are restored after writing the EMA
+        assert torch.equal(p.detach(), live[n])
