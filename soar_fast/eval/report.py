@@ -27,10 +27,10 @@ def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, rows in runs.items():
         steps = [r["step"] for r in rows]
-        for ax, key in zip(axes, ("train/base_loss", "train/loss", "train/aux_loss")):
+        for ax, key in zip(axes, ("train/base_loss", "train/loss", "train/aux_loss"), strict=True):
             ys = [r.get(key, float("nan")) for r in rows]
             ax.plot(steps, _smooth(ys), label=name)
-    for ax, title in zip(axes, ("base (SFT) term", "total loss", "auxiliary (SOAR) term")):
+    for ax, title in zip(axes, ("base (SFT) term", "total loss", "auxiliary (SOAR) term"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -60,7 +60,7 @@ def plot_exposure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         c = f"C{i}"
         axes[0].plot(eb["sigma"], eb["err_own"], "-o", color=c, ms=3, label=f"{name}: own sampler states")
         axes[0].plot(eb["sigma"], eb["err_true"], "--", color=c, label=f"{name}: true states")
-        gap = [a - b for a, b in zip(eb["x0_own"], eb["x0_true"])]
+        gap = [a - b for a, b in zip(eb["x0_own"], eb["x0_true"], strict=True)]
         axes[1].plot(eb["sigma"], gap, "-o", color=c, ms=3, label=name)
     axes[0].set_yscale("log")
     axes[0].set_title("velocity MSE")

@@ -29,7 +29,7 @@ def _expand(uncond: Any, n: int) -> Any:
 
 def _cat(a: Any, b: Any) -> Any:
     if isinstance(a, tuple):
-        return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
     return torch.cat([a, b])
 
 

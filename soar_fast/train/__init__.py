@@ -10,8 +10,13 @@ from soar_fast.train.build import (
     learning_rate_at,
     register_loss_step,
 )
-from soar_fast.train.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, save_checkpoint
-from soar_fast.train.trainer import TrainResult, Trainer, TrainingAborted, check_output_dir
+from soar_fast.train.checkpoint import (
+    CheckpointError,
+    find_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from soar_fast.train.trainer import Trainer, TrainingAborted, TrainResult, check_output_dir
 
 __all__ = [
     "LOSS_STEPS",

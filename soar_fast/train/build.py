@@ -6,6 +6,9 @@ Extension points (registries, keyed by config strings):
 - `LOSS_STEPS`: `RuntimeConfig.step` -> a factory `(model, soar_cfg) -> LossStep`, where
   `LossStep(z0, cond, uncond, generator) -> SoarOutput` computes one micro-batch's loss with all
   randomness drawn from `generator`. 'eager' is the reference `soar_loss` on an `SD3VelocityFn`.
+  A step that runs its own backward (e.g. a fused loss+grad) sets `handles_backward = True`; it is
+  then called with `grad_scale=1/gradient_accumulation_steps`, must accumulate `grad_scale`-scaled
+  gradients into the parameters, and returns the unscaled loss (detached is fine).
 """
 
 from __future__ import annotations

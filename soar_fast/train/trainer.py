@@ -30,7 +30,12 @@ from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.models import SD3VelocityFn
 from soar_fast.train.build import build_loss_step, build_model, build_optimizer, learning_rate_at
-from soar_fast.train.checkpoint import find_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from soar_fast.train.checkpoint import (
+    find_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from soar_fast.train.ema import EMA
 from soar_fast.train.logger import MetricsLogger
 
@@ -97,6 +102,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
         self.generator = torch.Generator(self.device).manual_seed(rt.seed + _GEN_SEED_OFFSET)
         self.loss_step = build_loss_step(rt.step, self.model, cfg.soar)
+        self._step_backprops = bool(getattr(self.loss_step, "handles_backward", False))
         self.uncond = tuple(t.to(self.device) for t in self.dataset.uncond())
         self.step, self.nan_skipped, self.nan_streak = 0, 0, 0
         self._stop_signal: int | None = None
@@ -155,12 +161,17 @@ class Trainer:
             z0, cond, _labels = self.dataset.batch(self.sampler.next_indices())
             z0 = z0.to(self.device)
             cond = tuple(t.to(self.device) for t in cond)
+            scale = 1.0 / oc.gradient_accumulation_steps
             with self._autocast():
-                out = self.loss_step(z0, cond, self.uncond, self.generator)
+                if self._step_backprops:  # a fused step accumulates its own (scaled) gradients
+                    out = self.loss_step(z0, cond, self.uncond, self.generator, grad_scale=scale)
+                else:
+                    out = self.loss_step(z0, cond, self.uncond, self.generator)
             if not torch.isfinite(out.loss).item():
                 finite = False
                 continue  # keep drawing the other micro-batches: data position and draws stay aligned
-            (out.loss / oc.gradient_accumulation_steps).backward()
+            if not self._step_backprops:
+                (out.loss * scale).backward()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / oc.gradient_accumulation_steps
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -115,4 +115,4 @@ def test_the_classifier_is_cached(clf_dir):
     mtime = (clf_dir / "classifier.safetensors").stat().st_mtime_ns
     b, _ = load_or_train_classifier(clf_dir)
     assert (clf_dir / "classifier.safetensors").stat().st_mtime_ns == mtime
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

@@ -8,7 +8,13 @@ import torch
 
 from soar_fast.config import ConfigError, OptimConfig
 from soar_fast.loss import SoarOutput
-from soar_fast.train import EagerStep, Trainer, TrainingAborted, learning_rate_at, register_loss_step
+from soar_fast.train import (
+    EagerStep,
+    Trainer,
+    TrainingAborted,
+    learning_rate_at,
+    register_loss_step,
+)
 from soar_fast.train.build import LOSS_STEPS
 
 
@@ -62,10 +68,10 @@ def test_a_nan_loss_skips_the_step_and_is_counted(tmp_path, make_cfg, nan_steps)
     exp_avg = {k: v["exp_avg"].clone() for k, v in t.optimizer.state.items()}
     m = t.train_step()  # the NaN step
     assert t.nan_skipped == 1 and m["nan_skipped"] == 1 and t.step == 2
-    assert all(torch.equal(p, q) for p, q in zip(before, t.model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(before, t.model.parameters(), strict=True))
     assert all(torch.equal(exp_avg[k], v["exp_avg"]) for k, v in t.optimizer.state.items())
     t.train_step()
-    assert t.nan_streak == 0 and any(not torch.equal(p, q) for p, q in zip(before, t.model.parameters()))
+    assert t.nan_streak == 0 and any(not torch.equal(p, q) for p, q in zip(before, t.model.parameters(), strict=True))
     rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] if (tmp_path / "r" / "metrics.jsonl").exists() else []
     assert all(math.isfinite(r["train/loss"]) for r in rows)
 
@@ -113,3 +119,33 @@ def test_ema_weights_are_saved_beside_the_final_model(tmp_path, make_cfg):
     assert any(not torch.equal(live[k], ema[k]) for k in live)
     for n, p in t.model.named_parameters():  # the live weights are restored after writing the EMA
         assert torch.equal(p.detach(), live[n])
+
+
+class _SelfBackward:
+    """A step that runs its own backward (as a fused loss+grad step does), with the grad scale."""
+
+    handles_backward = True
+
+    def __init__(self, model, soar):
+        self.inner, self.scales = EagerStep(model, soar), []
+
+    def __call__(self, z0, cond, uncond, generator, grad_scale=1.0):
+        out = self.inner(z0, cond, uncond, generator)
+        (out.loss * grad_scale).backward()
+        self.scales.append(grad_scale)
+        return SoarOutput(loss=out.loss.detach(), metrics=out.metrics, base_losses=out.base_losses.detach(),
+                          aux_losses=out.aux_losses.detach())
+
+
+def test_a_step_that_runs_its_own_backward_matches_the_eager_step(tmp_path, make_cfg):
+    register_loss_step("self_backward", _SelfBackward)
+    try:
+        kw = dict(steps=2, optim__gradient_accumulation_steps=2)
+        a = Trainer(make_cfg(tmp_path / "a", **kw))
+        a.train()
+        b = Trainer(make_cfg(tmp_path / "b", runtime__step="self_backward", **kw))
+        b.train()
+    finally:
+        LOSS_STEPS.pop("self_backward", None)
+    assert b.loss_step.scales == [0.5] * 4
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))

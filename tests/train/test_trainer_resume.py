@@ -6,7 +6,7 @@ from soar_fast.train import Trainer
 
 
 def _assert_same_state(a: Trainer, b: Trainer):
-    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q), f"parameter {n} differs"
     sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
@@ -41,4 +41,4 @@ def test_a_different_seed_gives_a_different_run(tmp_path, make_cfg):
     a.train()
     b = Trainer(make_cfg(tmp_path / "b", steps=2, runtime__seed=1))
     b.train()
-    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))
