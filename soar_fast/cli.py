@@ -97,7 +97,33 @@ def _tyro_parse(cls: type, args: Sequence[str], prog: str, description: str, def
         if e.code in (0, None):
             sys.stdout.write(buf.getvalue())
             raise
-        raise UsageError(_condense(buf.getvalue()) + f" (see `{prog} --help`)") from None
+        msg = _condense(buf.getvalue())
+        if msg.startswith("Unrecognized options") and "did you mean" not in msg:
+            msg += _suggest(msg, cls, default)
+        raise UsageError(msg + f" (see `{prog} --help`)") from None
+
+
+def _suggest(msg: str, cls: type, default: Any) -> str:
+    """'; did you mean --x?' for the first unknown flag close to a real one (read from --help)."""
+    import difflib
+
+    import tyro
+
+    buf = io.StringIO()
+    kwargs: dict[str, Any] = {"args": ["--help"], "use_underscores": True}
+    if default is not None:
+        kwargs["default"] = default
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            tyro.cli(cls, **kwargs)
+    except SystemExit:
+        pass
+    known = sorted(set(re.findall(r"--[A-Za-z][\w.]*", buf.getvalue())))
+    for word in (w.strip(",") for w in msg.split() if w.startswith("--")):
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
 
 
 def _parse_train(argv: Sequence[str]):

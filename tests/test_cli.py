@@ -95,7 +95,8 @@ def test_config_file_and_flags_override_the_recipe(tmp_path, capsys):
 
 def test_bad_recipe_field_and_types(capsys, tmp_path):
     _bad(capsys, ["train", "--recipe", "digits-sfft"], "unknown recipe", "did you mean 'digits-sft'")
-    _bad(capsys, ["train", *TINY, "--optim.learnig_rate", "1"], "Unrecognized options", "--optim.learnig_rate")
+    _bad(capsys, ["train", *TINY, "--optim.learnig_rate", "1"], "Unrecognized options", "did you mean --learning_rate?")
+    _bad(capsys, ["train", *TINY, "--num_aux", "1"], "--num_aux", "did you mean --soar.num_aux?")
     _bad(capsys, ["train", *TINY, "--learning_rate", "fast"], "could not convert", "fast")
     _bad(capsys, ["train", *TINY, "--learning_rate", "-1"], "optim.learning_rate", "> 0")
     _bad(capsys, ["train", *TINY, "--mixed_precision", "fp8"], "fp8", "bf16")
