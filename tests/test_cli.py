@@ -174,3 +174,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     step = verify_checkpoint(ckpts[0])["step"]
     assert 2 <= step < 100000
     assert not (out / "final").exists()
+
+
+def test_yaml_config_and_the_saved_json_round_trip(tmp_path):
+    pytest.importorskip("yaml")
+    from soar_fast.config import get_recipe, load_config_file, load_config_json, save_config_json
+
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  learning_rate: 5.0e-4\n  use_ema: true\nsoar:\n  sigma_hi_ratio: 1.5\n")
+    cfg = load_config_file(y, base=get_recipe("digits-soar"))
+    assert cfg.optim.learning_rate == 5e-4 and cfg.optim.use_ema and cfg.soar.sigma_hi_ratio == 1.5
+    assert cfg.soar.num_aux == get_recipe("digits-soar").soar.num_aux  # untouched fields keep the recipe's
+    save_config_json(cfg, tmp_path / "config.json")
+    assert load_config_json(tmp_path / "config.json") == cfg
