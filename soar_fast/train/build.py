@@ -6,9 +6,10 @@ Extension points (registries, keyed by config strings):
 - `LOSS_STEPS`: `RuntimeConfig.step` -> a factory `(model, soar_cfg) -> LossStep`, where
   `LossStep(z0, cond, uncond, generator) -> SoarOutput` computes one micro-batch's loss with all
   randomness drawn from `generator`. 'eager' is the reference `soar_loss` on an `SD3VelocityFn`.
-  A step that runs its own backward (e.g. a fused loss+grad) sets `handles_backward = True`; it is
+  A step that runs its own backward (e.g. a fused loss+grad) sets `performs_backward = True`; it is
   then called with `grad_scale=1/gradient_accumulation_steps`, must accumulate `grad_scale`-scaled
-  gradients into the parameters, and returns the unscaled loss (detached is fine).
+  gradients into the parameters, and returns the unscaled loss (detached is fine). A step with an
+  `after_optimizer_step()` method gets it called after every optimizer step.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ class EagerStep:
         return soar_loss(self.velocity_fn, z0, cond, uncond, self.soar, generator=generator)
 
 
-LOSS_STEPS: dict[str, Callable[[nn.Module, SoarConfig], LossStep]] = {"eager": EagerStep}
+def _fast_step(model: nn.Module, soar: SoarConfig) -> LossStep:
+    """`--runtime.step fast`: soar_fast.train.fast_step.FastStep (imported lazily: compile, FP8, graphs)."""
+    from soar_fast.train.fast_step import FastStep
+
+    return FastStep(model, soar)
+
+
+LOSS_STEPS: dict[str, Callable[[nn.Module, SoarConfig], LossStep]] = {"eager": EagerStep, "fast": _fast_step}
 
 
 def register_loss_step(name: str, factory: Callable[[nn.Module, SoarConfig], LossStep]) -> None:

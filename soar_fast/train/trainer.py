@@ -102,7 +102,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
         self.generator = torch.Generator(self.device).manual_seed(rt.seed + _GEN_SEED_OFFSET)
         self.loss_step = build_loss_step(rt.step, self.model, cfg.soar)
-        self._step_backprops = bool(getattr(self.loss_step, "handles_backward", False))
+        self._step_backprops = bool(getattr(self.loss_step, "performs_backward", False))
+        self._after_opt_step = getattr(self.loss_step, "after_optimizer_step", None)
         self.uncond = tuple(t.to(self.device) for t in self.dataset.uncond())
         self.step, self.nan_skipped, self.nan_streak = 0, 0, 0
         self._stop_signal: int | None = None
@@ -179,6 +180,8 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
+            if self._after_opt_step is not None:  # e.g. re-quantise a fast step's FP8 rollout weights
+                self._after_opt_step()
             if self.ema is not None:
                 self.ema.update(self.model)
             self.nan_streak = 0

@@ -89,7 +89,7 @@ def test_lr_warmup_is_linear_then_constant():
 
 
 def test_unknown_step_implementation_is_refused(tmp_path, make_cfg):
-    with pytest.raises(ConfigError, match="runtime.step='fused'.*choose one of"):
+    with pytest.raises(ConfigError, match="runtime.step='fused'.*choose one of eager, fast"):
         Trainer(make_cfg(tmp_path / "r", runtime__step="fused"))
 
 
@@ -124,10 +124,13 @@ def test_ema_weights_are_saved_beside_the_final_model(tmp_path, make_cfg):
 class _SelfBackward:
     """A step that runs its own backward (as a fused loss+grad step does), with the grad scale."""
 
-    handles_backward = True
+    performs_backward = True
 
     def __init__(self, model, soar):
-        self.inner, self.scales = EagerStep(model, soar), []
+        self.inner, self.scales, self.after = EagerStep(model, soar), [], 0
+
+    def after_optimizer_step(self):
+        self.after += 1
 
     def __call__(self, z0, cond, uncond, generator, grad_scale=1.0):
         out = self.inner(z0, cond, uncond, generator)
@@ -147,5 +150,5 @@ def test_a_step_that_runs_its_own_backward_matches_the_eager_step(tmp_path, make
         b.train()
     finally:
         LOSS_STEPS.pop("self_backward", None)
-    assert b.loss_step.scales == [0.5] * 4
+    assert b.loss_step.scales == [0.5] * 4 and b.loss_step.after == 2
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))
