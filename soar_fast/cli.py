@@ -1,4 +1,4 @@
-"""`soar-fast`: train | sample | eval | demo | recipes. Thin: parse -> build -> run.
+"""`soar-fast`: train | sample | eval | demo | parity | recipes. Thin: parse -> build -> run.
 
     soar-fast train --recipe digits-soar --learning_rate 1e-4 --output_dir runs/x
     soar-fast train --config my.toml --max_train_steps 500 --resume
@@ -22,13 +22,14 @@ from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: soar-fast {train,sample,eval,demo,recipes} [flags]
+USAGE = """usage: soar-fast {train,sample,eval,demo,parity,recipes} [flags]
 
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
   sample   write a grid of samples of a trained run
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
            (`eval --prompts --help`: a prompt file through an SD3 pipeline, external scorers)
   demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
+  parity   the same SOAR step through every fast variant vs the eager reference (exit 1 on a failure)
   recipes  list the recipes
 
 `soar-fast <command> --help` explains every flag."""
@@ -206,6 +207,12 @@ def _cmd_demo(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_parity(argv: Sequence[str]) -> int:
+    from soar_fast.fast.parity import main as parity_main
+
+    return parity_main(list(argv))
+
+
 def _cmd_recipes(argv: Sequence[str]) -> int:
     from soar_fast.config import RECIPES
 
@@ -215,7 +222,7 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
-            "recipes": _cmd_recipes}
+            "parity": _cmd_parity, "recipes": _cmd_recipes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from soar_fast.config.errors import ConfigError
+from soar_fast.config.fast import FastConfig
 from soar_fast.config.soar import SoarConfig
 
 try:  # tyro is a dependency of the CLI; the config works without it (markers become no-ops).
@@ -248,7 +249,8 @@ class RuntimeConfig:
     device: str = "cpu"
     """torch device, e.g. 'cpu' or 'cuda'."""
     step: str = "eager"
-    """Loss-step implementation (soar_fast.train.step registry): 'eager' is the reference soar_loss."""
+    """Loss-step implementation (soar_fast.train.build registry): 'eager' is the reference soar_loss,
+    'fast' the batched step with fused ops configured by the `fast` section."""
     num_threads: int = 0
     """torch intra-op threads (0: torch's default)."""
 
@@ -287,6 +289,8 @@ class TrainConfig:
     """Logging and sample grids."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Output folder, seed, precision, device, step implementation."""
+    fast: FastConfig = field(default_factory=FastConfig)
+    """The fast step (`--runtime.step fast`): batched passes, rollout mode, compile, FP8, attention."""
 
 
 @dataclass(kw_only=True)

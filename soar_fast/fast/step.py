@@ -46,10 +46,12 @@ def batched_soar_step(
     ops_backend: str = "auto",
     micro_chunks: int = 1,
     backward: bool = True,
+    grad_scale: float = 1.0,
 ) -> SoarOutput:
     """One SOAR step with the given draws. With `backward=True` gradients are accumulated into
     the parameters and `.loss` is detached; with `backward=False` (needs micro_chunks=1) `.loss`
-    keeps its graph, like `soar_loss`."""
+    keeps its graph, like `soar_loss`. `grad_scale` multiplies the gradient only (e.g. 1/k for k
+    accumulated micro-batches); `.loss` stays the unscaled SOAR loss."""
     if not backward and micro_chunks != 1:
         raise ValueError("batched_soar_step: micro_chunks > 1 runs backward per chunk; pass backward=True")
     z0 = z0.float() if z0.dtype != torch.float64 else z0
@@ -98,6 +100,8 @@ def batched_soar_step(
                 c = coeff[rows]
                 losses_c, grad_v = soar_fused_mse_and_grad(v, z0[idx], z1[idx], z_in[idx.numel():], sa, w * c,
                                                            backend=ops_backend)
+                if grad_scale != 1.0:
+                    grad_v = grad_v * grad_scale
                 c = c.to(losses_c.dtype)
                 losses = torch.where(c > 0, losses_c / c.clamp_min(1e-30), torch.zeros_like(losses_c))
                 chunk_loss = losses_c.sum()

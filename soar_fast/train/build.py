@@ -3,7 +3,7 @@
 Extension points (registries, keyed by config strings):
 - `MODEL_SOURCES`: how `ModelConfig` becomes an `nn.Module` ('preset' random init, 'folder' =
   `SD3Transformer2DModel.from_pretrained(path, subfolder=...)`).
-- `LOSS_STEPS`: `RuntimeConfig.step` -> a factory `(model, soar_cfg) -> LossStep`, where
+- `LOSS_STEPS`: `RuntimeConfig.step` -> a factory `(model, soar_cfg, fast_cfg) -> LossStep`, where
   `LossStep(z0, cond, uncond, generator) -> SoarOutput` computes one micro-batch's loss with all
   randomness drawn from `generator`. 'eager' is the reference `soar_loss` on an `SD3VelocityFn`.
   A step that runs its own backward (e.g. a fused loss+grad) sets `performs_backward = True`; it is
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from soar_fast.config import ConfigError, ModelConfig, OptimConfig, SoarConfig
+from soar_fast.config.fast import FastConfig
 from soar_fast.loss import SoarOutput, soar_loss
 from soar_fast.models import SD3_PRESETS, SD3VelocityFn, build_sd3_transformer
 
@@ -41,32 +42,33 @@ class LossStep(Protocol):
 class EagerStep:
     """The eager reference: `soar_loss(SD3VelocityFn(model), ...)`."""
 
-    def __init__(self, model: nn.Module, soar: SoarConfig):
+    def __init__(self, model: nn.Module, soar: SoarConfig, fast: FastConfig | None = None):
         self.velocity_fn, self.soar = SD3VelocityFn(model), soar
 
     def __call__(self, z0: torch.Tensor, cond: Any, uncond: Any, generator: torch.Generator) -> SoarOutput:
         return soar_loss(self.velocity_fn, z0, cond, uncond, self.soar, generator=generator)
 
 
-def _fast_step(model: nn.Module, soar: SoarConfig) -> LossStep:
+def _fast_step(model: nn.Module, soar: SoarConfig, fast: FastConfig | None = None) -> LossStep:
     """`--runtime.step fast`: soar_fast.train.fast_step.FastStep (imported lazily: compile, FP8, graphs)."""
     from soar_fast.train.fast_step import FastStep
 
-    return FastStep(model, soar)
+    return FastStep(model, soar, fast)
 
 
-LOSS_STEPS: dict[str, Callable[[nn.Module, SoarConfig], LossStep]] = {"eager": EagerStep, "fast": _fast_step}
+StepFactory = Callable[[nn.Module, SoarConfig, FastConfig | None], LossStep]
+LOSS_STEPS: dict[str, StepFactory] = {"eager": EagerStep, "fast": _fast_step}
 
 
-def register_loss_step(name: str, factory: Callable[[nn.Module, SoarConfig], LossStep]) -> None:
-    """Make `--runtime.step <name>` use `factory(model, soar_cfg)` (e.g. a batched/compiled step)."""
+def register_loss_step(name: str, factory: StepFactory) -> None:
+    """Make `--runtime.step <name>` use `factory(model, soar_cfg, fast_cfg)` (e.g. a compiled step)."""
     LOSS_STEPS[name] = factory
 
 
-def build_loss_step(name: str, model: nn.Module, soar: SoarConfig) -> LossStep:
+def build_loss_step(name: str, model: nn.Module, soar: SoarConfig, fast: FastConfig | None = None) -> LossStep:
     if name not in LOSS_STEPS:
         raise ConfigError(f"runtime.step={name!r} is invalid: choose one of {', '.join(sorted(LOSS_STEPS))}")
-    return LOSS_STEPS[name](model, soar)
+    return LOSS_STEPS[name](model, soar, fast)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -101,7 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
         self.generator = torch.Generator(self.device).manual_seed(rt.seed + _GEN_SEED_OFFSET)
-        self.loss_step = build_loss_step(rt.step, self.model, cfg.soar)
+        self.loss_step = build_loss_step(rt.step, self.model, cfg.soar, cfg.fast)
         self._step_backprops = bool(getattr(self.loss_step, "performs_backward", False))
         self._after_opt_step = getattr(self.loss_step, "after_optimizer_step", None)
         self.uncond = tuple(t.to(self.device) for t in self.dataset.uncond())

@@ -52,7 +52,7 @@ def nan_steps():
     registered = []
 
     def register(name, bad):
-        register_loss_step(name, lambda m, s: _NanAt(m, s, bad))
+        register_loss_step(name, lambda m, s, f=None: _NanAt(m, s, bad))
         registered.append(name)
 
     yield register
@@ -126,7 +126,7 @@ class _SelfBackward:
 
     performs_backward = True
 
-    def __init__(self, model, soar):
+    def __init__(self, model, soar, fast=None):
         self.inner, self.scales, self.after = EagerStep(model, soar), [], 0
 
     def after_optimizer_step(self):
