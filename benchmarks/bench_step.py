@@ -20,7 +20,6 @@ rate measured in the same run (FLOPs from soar_fast.fast.flops), speedup over (a
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import platform
@@ -35,8 +34,8 @@ import torch
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.compile import compile_model
-from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.fast.flops import soar_step_flops
+from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
 
@@ -79,6 +78,24 @@ def release_style_step(vf, z0, cond, uncond, config, draws, dtype):
     loss = (loss_main + config.lambda_aux * loss_aux) / (b + config.lambda_aux * m * b)
     loss.backward()
     return loss.detach()
+
+
+def _make_step(variant, vf, engine, opt, gen, z0, cond, uncond, config, dtype, ops_backend, micro_chunks):
+    """One full training step of `variant` (draws, loss + backward, optimizer, FP8 refresh)."""
+
+    def step():
+        draws = sf.sample_draws(z0, config, gen)
+        opt.zero_grad(set_to_none=True)
+        if variant == "a":
+            release_style_step(vf, z0, cond, uncond, config, draws, dtype)
+        else:
+            batched_soar_step(vf, z0, cond, uncond, config, draws, rollout=engine,
+                              ops_backend=ops_backend, micro_chunks=micro_chunks)
+        opt.step()
+        if engine is not None:
+            engine.after_optimizer_step()
+
+    return step
 
 
 def _sync(device):
@@ -174,17 +191,8 @@ def run(args) -> list[dict]:
         step_gen = torch.Generator(device=device).manual_seed(1)
         ops_backend = "reference" if variant == "b" else "auto"
 
-        def step():
-            draws = sf.sample_draws(z0, config, step_gen)
-            opt.zero_grad(set_to_none=True)
-            if variant == "a":
-                release_style_step(vf, z0, cond, uncond, config, draws, dtype)
-            else:
-                batched_soar_step(vf, z0, cond, uncond, config, draws, rollout=engine,
-                                  ops_backend=ops_backend, micro_chunks=args.micro_chunks)
-            opt.step()
-            if engine is not None:
-                engine.after_optimizer_step()
+        step = _make_step(variant, vf, engine, opt, step_gen, z0, cond, uncond, config, dtype,
+                          ops_backend, args.micro_chunks)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from soar_fast.loss.schedule import loss_weight, quantize_sigma, quantize_u, shift_sigma, sigma_table
+from soar_fast.loss.schedule import (
+    loss_weight,
+    quantize_sigma,
+    quantize_u,
+    shift_sigma,
+    sigma_table,
+)
 
 
 def test_shift_formula_endpoints_and_midpoint():

@@ -15,7 +15,13 @@ import torch
 
 from soar_fast.config import SoarConfig
 from soar_fast.loss.cond import Cond, broadcast_uncond, cat_cond, where_cond
-from soar_fast.loss.schedule import loss_weight, quantize_sigma, quantize_u, sample_logit_normal, shift_sigma
+from soar_fast.loss.schedule import (
+    loss_weight,
+    quantize_sigma,
+    quantize_u,
+    sample_logit_normal,
+    shift_sigma,
+)
 from soar_fast.ops import soar_aux_states
 
 __all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "sample_draws", "soar_loss", "soar_loss_from_draws"]

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import soar_fast as sf
-from soar_fast.models import FluxVelocityFn, SD3VelocityFn, build_flux_transformer, build_sd3_transformer, sd3_config
+from soar_fast.models import (
+    FluxVelocityFn,
+    SD3VelocityFn,
+    build_flux_transformer,
+    build_sd3_transformer,
+    sd3_config,
+)
 from soar_fast.models.flux import pack_latents, unpack_latents
 
 
