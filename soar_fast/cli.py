@@ -1,5 +1,8 @@
-"""`soar-fast`: train | sample | eval | demo | parity | recipes. Thin: parse -> build -> run.
+"""`soar-fast`: cache | train | sample | eval | demo | parity | recipes. Thin: parse -> build -> run.
 
+    soar-fast cache --pretrained_model_name_or_path /models/sd35m --data.root /data/pets --output_dir /cache/pets
+    soar-fast train --recipe sd35m-soar --pretrained_model_name_or_path /models/sd35m --data.data_dir /cache/pets
+    soar-fast sample --pipeline /models/sd35m --transformer runs/sd35m-soar/final/transformer --prompts p.txt --output_dir s
     soar-fast train --recipe digits-soar --learning_rate 1e-4 --output_dir runs/x
     soar-fast train --config my.toml --max_train_steps 500 --resume
     soar-fast eval --run_dir runs/x
@@ -18,14 +21,17 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: soar-fast {train,sample,eval,demo,parity,recipes} [flags]
+USAGE = """usage: soar-fast {cache,train,sample,eval,demo,parity,recipes} [flags]
 
+  cache    encode an image-caption folder with a local SD3/Flux pipeline into a latent cache
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
   sample   write a grid of samples of a trained run
+           (`sample --pipeline <folder> [--transformer DIR] [--lora PATH] --prompts FILE`: SD3 pipeline)
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
            (`eval --prompts --help`: a prompt file through an SD3 pipeline, external scorers)
   demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
@@ -141,7 +147,11 @@ def _parse_train(argv: Sequence[str]):
     if known.resume:
         rest = [*rest, "--resume_from_checkpoint", "latest"]
     desc = "Train with SFT (--soar.num_aux 0) or SOAR.\n\n" + TRAIN_EXTRA.format(recipes=", ".join(recipe_names()))
-    return _tyro_parse(TrainConfig, rest, "soar-fast train", desc, default=cfg)
+    cfg = _tyro_parse(TrainConfig, rest, "soar-fast train", desc, default=cfg)
+    from soar_fast.config.recipes import check_recipe_requirements
+
+    check_recipe_requirements(cfg)
+    return cfg
 
 
 def _cmd_train(argv: Sequence[str]) -> int:
@@ -159,7 +169,62 @@ def _cmd_train(argv: Sequence[str]) -> int:
     return 0
 
 
+# `sample --pipeline ...` short flags -> the fields of soar_fast.models.pipeline.SampleConfig.
+_PIPELINE_SAMPLE_ALIASES = {"--pipeline": "--pretrained_model_name_or_path", "--transformer": "--transformer_path",
+                            "--lora": "--lora_path"}
+
+
+def _pipeline_sample_args(argv: Sequence[str]) -> list[str]:
+    """Rename the short flags; `--prompts FILE` (one existing file, or a .txt/.jsonl name) is `--prompt_file`."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        flag, eq, val = a.partition("=")
+        if flag in _PIPELINE_SAMPLE_ALIASES:
+            out.append(_PIPELINE_SAMPLE_ALIASES[flag] + eq + val)
+        elif flag == "--prompts":
+            vals = [val] if eq else []
+            j = i + 1
+            while not eq and j < len(args) and not args[j].startswith("--"):
+                vals.append(args[j])
+                j += 1
+            if len(vals) == 1 and (Path(vals[0]).is_file() or vals[0].endswith((".txt", ".jsonl"))):
+                out += ["--prompt_file", vals[0]]
+            else:
+                out += ["--prompts", *vals]
+            i = j if not eq else i + 1
+            continue
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _cmd_sample_pipeline(argv: Sequence[str]) -> int:
+    from soar_fast.config.sd35 import NotAPipelineError
+    from soar_fast.models.pipeline import SampleConfig, run_sample
+
+    desc = ("Sample a prompt file through a local SD3 (or Flux) pipeline folder: --pipeline <folder> "
+            "[--transformer <final/transformer or export folder>] [--lora <final folder or .safetensors>] "
+            "--prompts prompts.txt --output_dir <folder>. Writes NNNNN_K.png, grid.png, prompts.json.")
+    cfg = _tyro_parse(SampleConfig, _pipeline_sample_args(argv), "soar-fast sample --pipeline", desc)
+    for name, p in (("--transformer", cfg.transformer_path), ("--lora", cfg.lora_path),
+                    ("--prompts", cfg.prompt_file)):
+        if p and not Path(p).exists():
+            raise UsageError(f"{name} {p} does not exist")
+    try:
+        res = run_sample(cfg)
+    except (NotAPipelineError, FileNotFoundError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    print(f"{len(res.images)} images and grid {res.grid_path} written to {cfg.output_dir}")
+    return 0
+
+
 def _cmd_sample(argv: Sequence[str]) -> int:
+    if any(a.split("=")[0] in ("--pipeline", "--pretrained_model_name_or_path") for a in argv):
+        return _cmd_sample_pipeline(argv)
     from soar_fast.config import SampleConfig
     from soar_fast.eval.evaluate import sample_run
 
@@ -198,6 +263,26 @@ def _cmd_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_cache(argv: Sequence[str]) -> int:
+    from soar_fast.config.sd35 import NotAPipelineError
+    from soar_fast.data.cache import CacheConfig, run_cache
+    from soar_fast.data.images import CaptionError
+    from soar_fast.data.shards import ShardError
+
+    desc = ("Encode an image-caption folder once with a local SD3 (or Flux) pipeline's VAE and text encoders "
+            "into a latent cache for `soar-fast train --data.source latents --data.data_dir <output_dir>`.\n"
+            "  soar-fast cache --pretrained_model_name_or_path /models/sd35m --data.root /data/pets "
+            "--data.resolution 512 --output_dir /cache/pets\nRe-running the same command resumes.")
+    cfg = _tyro_parse(CacheConfig, argv, "soar-fast cache", desc)
+    try:
+        res = run_cache(cfg)
+    except (NotAPipelineError, CaptionError, ShardError, FileNotFoundError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    print(f"cached {res.num_samples} samples in {res.num_shards} shards ({res.shards_written} written, "
+          f"{res.shards_reused} reused, {len(res.skipped)} images skipped) to {res.output_dir}")
+    return 0
+
+
 def _cmd_demo(argv: Sequence[str]) -> int:
     from soar_fast.config import DemoConfig
     from soar_fast.train.demo import run_demo
@@ -221,7 +306,7 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
+COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
             "parity": _cmd_parity, "recipes": _cmd_recipes}
 
 

@@ -22,7 +22,7 @@ from soar_fast.config.train import (
     TrainConfig,
 )
 
-__all__ = ["RECIPES", "get_recipe", "recipe_names"]
+__all__ = ["RECIPES", "RECIPE_REQUIRES", "check_recipe_requirements", "get_recipe", "recipe_names"]
 
 #: Where `digits-pretrain` writes its base and `digits-sft` / `digits-soar` read it by default.
 DIGITS_BASE_DIR = "runs/digits-pretrain"
@@ -87,11 +87,63 @@ def tiny() -> TrainConfig:
     )
 
 
+def sd35m_soar() -> TrainConfig:
+    """SOAR on SD3.5-Medium (SOAR.md reference run); needs --pretrained_model_name_or_path and --data.data_dir.
+
+    Full fine-tune of the transformer from `<pretrained_model_name_or_path>/transformer` on a latent
+    cache of `soar-fast cache`: AdamW lr 2e-5 constant, betas (0.9, 0.999), wd 1e-2, clip 1.0, bf16,
+    no EMA, 10k steps, SOAR M=6, N=40, g=4.5. The global batch of 32 is reached on one GPU as
+    train_batch_size 4 x gradient_accumulation_steps 8 (with more GPUs, divide the accumulation).
+    """
+    from soar_fast.config.sd35 import sd35m_soar_recipe
+
+    r = sd35m_soar_recipe()
+    micro = 4
+    data = DataConfig()
+    data.source = "latents"  # data_dir is required: tyro rebuilds DataConfig and its check names the flag
+    return TrainConfig(
+        recipe=r["name"],
+        model=ModelConfig(pretrained_model_name_or_path=None, subfolder="transformer"),
+        data=data,
+        optim=OptimConfig(learning_rate=r["learning_rate"], lr_warmup_steps=r["lr_warmup_steps"],
+                          adam_beta1=r["adam_beta1"], adam_beta2=r["adam_beta2"],
+                          adam_weight_decay=r["adam_weight_decay"], adam_epsilon=r["adam_epsilon"],
+                          max_grad_norm=r["max_grad_norm"], train_batch_size=micro,
+                          gradient_accumulation_steps=r["global_batch_size"] // micro,
+                          max_train_steps=r["max_train_steps"], use_ema=r["use_ema"]),
+        soar=SoarConfig(**r["soar"]),
+        checkpoint=CheckpointConfig(checkpointing_steps=500, checkpoints_total_limit=3),
+        logging=LoggingConfig(logging_steps=10, validation_steps=0,
+                              validation_inference_steps=r["validation"]["num_inference_steps"],
+                              validation_guidance_scale=r["validation"]["guidance_scale"]),
+        runtime=RuntimeConfig(output_dir="runs/sd35m-soar", seed=0, mixed_precision=r["mixed_precision"],
+                              device="cuda"),
+    )
+
+
+#: Fields a recipe cannot default (machine-specific paths): `check_recipe_requirements` names them.
+RECIPE_REQUIRES: dict[str, tuple[tuple[str, str], ...]] = {
+    "sd35m-soar": (("model.pretrained_model_name_or_path", "--pretrained_model_name_or_path <SD3.5 pipeline folder>"),
+                   ("data.data_dir", "--data.data_dir <cache folder of `soar-fast cache`>")),
+}
+
+
+def check_recipe_requirements(cfg: TrainConfig) -> None:
+    """One-line ConfigError when a field the recipe of `cfg` requires is unset."""
+    for dotted, flag in RECIPE_REQUIRES.get(cfg.recipe, ()):
+        obj = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if not obj:
+            raise ConfigError(f"recipe {cfg.recipe!r} needs {flag}")
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "digits-pretrain": digits_pretrain,
     "digits-sft": digits_sft,
     "digits-soar": digits_soar,
     "tiny": tiny,
+    "sd35m-soar": sd35m_soar,
 }
 
 

@@ -79,8 +79,27 @@ class ModelConfig:
     """Override the preset's attention head dim (the width is heads x head dim)."""
     init_seed: int = 0
     """Seed of the random initialisation (a preset only)."""
+    lora_rank: int = 0
+    """LoRA adapter rank; 0 = full fine-tune of the transformer, >= 1 trains only LoRA adapters
+    (soar_fast.models.lora.apply_lora) and the final export is pytorch_lora_weights.safetensors."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / rank); None = rank. Needs lora_rank >= 1."""
+    lora_target_modules: tuple[str, ...] | None = None
+    """Module-name suffixes that get adapters; None = to_q, to_k, to_v, to_out.0. Needs lora_rank >= 1."""
 
     def __post_init__(self) -> None:
+        if not _int(self.lora_rank, 0):
+            _fail("model.lora_rank", self.lora_rank, "need an integer >= 0 (0 = full fine-tune, e.g. 16 for LoRA)")
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_target_modules is not None):
+            _fail("model.lora_rank", self.lora_rank, "LoRA settings (lora_alpha / lora_target_modules) were given "
+                  "but rank 0 means full fine-tune; set --model.lora_rank >= 1 (e.g. 16) or drop them")
+        if self.lora_alpha is not None and not _num(self.lora_alpha, 0, lo_open=True):
+            _fail("model.lora_alpha", self.lora_alpha, "need a number > 0 or None (= rank)")
+        if self.lora_target_modules is not None:
+            if isinstance(self.lora_target_modules, list):
+                self.lora_target_modules = tuple(self.lora_target_modules)
+            if not self.lora_target_modules or not all(_str(t) for t in self.lora_target_modules):
+                _fail("model.lora_target_modules", self.lora_target_modules, "need module names, e.g. to_q to_k to_v to_out.0")
         if not _str(self.preset):
             _fail("model.preset", self.preset, "name a preset, e.g. 'digits'")
         if self.pretrained_model_name_or_path is not None and not _str(self.pretrained_model_name_or_path):

@@ -17,8 +17,17 @@ class LatentsDataset:
             from soar_fast.data.shards import ShardDataset, load_empty_prompt
         except ImportError as e:  # the cache module is built separately
             raise RuntimeError(f"data.source='latents' needs soar_fast.data.shards ({e})") from None
+        from soar_fast.config import ConfigError
+
         self._ds = ShardDataset(data_dir)
-        self._uncond = load_empty_prompt(data_dir)
+        shapes = sorted(set(self._ds.keys))
+        if len(shapes) > 1:
+            # The trainer draws batches of random rows; rows of different buckets cannot be stacked.
+            raise ConfigError(
+                f"the cache {data_dir} holds {len(shapes)} latent shapes (aspect buckets: "
+                f"{', '.join('x'.join(map(str, s)) for s in shapes)}); `soar-fast train` needs one shape: "
+                "re-run `soar-fast cache` without --data.aspect_buckets (into a new --output_dir)")
+        self._uncond = tuple(t.float() for t in load_empty_prompt(data_dir))
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -33,5 +42,5 @@ class LatentsDataset:
     def batch(self, indices: torch.Tensor):
         rows = [self._ds[int(i)] for i in indices]
         z0 = torch.stack([r[0] for r in rows]).float()
-        cond = (torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]))
+        cond = (torch.stack([r[1] for r in rows]).float(), torch.stack([r[2] for r in rows]).float())
         return z0, cond, None

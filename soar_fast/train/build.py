@@ -72,7 +72,22 @@ def build_loss_step(name: str, model: nn.Module, soar: SoarConfig, fast: FastCon
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The transformer of `cfg`: a local diffusers folder when given, else a random-init preset."""
+    """The transformer of `cfg`: a local diffusers folder when given, else a random-init preset;
+    with `cfg.lora_rank >= 1` frozen, with LoRA adapters added (only those train)."""
+    return _with_lora(_build_base_model(cfg), cfg)
+
+
+def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    if not cfg.lora_rank:
+        return model
+    from soar_fast.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora
+
+    settings = LoraSettings(rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                            target_modules=tuple(cfg.lora_target_modules or DEFAULT_TARGET_MODULES))
+    return apply_lora(model, settings)
+
+
+def _build_base_model(cfg: ModelConfig) -> nn.Module:
     path = cfg.pretrained_model_name_or_path
     if path is not None:
         return _from_folder(path, cfg.subfolder)

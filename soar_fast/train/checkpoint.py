@@ -96,6 +96,32 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
+def _is_lora(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: the full state dict, or for a LoRA (peft-wrapped) model only its
+    trainable adapter weights (peft key names, e.g. `...attn.to_q.lora_A.default.weight`); the frozen
+    base is re-read from `--pretrained_model_name_or_path` on resume."""
+    if _is_lora(model):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def _load_model_tensors(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    if not _is_lora(model):
+        model.load_state_dict(weights, strict=True)
+        return
+    want = set(_model_tensors(model))
+    missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
+    if missing or unexpected:
+        what = f"misses {missing[0]}" if missing else f"has {unexpected[0]}, not a LoRA adapter weight of this model"
+        raise CheckpointError(f"checkpoint {path} does not match the LoRA model ({what}); resume with the same "
+                              "--model.lora_rank / --model.lora_target_modules as the run that wrote it")
+    model.load_state_dict(weights, strict=False)
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -115,7 +141,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _model_tensors(model).items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
@@ -186,7 +212,7 @@ def load_checkpoint(
             errors.append(msg)
             log.warning("checkpoint %s is unusable (%s); trying the previous one", path, msg)
             continue
-        model.load_state_dict(weights, strict=True)
+        _load_model_tensors(model, weights, path)
         optimizer.load_state_dict(opt_state)
         if ema is not None and ema_state is not None:
             ema.load_state_dict(ema_state)

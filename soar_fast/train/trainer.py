@@ -227,14 +227,25 @@ class Trainer:
         return save_png(grid, self.out / "samples" / f"step-{self.step:06d}.png")
 
     def save_final_model(self) -> Path:
-        """`<output_dir>/final/transformer` (+ `transformer_ema`) as diffusers folders, atomically."""
+        """`<output_dir>/final/transformer` (+ `transformer_ema`) as diffusers folders, atomically; with
+        LoRA (`--model.lora_rank >= 1`) `final/pytorch_lora_weights.safetensors` instead (+ `final/ema/`),
+        loadable by `StableDiffusion3Pipeline.load_lora_weights(<output_dir>/final)`."""
         final, tmp = self.out / "final", self.out / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp / "transformer")
+        lora = bool(self.cfg.model.lora_rank)
+        if lora:
+            from soar_fast.models.lora import save_lora_weights
+
+            save_lora_weights(self.model, tmp)
+        else:
+            self.model.save_pretrained(tmp / "transformer")
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             self.ema.copy_to(self.model)
-            self.model.save_pretrained(tmp / "transformer_ema")
+            if lora:
+                save_lora_weights(self.model, tmp / "ema")
+            else:
+                self.model.save_pretrained(tmp / "transformer_ema")
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     p.copy_(backup[n])
