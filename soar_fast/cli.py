@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -160,6 +161,8 @@ def _cmd_train(argv: Sequence[str]) -> int:
     cfg = _parse_train(argv)
     result = Trainer(cfg).train()
     out = cfg.runtime.output_dir
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     if result.interrupted:
         print(f"interrupted at step {result.step}: checkpoint {result.last_checkpoint}; "
               f"continue with `soar-fast train ... --output_dir {out} --resume`")

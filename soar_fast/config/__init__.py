@@ -1,6 +1,7 @@
 """Typed configuration. The lowest room: imports nothing else of soar_fast."""
 
 from soar_fast.config.errors import ConfigError
+from soar_fast.config.parallel import ParallelConfig
 from soar_fast.config.recipes import RECIPES, get_recipe, recipe_names
 from soar_fast.config.soar import SoarConfig
 from soar_fast.config.train import (
@@ -30,6 +31,7 @@ __all__ = [
     "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "RuntimeConfig",
     "SampleConfig",
     "SoarConfig",

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from soar_fast.config.errors import ConfigError
 from soar_fast.config.fast import FastConfig
+from soar_fast.config.parallel import ParallelConfig
 from soar_fast.config.soar import SoarConfig
 
 try:  # tyro is a dependency of the CLI; the config works without it (markers become no-ops).
@@ -310,6 +311,8 @@ class TrainConfig:
     """Output folder, seed, precision, device, step implementation."""
     fast: FastConfig = field(default_factory=FastConfig)
     """The fast step (`--runtime.step fast`): batched passes, rollout mode, compile, FP8, attention."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Under torchrun: FSDP2 data parallelism (ignored by a single process)."""
 
 
 @dataclass(kw_only=True)

@@ -28,7 +28,7 @@ from soar_fast.loss import SoarOutput, soar_loss
 from soar_fast.models import SD3_PRESETS, SD3VelocityFn, build_sd3_transformer
 
 __all__ = ["LOSS_STEPS", "EagerStep", "LossStep", "build_loss_step", "build_model", "build_optimizer",
-           "learning_rate_at", "register_loss_step"]
+           "learning_rate_at", "parallelize_model", "register_loss_step"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -121,6 +121,14 @@ def _from_folder(path: str, subfolder: str) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - one line for the user
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"cannot load a transformer from {path!r} ({first}); pass a diffusers model folder") from None
+
+
+def parallelize_model(model: nn.Module, parallel: Any, mesh: Any) -> nn.Module:
+    """Under torchrun: activation checkpointing, compile and FSDP2 (`parallelize_sd3`) of `model`,
+    in place; call before `build_optimizer` so the optimizer sees the sharded parameters."""
+    from soar_fast.distributed import parallelize_sd3
+
+    return parallelize_sd3(model, parallel, mesh)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

@@ -8,6 +8,7 @@ function of the step. So N steps == N/2 steps + resume + N/2 steps, bit for bit,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,13 @@ from soar_fast.data import ResumableSampler, build_dataset
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.models import SD3VelocityFn
-from soar_fast.train.build import build_loss_step, build_model, build_optimizer, learning_rate_at
+from soar_fast.train.build import (
+    build_loss_step,
+    build_model,
+    build_optimizer,
+    learning_rate_at,
+    parallelize_model,
+)
 from soar_fast.train.checkpoint import (
     find_checkpoints,
     load_checkpoint,
@@ -67,14 +74,58 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.checkpoint.resume_from_checkpoint is not None:
         return
     ckpts = find_checkpoints(out / "checkpoints")
+    if not ckpts and _dcp_latest(out / "checkpoints") is not None:  # a torchrun run's DCP checkpoints
+        ckpts = [_dcp_latest(out / "checkpoints")]
     if ckpts or (out / "final").exists():
         what = f"{len(ckpts)} checkpoint(s)" if ckpts else "a final model"
         raise ConfigError(f"output_dir {str(out)!r} already holds another run ({what}); pass "
                           "--resume_from_checkpoint latest (or --resume) to continue it, or choose a new --output_dir")
 
 
+def _dcp_latest(root: Path) -> Path | None:
+    from soar_fast.distributed.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(root)
+
+
+def keyed_draws(z0: torch.Tensor, keys: list[int], seed: int, soar: Any):
+    """SOAR draws of a (local) batch whose row j is sample number `keys[j]` of the global sample
+    stream: each row's draws come from a generator seeded by (seed, key) only, so they are the
+    same at any world size and need no RNG state in checkpoints (the torchrun path's draws)."""
+    from soar_fast.loss import SoarDraws, sample_draws
+
+    parts = []
+    for row, key in enumerate(keys):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + _GEN_SEED_OFFSET) * 1_000_003 + int(key))
+        parts.append(sample_draws(z0[row:row + 1].cpu(), soar, g))
+    dev = z0.device
+    return SoarDraws(z1=torch.cat([d.z1 for d in parts]).to(dev), u0=torch.cat([d.u0 for d in parts]).to(dev),
+                     sigma0=torch.cat([d.sigma0 for d in parts]).to(dev),
+                     sigma1=torch.cat([d.sigma1 for d in parts]).to(dev),
+                     sigma_aux=torch.cat([d.sigma_aux for d in parts], dim=1).to(dev),
+                     drop=torch.cat([d.drop for d in parts]).to(dev))
+
+
+class _NullLogger:
+    """The logger of ranks other than 0 under torchrun: writes nothing."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def image(self, tag: str, array: Any, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    """Builds model, data, optimizer, EMA and loss step from a `TrainConfig`, then `train()`s."""
+    """Builds model, data, optimizer, EMA and loss step from a `TrainConfig`, then `train()`s.
+
+    Under torchrun (`detect_torchrun()`) the same class trains data-parallel with FSDP2 (see
+    docs/distributed.md): `train_batch_size` is per rank, the loss is the global-batch SOAR loss,
+    checkpoints are DCP folders `checkpoints/step_<step>` and only rank 0 writes logs and files.
+    """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -87,20 +138,28 @@ class Trainer:
         torch.manual_seed(rt.seed)
         self.device = torch.device(rt.device)
         self.out = Path(rt.output_dir)
+        self.dist = self._init_distributed()  # None for a single process (the path below is unchanged)
 
         # Construction in one place (build.py): a distributed/compiled path wraps these.
         self.model = build_model(cfg.model).to(self.device)
         self.model.train()
+        if self.dist is not None:
+            self.model = parallelize_model(self.model, cfg.parallel, self.dist_mesh)
         mc = self.model.config
         self.dataset = build_dataset(cfg.data, joint_attention_dim=mc.joint_attention_dim,
                                      pooled_projection_dim=mc.pooled_projection_dim)
         if tuple(self.dataset.sample_shape)[0] != mc.in_channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{mc.in_channels}; pick a matching --model.preset or data.source")
-        self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed)
+        if self.dist is None:
+            self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed)
+        else:
+            self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed,
+                                            rank=self.dist.rank, world_size=self.dist.world_size)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
-        self.generator = torch.Generator(self.device).manual_seed(rt.seed + _GEN_SEED_OFFSET)
+        rank_offset = 0 if self.dist is None else self.dist.rank  # per-rank stream under torchrun
+        self.generator = torch.Generator(self.device).manual_seed(rt.seed + _GEN_SEED_OFFSET + rank_offset)
         self.loss_step = build_loss_step(rt.step, self.model, cfg.soar, cfg.fast)
         self._step_backprops = bool(getattr(self.loss_step, "performs_backward", False))
         self._after_opt_step = getattr(self.loss_step, "after_optimizer_step", None)
@@ -108,12 +167,71 @@ class Trainer:
         self.step, self.nan_skipped, self.nan_streak = 0, 0, 0
         self._stop_signal: int | None = None
 
-        resumed_from = self._maybe_resume()
+        resumed_from = self._maybe_resume() if self.dist is None else self._maybe_resume_dist()
         self.out.mkdir(parents=True, exist_ok=True)
-        self._note_config_change()
-        save_config_json(cfg, self.out / "config.json")
-        self.logger = MetricsLogger(self.out, cfg.logging.report_to,
-                                    resume_step=self.step if resumed_from else None)
+        if self.is_main:
+            self._note_config_change()
+            save_config_json(cfg, self.out / "config.json")
+            self.logger = MetricsLogger(self.out, cfg.logging.report_to,
+                                        resume_step=self.step if resumed_from else None)
+        else:
+            self.logger = _NullLogger()
+
+    # --- torchrun ------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.rank == 0
+
+    def _init_distributed(self):
+        """Under torchrun: the process group and mesh (else None). Checks what the path supports."""
+        from soar_fast.distributed import build_device_mesh, detect_torchrun, init_distributed
+
+        self.dist_mesh = None
+        if not detect_torchrun():
+            return None
+        cfg = self.cfg
+        if cfg.runtime.step != "eager":
+            raise ConfigError(f"runtime.step={cfg.runtime.step!r} is single-process for now (its own backward "
+                              "is not normalised over ranks); use --runtime.step eager under torchrun")
+        if cfg.optim.use_ema:
+            raise ConfigError("optim.use_ema is single-process for now; pass --no_use_ema under torchrun")
+        if getattr(cfg.model, "lora_rank", 0):
+            raise ConfigError("model.lora_rank is single-process for now; train LoRA without torchrun")
+        pcfg = cfg.parallel
+        if pcfg.backend == "auto" and self.device.type == "cpu":
+            pcfg = dataclasses.replace(pcfg, backend="gloo")  # --runtime.device cpu: gloo even with GPUs present
+        env = init_distributed(pcfg)
+        self.device = env.device
+        self.dist_mesh = build_device_mesh(env, pcfg)
+        if env.rank != 0:
+            self.cfg = cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress_bar=False))
+        log.info("torchrun: rank %d of %d on %s, FSDP2 %s shard, param dtype %s", env.rank, env.world_size,
+                 env.device, pcfg.shard, pcfg.param_dtype)
+        return env
+
+    def _maybe_resume_dist(self) -> Path | None:
+        from soar_fast.distributed import latest_checkpoint
+        from soar_fast.distributed import load_checkpoint as dcp_load
+
+        resume = self.cfg.checkpoint.resume_from_checkpoint
+        if resume is None:
+            return None
+        path = latest_checkpoint(self.out / "checkpoints") if resume == "latest" else Path(resume)
+        if path is None:
+            log.info("no checkpoint in %s yet; starting a new run", self.out / "checkpoints")
+            return None
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"checkpoint folder {resume!r} is not a torchrun (DCP) checkpoint with meta.json; "
+                              "pass 'latest' or a checkpoints/step_<step> folder")
+        meta = dcp_load(path, self.model, self.optimizer)
+        extra = meta["extra"]
+        self.sampler.load_state_dict(extra["sampler"])
+        self.step = int(meta["step"])
+        self.nan_skipped, self.nan_streak = int(extra.get("nan_skipped", 0)), int(extra.get("nan_streak", 0))
+        if self.is_main:
+            log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step,
+                     meta.get("world_size", 0), self.dist.world_size)
+        return path
 
     # --- resume ------------------------------------------------------------------------------
     def _maybe_resume(self) -> Path | None:
@@ -145,12 +263,16 @@ class Trainer:
 
     # --- one optimizer step ----------------------------------------------------------------------
     def _autocast(self):
+        if self.dist is not None and self.cfg.parallel.param_dtype != "fp32":
+            return contextlib.nullcontext()  # FSDP's param policy already computes in bf16/fp16
         if self.cfg.runtime.mixed_precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
         """Accumulate `gradient_accumulation_steps` micro-batches, clip, step (or skip on NaN/inf)."""
+        if self.dist is not None:
+            return self._train_step_dist()
         oc = self.cfg.optim
         lr = learning_rate_at(self.step, oc)
         for group in self.optimizer.param_groups:
@@ -199,8 +321,66 @@ class Trainer:
                 f"lower --learning_rate, use --mixed_precision no, or check the data (last good checkpoint kept)")
         return {**sums, "grad_norm": grad_norm, "lr": lr, "nan_skipped": float(self.nan_skipped)}
 
+    def _train_step_dist(self) -> dict[str, float]:
+        """`train_step` under torchrun: global-batch loss (`global_soar_loss`), draws keyed by the
+        global sample number (`keyed_draws`), non-finite decisions agreed by all ranks."""
+        from soar_fast.distributed import all_ranks_true, global_metrics, global_soar_loss
+        from soar_fast.loss import soar_loss_from_draws
+
+        oc, sc, env = self.cfg.optim, self.cfg.soar, self.dist
+        lr = learning_rate_at(self.step, oc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        finite = True
+        for _ in range(oc.gradient_accumulation_steps):
+            first = self.sampler.position + env.rank * self.sampler.batch_size
+            idx = self.sampler.next_indices()
+            z0, cond, _labels = self.dataset.batch(idx)
+            z0 = z0.to(self.device).float()
+            cond = tuple(t.to(self.device) for t in cond)
+            draws = keyed_draws(z0, list(range(first, first + len(idx))), self.cfg.runtime.seed, sc)
+            with self._autocast():
+                out = soar_loss_from_draws(self.loss_step.velocity_fn, z0, cond, self.uncond, sc, draws)
+            loss = global_soar_loss(out, sc)
+            if not all_ranks_true(bool(torch.isfinite(loss).item())):
+                finite = False
+                continue
+            (loss / oc.gradient_accumulation_steps).backward()
+            metrics = {**out.metrics, **global_metrics(out, sc)}  # loss, base/aux loss: global; others rank 0's
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / oc.gradient_accumulation_steps
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = oc.max_grad_norm if oc.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if finite and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nan_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_skipped += 1
+            self.nan_streak += 1
+            log.warning("step %d: non-finite %s, step skipped (%d skipped so far, streak %d of %d)",
+                        self.step + 1, "loss" if not finite else "gradient", self.nan_skipped,
+                        self.nan_streak, oc.max_nan_streak)
+        self.step += 1
+        if self.nan_streak >= oc.max_nan_streak:
+            raise TrainingAborted(
+                f"aborted at step {self.step}: {self.nan_streak} consecutive steps had a NaN/inf loss or gradient; "
+                f"lower --learning_rate or check the data (last good checkpoint kept)")
+        return {**sums, "grad_norm": grad_norm, "lr": lr, "nan_skipped": float(self.nan_skipped)}
+
     # --- checkpoints, grids, final model --------------------------------------------------------------
     def save(self) -> Path:
+        if self.dist is not None:  # collective: DCP shards of every rank
+            from soar_fast.distributed import save_checkpoint as dcp_save
+
+            extra = {"sampler": self.sampler.state_dict(), "nan_skipped": self.nan_skipped,
+                     "nan_streak": self.nan_streak, "recipe": self.cfg.recipe}
+            return dcp_save(self.out / "checkpoints", self.step, self.model, self.optimizer, extra=extra,
+                            keep_last=self.cfg.checkpoint.checkpoints_total_limit)
         state = {"sampler": self.sampler.state_dict(), "nan_skipped": self.nan_skipped,
                  "nan_streak": self.nan_streak, "recipe": self.cfg.recipe}
         return save_checkpoint(self.out / "checkpoints", self.step, model=self.model, optimizer=self.optimizer,
@@ -213,6 +393,11 @@ class Trainer:
         lc = self.cfg.logging
         n_cls = getattr(self.dataset, "num_classes", 0)
         if not n_cls or lc.validation_images_per_class == 0:
+            return None
+        if self.dist is not None:
+            if self.is_main:
+                log.info("step %d: sample grid skipped under torchrun (FSDP); run `soar-fast sample` on the "
+                         "final model", self.step)
             return None
         labels = torch.arange(n_cls).repeat(lc.validation_images_per_class)
         was_training = self.model.training
@@ -255,8 +440,29 @@ class Trainer:
         return final
 
     # --- the loop --------------------------------------------------------------------------------
+    def export_final_model_dist(self) -> Path:
+        """Under torchrun (collective): the full weights gathered to rank 0 as
+        `<output_dir>/final/transformer`, a diffusers folder."""
+        from soar_fast.distributed import barrier, export_full_state_dict
+
+        final, tmp = self.out / "final", self.out / ".tmp-final-dist"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        export_full_state_dict(self.model, tmp / "transformer")
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        barrier()
+        return final
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
+        if self.dist is not None:
+            log.warning("received %s: stopping after this step without a collective save (resume from the "
+                        "last periodic checkpoint)", signal.Signals(signum).name)
+            return
         log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
 
     def train(self) -> TrainResult:
@@ -265,7 +471,7 @@ class Trainer:
         old = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
                if threading.current_thread() is threading.main_thread() else {})
         bar = None
-        if lc.progress_bar:
+        if lc.progress_bar and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=oc.max_train_steps, initial=self.step, desc=cfg.recipe, unit="step", dynamic_ncols=True)
@@ -299,15 +505,19 @@ class Trainer:
             result.steps_per_s = (self.step - start_step) / max(wall, 1e-9)
             if self._stop_signal is not None:
                 result.interrupted = True
-                result.last_checkpoint = str(self.save())
+                if self.dist is None:
+                    result.last_checkpoint = str(self.save())
                 return result
-            if result.last_checkpoint is None or not result.last_checkpoint.endswith(f"-{self.step}"):
+            if result.last_checkpoint is None or not result.last_checkpoint.endswith(
+                    (f"-{self.step}", f"step_{self.step:08d}")):
                 result.last_checkpoint = str(self.save())
             if not (lc.validation_steps and self.step % lc.validation_steps == 0):
                 self.sample_grid()  # the final grid, unless the loop just wrote it
             if cfg.checkpoint.save_final_model:
-                result.final_model = str(self.save_final_model())
-            (self.out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1))
+                final = self.save_final_model() if self.dist is None else self.export_final_model_dist()
+                result.final_model = str(final)
+            if self.is_main:
+                (self.out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1))
             return result
         finally:
             for s, h in old.items():
@@ -315,3 +525,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+            if self.dist is not None:
+                from soar_fast.distributed import cleanup
+
+                cleanup()
