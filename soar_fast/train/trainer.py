@@ -239,6 +239,9 @@ class Trainer:
         if resume is None:
             return None
         candidates = resolve_resume(resume, self.out / "checkpoints")
+        if not candidates and _dcp_latest(self.out / "checkpoints") is not None:
+            raise ConfigError(f"the checkpoints in {str(self.out / 'checkpoints')!r} were written under torchrun (DCP); "
+                              "resume them with `torchrun --standalone --nproc_per_node 1 -m soar_fast.train ...`")
         if not candidates:
             log.info("no checkpoint in %s yet; starting a new run", self.out / "checkpoints")
             return None

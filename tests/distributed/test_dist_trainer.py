@@ -66,6 +66,14 @@ def test_two_rank_run_writes_checkpoints_final_model_and_rank0_logs(runs):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert a.stdout.count("done: 4 steps") == 1  # only rank 0 reports
     assert json.loads((run / "train_summary.json").read_text())["step"] == 4
+    # A plain process pointed at these DCP checkpoints refuses in one line instead of starting over.
+    from soar_fast.config import ConfigError, get_recipe
+    from soar_fast.train import Trainer
+
+    cfg = get_recipe("tiny")
+    cfg.runtime.output_dir, cfg.checkpoint.resume_from_checkpoint = str(run), "latest"
+    with pytest.raises(ConfigError, match="written under torchrun"):
+        Trainer(cfg)
 
     from diffusers import SD3Transformer2DModel
 
@@ -73,7 +81,6 @@ def test_two_rank_run_writes_checkpoints_final_model_and_rank0_logs(runs):
     assert model.config.num_layers == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # The export is the trained weights, not the initial ones.
-    from soar_fast.config import get_recipe
     from soar_fast.train.build import build_model
 
     init = build_model(get_recipe("tiny").model)
