@@ -17,9 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from sd35_helpers import CAPTIONS, CHARS, make_caption_folder, write_image  # noqa: E402,F401
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-CAPTIONS = ["a red square", "a green field", "a blue sky", "a yellow sun", "a black cat", "a white dog"]
 
 
 def build_tiny_sd3_pipeline(seed: int = 0):
@@ -82,23 +81,6 @@ def tiny_sd3_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_sd3")
     build_tiny_sd3_pipeline().save_pretrained(path)
     return path
-
-
-def write_image(path: Path, size=(32, 32), seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    base = rng.integers(0, 256, size=3)
-    arr = np.clip(base + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(arr).save(path)
-
-
-def make_caption_folder(root: Path, n: int = 6, sizes=None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        size = sizes[i] if sizes else (32, 32)
-        write_image(root / f"img{i:02d}.png", size, seed=i)
-        (root / f"img{i:02d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)], encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import replace
 
 import torch
-from conftest import make_caption_folder, write_image
+from sd35_helpers import make_caption_folder, write_image
 
 from soar_fast.config.sd35 import NotAPipelineError
 from soar_fast.data.cache import CacheConfig, run_cache

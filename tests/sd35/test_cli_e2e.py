@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 import json
 
 import torch
-from conftest import make_caption_folder
+from sd35_helpers import make_caption_folder
 from PIL import Image
 from safetensors.torch import load_file
 

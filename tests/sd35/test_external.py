@@ -1,6 +1,7 @@
 """External scorer interface: a toy scorer, lazy discovery, skipping, the prompt-file eval."""
 
 import pytest
+from sd35_helpers import CHARS
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -76,7 +77,6 @@ def test_ocr_scorer_with_injected_reader():
 
 
 def test_clip_scorer_on_a_tiny_local_clip(tmp_path):
-    from conftest import CHARS
     from transformers import (
         CLIPConfig,
         CLIPImageProcessorPil,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_caption_folder, write_image
+from sd35_helpers import make_caption_folder, write_image
 
 from soar_fast.config import ConfigError
 from soar_fast.data.images import (
