@@ -302,7 +302,15 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / oc.gradient_accumulation_steps
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = oc.max_grad_norm if oc.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self._clip_and_update(params, max_norm, finite)
+        return {**sums, "grad_norm": grad_norm, "lr": lr, "nan_skipped": float(self.nan_skipped)}
+
+    def _clip_and_update(self, params: list[torch.nn.Parameter], max_norm: float, finite: bool) -> float:
+        """Clip, then take the optimizer step, or skip it on a non-finite loss or gradient (counted);
+        abort after `max_nan_streak` skips in a row. Returns the gradient norm before clipping."""
+        oc = self.cfg.optim
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
             if self._after_opt_step is not None:  # e.g. re-quantise a fast step's FP8 rollout weights
@@ -322,7 +330,7 @@ class Trainer:
             raise TrainingAborted(
                 f"aborted at step {self.step}: {self.nan_streak} consecutive steps had a NaN/inf loss or gradient; "
                 f"lower --learning_rate, use --mixed_precision no, or check the data (last good checkpoint kept)")
-        return {**sums, "grad_norm": grad_norm, "lr": lr, "nan_skipped": float(self.nan_skipped)}
+        return grad_norm
 
     def _train_step_dist(self) -> dict[str, float]:
         """`train_step` under torchrun: global-batch loss (`global_soar_loss`), draws keyed by the
@@ -356,23 +364,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / oc.gradient_accumulation_steps
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = oc.max_grad_norm if oc.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if finite and math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.nan_streak = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nan_skipped += 1
-            self.nan_streak += 1
-            log.warning("step %d: non-finite %s, step skipped (%d skipped so far, streak %d of %d)",
-                        self.step + 1, "loss" if not finite else "gradient", self.nan_skipped,
-                        self.nan_streak, oc.max_nan_streak)
-        self.step += 1
-        if self.nan_streak >= oc.max_nan_streak:
-            raise TrainingAborted(
-                f"aborted at step {self.step}: {self.nan_streak} consecutive steps had a NaN/inf loss or gradient; "
-                f"lower --learning_rate or check the data (last good checkpoint kept)")
+        grad_norm = self._clip_and_update(params, max_norm, finite)
         return {**sums, "grad_norm": grad_norm, "lr": lr, "nan_skipped": float(self.nan_skipped)}
 
     # --- checkpoints, grids, final model --------------------------------------------------------------
