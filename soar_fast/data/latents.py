@@ -17,16 +17,10 @@ class LatentsDataset:
             from soar_fast.data.shards import ShardDataset, load_empty_prompt
         except ImportError as e:  # the cache module is built separately
             raise RuntimeError(f"data.source='latents' needs soar_fast.data.shards ({e})") from None
-        from soar_fast.config import ConfigError
-
         self._ds = ShardDataset(data_dir)
         shapes = sorted(set(self._ds.keys))
-        if len(shapes) > 1:
-            # The trainer draws batches of random rows; rows of different buckets cannot be stacked.
-            raise ConfigError(
-                f"the cache {data_dir} holds {len(shapes)} latent shapes (aspect buckets: "
-                f"{', '.join('x'.join(map(str, s)) for s in shapes)}); `soar-fast train` needs one shape: "
-                "re-run `soar-fast cache` without --data.aspect_buckets (into a new --output_dir)")
+        # aspect buckets: a bucket id per row, so the trainer's sampler draws each batch from one bucket
+        self.groups = [shapes.index(k) for k in self._ds.keys] if len(shapes) > 1 else None
         self._uncond = tuple(t.float() for t in load_empty_prompt(data_dir))
 
     def __len__(self) -> int:
@@ -34,6 +28,7 @@ class LatentsDataset:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        """The shape of row 0 (with aspect buckets only its channel count is shared by all rows)."""
         return tuple(self._ds[0][0].shape)
 
     def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,11 +151,12 @@ class Trainer:
         if tuple(self.dataset.sample_shape)[0] != mc.in_channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{mc.in_channels}; pick a matching --model.preset or data.source")
+        groups = getattr(self.dataset, "groups", None)  # aspect buckets: one bucket per batch
         if self.dist is None:
-            self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed)
+            self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed, groups=groups)
         else:
             self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed,
-                                            rank=self.dist.rank, world_size=self.dist.world_size)
+                                            rank=self.dist.rank, world_size=self.dist.world_size, groups=groups)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
         rank_offset = 0 if self.dist is None else self.dist.rank  # per-rank stream under torchrun
