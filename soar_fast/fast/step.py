@@ -17,7 +17,7 @@ from soar_fast.fast.profiling import nvtx_range
 from soar_fast.fast.rollout import RolloutEngine
 from soar_fast.loss.cond import Cond, as_tuple, broadcast_uncond, like, repeat_cond, where_cond
 from soar_fast.loss.schedule import loss_weight
-from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn
+from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn, loss_metrics, rollout_metrics
 from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
 
 __all__ = ["batched_soar_step", "row_coefficients"]
@@ -72,11 +72,7 @@ def batched_soar_step(
         with nvtx_range("soar/aux_states"):
             z_aux = soar_aux_z(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale,
                                backend=ops_backend)
-        v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
-        dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
-        metrics["rollout_deviation"] = dev.mean().item()
-        metrics["rollout_deviation_rms"] = (dev / z0[0].numel() ** 0.5).mean().item()
-        metrics["sigma_aux_mean"] = sigma_aux.mean().item()
+        metrics = rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale)
     else:
         z_aux = z0.new_zeros(0, *z0.shape[1:])
 
@@ -120,12 +116,5 @@ def batched_soar_step(
         for rows, losses in row_losses:
             all_losses[rows] = losses
     base_losses, aux_losses = all_losses[:b], all_losses[b:].view(m, b)
-    metrics.update(
-        loss=total.item(),
-        base_loss=base_losses.mean().item(),
-        aux_loss=aux_losses.mean().item() if m > 0 else 0.0,
-        sigma0_mean=sigma0.mean().item(),
-        num_aux_points=float(m * b),
-    )
-    metrics.setdefault("rollout_deviation", 0.0)
+    metrics = {**loss_metrics(total, base_losses, aux_losses, sigma0), **metrics}
     return SoarOutput(loss=total, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)

@@ -24,7 +24,8 @@ from soar_fast.loss.schedule import (
 )
 from soar_fast.ops import soar_aux_states
 
-__all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "sample_draws", "soar_loss", "soar_loss_from_draws"]
+__all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "loss_metrics", "rollout_metrics", "sample_draws",
+           "soar_loss", "soar_loss_from_draws"]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
@@ -138,13 +139,7 @@ def soar_loss_from_draws(
             v_aux = velocity_fn(z_aux[rows], sigma_aux[i], cond)
             aux.append(_weighted_mse(v_aux, v_corr[rows], loss_weight(sigma_aux[i], config.weighting)))
         aux_losses = torch.stack(aux)
-        # ‖ẑ − z_σ1‖ = |σ1 − σ0|·‖v_cfg − (z1 − z0)‖: the distance the rollout left the trajectory.
-        v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
-        dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
-        metrics["rollout_deviation"] = dev.mean().item()
-        metrics["rollout_deviation_rms"] = (dev / z0[0].numel() ** 0.5).mean().item()
-        metrics["aux_loss"] = aux_losses.mean().item()
-        metrics["sigma_aux_mean"] = sigma_aux.mean().item()
+        metrics.update(rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale))
 
     # 5. Total: "points" divides by the point count (reference release), "sum" adds two means.
     lam = config.lambda_aux
@@ -153,15 +148,35 @@ def soar_loss_from_draws(
     else:
         loss = base_losses.mean() + (lam * aux_losses.mean() if m > 0 else 0.0)
 
-    metrics.update(
-        loss=loss.item(),
-        base_loss=base_losses.mean().item(),
-        sigma0_mean=sigma0.mean().item(),
-        num_aux_points=float(m * b),
-    )
-    metrics.setdefault("aux_loss", 0.0)
-    metrics.setdefault("rollout_deviation", 0.0)
+    metrics = {**loss_metrics(loss, base_losses, aux_losses, sigma0), **metrics}
     return SoarOutput(loss=loss, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)
+
+
+def rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, guidance_scale: float) -> dict[str, float]:
+    """How far the rollout left the trajectory: ‖ẑ − z_σ1‖ per sample, computed through the
+    identity ẑ − z_σ1 = (σ1 − σ0)·(v_cfg − (z1 − z0)), its per-element RMS, and the mean σ'."""
+    compute = z0.dtype
+    v_cfg = v_u.to(compute) + guidance_scale * (v_c.to(compute) - v_u.to(compute))
+    dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
+    return {
+        "rollout_deviation": dev.mean().item(),
+        "rollout_deviation_rms": (dev / z0[0].numel() ** 0.5).mean().item(),
+        "sigma_aux_mean": sigma_aux.mean().item(),
+    }
+
+
+def loss_metrics(loss: torch.Tensor, base_losses: torch.Tensor, aux_losses: torch.Tensor,
+                 sigma0: torch.Tensor) -> dict[str, float]:
+    """The logged totals of a step: loss, base and aux means, mean σ0 and the aux point count."""
+    m, b = aux_losses.shape
+    return {
+        "loss": loss.item(),
+        "base_loss": base_losses.mean().item(),
+        "aux_loss": aux_losses.mean().item() if m > 0 else 0.0,
+        "sigma0_mean": sigma0.mean().item(),
+        "num_aux_points": float(m * b),
+        "rollout_deviation": 0.0,  # overwritten by rollout_metrics when there is a rollout
+    }
 
 
 def _weighted_mse(v: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
