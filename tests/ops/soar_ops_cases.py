@@ -6,6 +6,7 @@ import pytest
 import torch
 
 LOWP = (torch.bfloat16, torch.float16)
+DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 def sigmas(b: int, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

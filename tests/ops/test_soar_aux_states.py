@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from soar_ops_cases import LOWP, assert_close_to_oracle, cpu_cases, layout, sigmas
+from soar_ops_cases import DTYPES, LOWP, assert_close_to_oracle, cpu_cases, layout, sigmas
 
 from soar_fast.ops import soar_aux_states, soar_aux_z
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
@@ -23,10 +23,6 @@ SHAPES = [
     pytest.param((2, 16, 64, 64), 4, id="sd35m_512px_b2_m4"),
     pytest.param((1, 16, 64, 64), 6, id="sd35m_512px_b1_m6"),
     pytest.param((1, 16, 128, 128), 6, id="sd35m_1024px_b1_m6"),
-]
-DTYPES = [
-    pytest.param(d, id=str(d).split(".")[-1])
-    for d in (torch.float32, torch.bfloat16, torch.float16)
 ]
 
 

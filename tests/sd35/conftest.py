@@ -13,12 +13,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from sd35_helpers import CAPTIONS, CHARS, make_caption_folder, write_image  # noqa: E402,F401
-
+from sd35_helpers import CAPTIONS, CHARS, make_caption_folder, tiny_vocabs, write_image  # noqa: E402,F401
 
 
 def build_tiny_sd3_pipeline(seed: int = 0):
@@ -37,13 +34,8 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         T5Tokenizer,
     )
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
+    vocab, t5_vocab = tiny_vocabs()
     clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    t5_vocab += [(c, -3.0) for c in CHARS] + [("▁" + c, -3.5) for c in CHARS]
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
 
     with torch.random.fork_rng(devices=[]):
@@ -121,12 +113,7 @@ def build_tiny_flux_pipeline(seed: int = 0):
         T5Tokenizer,
     )
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    t5_vocab += [(c, -3.0) for c in CHARS] + [("▁" + c, -3.5) for c in CHARS]
+    vocab, t5_vocab = tiny_vocabs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = CLIPTextModel(CLIPTextConfig(

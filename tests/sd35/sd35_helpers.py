@@ -11,6 +11,18 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 CAPTIONS = ["a red square", "a green field", "a blue sky", "a yellow sun", "a black cat", "a white dog"]
 
 
+def tiny_vocabs() -> tuple[dict[str, int], list[tuple[str, float]]]:
+    """The in-test vocabularies of the tiny tokenizers: a CLIP BPE vocab (no merges) and a T5
+    unigram vocab over CHARS (transformers builds CLIPTokenizer/T5Tokenizer from these directly)."""
+    clip = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        clip[c] = len(clip)
+        clip[c + "</w>"] = len(clip)
+    t5 = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    t5 += [(c, -3.0) for c in CHARS] + [("▁" + c, -3.5) for c in CHARS]
+    return clip, t5
+
+
 def write_image(path: Path, size=(32, 32), seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     w, h = size

@@ -14,9 +14,9 @@ pytest.importorskip("peft")
 import json
 
 import torch
-from sd35_helpers import make_caption_folder
 from PIL import Image
 from safetensors.torch import load_file
+from sd35_helpers import make_caption_folder
 
 from soar_fast.cli import main
 

@@ -1,7 +1,7 @@
 """External scorer interface: a toy scorer, lazy discovery, skipping, the prompt-file eval."""
 
 import pytest
-from sd35_helpers import CHARS
+from sd35_helpers import tiny_vocabs
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -85,9 +85,7 @@ def test_clip_scorer_on_a_tiny_local_clip(tmp_path):
         CLIPTokenizer,
     )
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    vocab, _ = tiny_vocabs()
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     proc = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 16},
                                                                crop_size={"height": 16, "width": 16}), tokenizer=tok)
