@@ -9,9 +9,13 @@ Variants, each adding one thing to the one before (b..f) and compared with (a):
   e  + CUDA-graph rollout
   f  + FP8 rollout (CUDA graph of the FP8 rollout; torch._scaled_mm)
   g  + FP8 for the training GEMMs too (our torch._scaled_mm linear: e4m3 forward, e5m2 grads)
-  sft the SFT step (M = 0) with the settings of d, for the SOAR/SFT ratio
+  sft the SFT step (M = 0) with the settings of d, for the SOAR/SFT ratio (sft_eager: settings of c)
 Reported per variant: ms/step (p20/p50/p80), samples/s, peak memory, MFU against the bf16 GEMM
-rate measured in the same run (FLOPs from soar_fast.fast.flops), speedup over (a).
+rate measured in the same run (FLOPs from soar_fast.fast.flops), speedup over (a), warm-up time
+(compile included) and the rollout alone in the variant's settings. `--rollout_modes` times the
+rollout per engine mode (uncompiled) and the FP8 weight refresh; `--attention_backends` the
+forward+backward per attention backend. A failing variant is recorded as an error row and the
+run goes on; the JSON is rewritten after every variant.
 
   python benchmarks/bench_step.py --out results.json                 # GPU, SD3.5-M, 512 px
   python benchmarks/bench_step.py --smoke --out smoke.json           # CPU, tiny config
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,7 +44,8 @@ from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
 
-VARIANTS = ("a", "b", "c", "d", "sft", "e", "f", "g")  # sft before e-g: it uses the settings of d
+# Cheapest first (a timeout keeps the most); sft_eager is SFT in the settings of c, sft in those of d.
+VARIANTS = ("a", "b", "c", "sft_eager", "d", "e", "f", "g", "sft")
 DESCRIPTION = {
     "a": "baseline (reference-release structure)",
     "b": "eager batched step",
@@ -49,6 +55,7 @@ DESCRIPTION = {
     "f": "+ FP8 rollout",
     "g": "+ FP8 training GEMMs",
     "sft": "SFT step (settings of d)",
+    "sft_eager": "SFT step (settings of c)",
 }
 
 
@@ -149,79 +156,175 @@ def env_info(device):
             "cuda": torch.version.cuda, "commit": commit, "date": dt.date.today().isoformat()}
 
 
-def run(args) -> list[dict]:
-    device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    preset = "tiny" if args.smoke else args.preset
-    latent = args.resolution // 8
-    if args.smoke:
-        latent, args.text_len = 8, 7
-    model = build_sd3_transformer(preset, seed=0).to(device=device, dtype=dtype)
-    mcfg = model.config
+class Results:
+    """JSON rows, rewritten to `path` after every variant: a run cut off by a timeout keeps what it
+    measured."""
+
+    def __init__(self, path):
+        self.rows: list[dict] = []
+        self.path = Path(path) if path else None
+
+    def add(self, rows):
+        self.rows += rows
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.rows, indent=1))
+
+
+def _inputs(args, mcfg, device, latent):
     g = torch.Generator(device=device).manual_seed(0)
     z0 = torch.randn(args.batch, mcfg.in_channels, latent, latent, device=device, generator=g)
     cond = (torch.randn(args.batch, args.text_len, mcfg.joint_attention_dim, device=device, generator=g),
             torch.randn(args.batch, mcfg.pooled_projection_dim, device=device, generator=g))
     uncond = (torch.zeros(args.text_len, mcfg.joint_attention_dim, device=device),
               torch.zeros(mcfg.pooled_projection_dim, device=device))
+    return z0, cond, uncond
+
+
+def run(args, results: Results | None = None) -> list[dict]:
+    results = results or Results(None)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    preset = "tiny" if args.smoke else args.preset
+    latent = args.resolution // 8
+    if args.smoke:
+        latent, args.text_len = 8, 7
+    model = build_sd3_transformer(preset, seed=0, device=device).to(dtype=dtype)
+    mcfg = model.config
+    z0, cond, uncond = _inputs(args, mcfg, device, latent)
     peak_tflops = measure_bf16_gemm_tflops(device)
     env = env_info(device)
     shape = f"B{args.batch}x{mcfg.in_channels}x{latent}x{latent}+txt{args.text_len}"
-    rows: list[dict] = []
+    t_start = time.perf_counter()
+    print(f"{preset} {shape} M={args.num_aux} {args.dtype} on {env['device']}; bf16 GEMM {peak_tflops:.0f} TFLOP/s",
+          flush=True)
+    results.add([{"bench": "bf16_gemm_8192", "provider": "torch", "metric": "tflops", "value": peak_tflops,
+                  "unit": "TFLOP/s", "dtype": "bf16", "shape": "8192x8192x8192", **env}])
 
-    def row(variant, metric, value, unit, **extra):
-        rows.append({"bench": "soar_step", "provider": variant, "variant_desc": DESCRIPTION[variant],
-                     "model": preset, "shape": shape, "num_aux": args.num_aux, "dtype": args.dtype,
-                     "metric": metric, "value": value, "unit": unit, **env, **extra})
+    if args.attention_backends:
+        results.add(bench_attention(args, model, device, dtype, env))
+    if args.rollout_modes:
+        results.add(bench_rollout_modes(args, model, device, env, z0, cond, uncond))
 
     compiled = False
     baseline_ms = None
     for variant in args.variants:
-        num_aux = 0 if variant == "sft" else args.num_aux
-        config = sf.SoarConfig(num_aux=num_aux)
-        if variant in ("d", "e", "f", "g", "sft") and not compiled and not args.no_compile:
-            compile_model(model, "per_block", fullgraph=True)
-            compiled = True
-        if variant == "g":
-            enable_fp8_training(model)  # every block GEMM (rollout included) now runs in FP8
-        rollout_mode = {"e": "cuda_graph", "f": "cuda_graph_fp8", "g": "cuda_graph"}.get(variant, "eager")
-        vf = SD3VelocityFn(model)
-        engine = RolloutEngine(vf, model, rollout_mode) if variant != "a" else None
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-        step_gen = torch.Generator(device=device).manual_seed(1)
-        ops_backend = "reference" if variant == "b" else "auto"
-
-        step = _make_step(variant, vf, engine, opt, step_gen, z0, cond, uncond, config, dtype,
-                          ops_backend, args.micro_chunks)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            times = _time_steps(step, device, args.warmup, args.iters)
-        except torch.OutOfMemoryError as err:
-            row(variant, "error", None, "", note=f"OOM: {str(err).splitlines()[0][:120]}")
-            torch.cuda.empty_cache()
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            print(f"{variant}: skipped, time budget of {args.time_budget:.0f} s spent", flush=True)
+            results.add([_row(variant, preset, shape, args, env, "skipped", None, "", note="time budget spent")])
             continue
-        p20, p50, p80 = _quantiles(times)
-        flops = soar_step_flops(model, args.batch, num_aux, latent, latent, args.text_len)
-        achieved = flops / (p50 * 1e-3) / 1e12
-        note = f"rollout={engine.mode}" if engine is not None else "rollout=recorded"
-        row(variant, "ms_per_step_p20", p20, "ms")
-        row(variant, "ms_per_step_p50", p50, "ms", note=note)
-        row(variant, "ms_per_step_p80", p80, "ms")
-        row(variant, "samples_per_s", args.batch / (p50 * 1e-3), "samples/s")
-        row(variant, "tflops", achieved, "TFLOP/s", flops_per_step=flops)
-        row(variant, "mfu", achieved / peak_tflops, "fraction", measured_peak_tflops=peak_tflops)
-        if device.type == "cuda":
-            row(variant, "peak_memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB")
+        try:
+            rows, p50 = _run_variant(variant, args, model, device, dtype, z0, cond, uncond, latent, peak_tflops,
+                                     compiled, baseline_ms)
+        except Exception as err:  # noqa: BLE001 - record the failure, go on with the next variant
+            traceback.print_exc()
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            results.add([_row(variant, preset, shape, args, env, "error", None, "", note=msg)])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        finally:
+            compiled = compiled or (variant in COMPILED and not args.no_compile)
         if variant == "a":
             baseline_ms = p50
-        elif baseline_ms is not None:
-            row(variant, "speedup_vs_a", baseline_ms / p50, "x", baseline="a")
-        print(f"{variant:>3} {DESCRIPTION[variant]:<40} {p50:9.2f} ms  {achieved:8.2f} TFLOP/s  "
-              f"MFU {achieved / peak_tflops:6.1%}  {note}", flush=True)
-    if args.attention_backends:
-        rows += bench_attention(args, model, device, dtype, env)
+        results.add([_row(variant, preset, shape, args, env, **r) for r in rows])
+    return results.rows
+
+
+COMPILED = ("d", "e", "f", "g", "sft")
+
+
+def _row(variant, preset, shape, args, env, metric, value, unit, **extra):
+    num_aux = 0 if variant.startswith("sft") else args.num_aux
+    return {"bench": "soar_step", "provider": variant, "variant_desc": DESCRIPTION.get(variant, variant),
+            "model": preset, "shape": shape, "num_aux": num_aux, "dtype": args.dtype, "metric": metric,
+            "value": value, "unit": unit, **env, **extra}
+
+
+def _run_variant(variant, args, model, device, dtype, z0, cond, uncond, latent, peak_tflops, compiled, baseline_ms):
+    num_aux = 0 if variant.startswith("sft") else args.num_aux
+    config = sf.SoarConfig(num_aux=num_aux)
+    if variant in COMPILED and not compiled and not args.no_compile:
+        compile_model(model, "per_block", fullgraph=True)
+    if variant == "g":
+        enable_fp8_training(model)  # every block GEMM (rollout included) now runs in FP8
+    rollout_mode = {"e": "cuda_graph", "f": "cuda_graph_fp8", "g": "cuda_graph"}.get(variant, "eager")
+    vf = SD3VelocityFn(model)
+    engine = RolloutEngine(vf, model, rollout_mode) if variant != "a" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    step_gen = torch.Generator(device=device).manual_seed(1)
+    ops_backend = "reference" if variant == "b" else "auto"
+    step = _make_step(variant, vf, engine, opt, step_gen, z0, cond, uncond, config, dtype, ops_backend,
+                      args.micro_chunks)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        times = _time_steps(step, device, 0, args.iters)
+    except torch.OutOfMemoryError as err:
+        del opt
+        return [{"metric": "error", "value": None, "unit": "", "note": f"OOM: {str(err).splitlines()[0][:120]}"}], None
+    p20, p50, p80 = _quantiles(times)
+    flops = soar_step_flops(model, args.batch, num_aux, latent, latent, args.text_len)
+    achieved = flops / (p50 * 1e-3) / 1e12
+    note = f"rollout={engine.mode}" if engine is not None else "rollout=recorded"
+    rows = [
+        {"metric": "ms_per_step_p20", "value": p20, "unit": "ms"},
+        {"metric": "ms_per_step_p50", "value": p50, "unit": "ms", "note": note, "iters": args.iters},
+        {"metric": "ms_per_step_p80", "value": p80, "unit": "ms"},
+        {"metric": "samples_per_s", "value": args.batch / (p50 * 1e-3), "unit": "samples/s"},
+        {"metric": "tflops", "value": achieved, "unit": "TFLOP/s", "flops_per_step": flops},
+        {"metric": "mfu", "value": achieved / peak_tflops, "unit": "fraction", "measured_peak_tflops": peak_tflops},
+        {"metric": "warmup_s", "value": warm_s, "unit": "s", "note": f"{args.warmup} steps, compile included"},
+    ]
+    if device.type == "cuda":
+        rows.append({"metric": "peak_memory", "value": torch.cuda.max_memory_allocated(device) / 2**30, "unit": "GiB"})
+    if baseline_ms is not None and variant != "a" and num_aux > 0:
+        rows.append({"metric": "speedup_vs_a", "value": baseline_ms / p50, "unit": "x", "baseline": "a"})
+    if engine is not None and num_aux > 0:  # the rollout alone, in this variant's settings
+        draws = sf.sample_draws(z0, config, torch.Generator(device=device).manual_seed(2))
+        s0 = draws.sigma0.view(-1, 1, 1, 1)
+        z_t = (1 - s0) * z0 + s0 * draws.z1
+        ub = broadcast_uncond(uncond, cond, z0.shape[0])
+        r_times = _time_steps(lambda: engine(z_t, draws.sigma0, ub, cond), device, 2, max(args.iters, 10))
+        r50 = statistics.median(r_times)
+        rows.append({"metric": "rollout_ms_p50", "value": r50, "unit": "ms", "note": f"rollout={engine.mode}"})
+    del opt
+    print(f"{variant:>9} {DESCRIPTION[variant]:<40} {p50:9.2f} ms  {achieved:7.1f} TFLOP/s  "
+          f"MFU {achieved / peak_tflops:6.1%}  warm-up {warm_s:5.1f} s  {note}", flush=True)
+    return rows, p50
+
+
+def bench_rollout_modes(args, model, device, env, z0, cond, uncond) -> list[dict]:
+    """The CFG rollout alone (one 2B no-grad forward) in each mode, uncompiled, and the cost of
+    re-quantising the FP8 weights (once per optimizer step)."""
+    from soar_fast.fast.fp8 import refresh_fp8_weights
+
+    config = sf.SoarConfig(num_aux=args.num_aux)
+    draws = sf.sample_draws(z0, config, torch.Generator(device=device).manual_seed(2))
+    s0 = draws.sigma0.view(-1, 1, 1, 1)
+    z_t = (1 - s0) * z0 + s0 * draws.z1
+    ub = broadcast_uncond(uncond, cond, z0.shape[0])
+    vf = SD3VelocityFn(model)
+    rows, eager_ms = [], None
+    for mode in args.rollout_modes:
+        engine = RolloutEngine(vf, model, mode)
+        times = _time_steps(lambda e=engine: e(z_t, draws.sigma0, ub, cond), device, 3, max(args.iters, 10))
+        p20, p50, p80 = _quantiles(times)
+        eager_ms = p50 if mode == "eager" else eager_ms
+        extra = {"speedup_vs_eager": eager_ms / p50} if eager_ms else {}
+        rows.append({"bench": "rollout", "provider": mode, "ran": engine.mode, "shape": f"2x{tuple(z_t.shape)}",
+                     "dtype": args.dtype, "metric": "ms_p50", "value": p50, "unit": "ms", "p20": p20, "p80": p80,
+                     **extra, **env})
+        print(f"rollout {mode:<16} (ran {engine.mode:<15}) {p50:9.2f} ms", flush=True)
+        if engine.use_fp8:
+            t = _time_steps(lambda: refresh_fp8_weights(model), device, 2, max(args.iters, 10))
+            rows.append({"bench": "fp8_refresh", "provider": mode, "metric": "ms_p50", "value": statistics.median(t),
+                         "unit": "ms", "note": "re-quantise all FP8 rollout weights (once per optimizer step)", **env})
     return rows
 
 
@@ -270,7 +373,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny config, fp32, few steps (CPU CI)")
     p.add_argument("--attention_backends", default="", help="also time fwd+bwd per attention backend, "
                    "e.g. sdpa,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn")
-    p.add_argument("--out", default=None, help="write the JSON rows here")
+    p.add_argument("--rollout_modes", default="", help="also time the rollout alone per mode, e.g. "
+                   "eager,cuda_graph,fp8,cuda_graph_fp8 (uncompiled; before the variants)")
+    p.add_argument("--time_budget", type=float, default=0, help="seconds; variants starting later are skipped")
+    p.add_argument("--out", default=None, help="write the JSON rows here (rewritten after each variant)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)
@@ -279,11 +385,11 @@ def main(argv=None) -> int:
     if args.smoke:
         args.dtype, args.warmup, args.iters = "fp32", 1, 2
     args.attention_backends = [b for b in args.attention_backends.split(",") if b]
-    rows = run(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    return 0
+    args.rollout_modes = [m for m in args.rollout_modes.split(",") if m]
+    results = Results(args.out)
+    run(args, results)
+    results.add([])  # writes the file even when nothing ran
+    return 0 if not any(r["metric"] == "error" for r in results.rows) else 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def compile_model(model: nn.Module, mode: str = "per_block", fullgraph: bool = T
     shared code across blocks), `full` the whole forward. `none` returns the model unchanged."""
     if mode == "none":
         return model
+    _raise_recompile_limit()
     if mode == "per_block":
         blocks = _blocks(model)
         if not blocks:
@@ -40,6 +41,17 @@ def compile_model(model: nn.Module, mode: str = "per_block", fullgraph: bool = T
         raise ValueError(f"unknown compile mode {mode!r}; choose none, per_block or full")
     log.info("torch.compile: %s (fullgraph=%s)", mode, fullgraph)
     return model
+
+
+def _raise_recompile_limit(at_least: int = 64) -> None:
+    """Per-block compile shares one code object (the block's forward) across block kinds (SD3.5's
+    dual-attention and plain blocks, the last context-free block) x grad mode x batch size x FP8
+    mode: more graphs than dynamo's default limit of 8, past which it silently runs eager."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
+        if hasattr(cfg, name) and getattr(cfg, name) < at_least:
+            setattr(cfg, name, at_least)
+            return
 
 
 def compile_optimizer_step(optimizer: torch.optim.Optimizer):

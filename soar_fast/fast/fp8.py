@@ -59,11 +59,14 @@ class Fp8RolloutLinear(nn.Linear):
 
     fp8_active: bool = False
     rowwise: bool = False
+    use_scaled_mm: bool = False
     w_fp8: torch.Tensor | None = None
     w_scale: torch.Tensor | None = None
 
     def refresh(self) -> None:
         """Re-quantise the FP8 weight from the live weight (call after each optimizer step)."""
+        # Decided here, outside any compiled region, so the forward reads a plain attribute.
+        self.use_scaled_mm = has_scaled_mm(self.weight.device)
         with torch.no_grad():
             w_fp8, w_scale = quantize_fp8(self.weight.detach(), self.rowwise)  # [N, K], [N, 1] or []
         if self.w_fp8 is not None and self.w_fp8.shape == w_fp8.shape and self.w_fp8.device == w_fp8.device:
@@ -82,12 +85,13 @@ class Fp8RolloutLinear(nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = quantize_fp8(x2, self.rowwise)
         bias = self.bias
-        if has_scaled_mm(x.device):
+        if self.use_scaled_mm and x.is_cuda:
             w_scale = self.w_scale.view(1, -1) if self.rowwise else self.w_scale
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            # fast accumulation in the forward, as torchao's float8 recipes do
             y = torch._scaled_mm(
                 x_fp8, self.w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
-                bias=None if bias is None else bias.to(out_dtype),
+                bias=None if bias is None else bias.to(out_dtype), use_fast_accum=True,
             )
         else:  # exact emulation: dequantise, fp32 GEMM
             w = self.w_fp8.float() * self.w_scale
@@ -116,9 +120,10 @@ def enable_fp8_rollout(model: nn.Module, rowwise: bool = False) -> int:
     """Switch eligible Linears of `model` to `Fp8RolloutLinear` in place; returns their count."""
     n = 0
     for name, module in model.named_modules():
-        if _eligible(name, module):
+        if _eligible(name, module) or type(module) is Fp8RolloutLinear:  # the latter: enabled before
             module.__class__ = Fp8RolloutLinear
-            module.rowwise = rowwise
+            if module.rowwise != rowwise:
+                module.rowwise, module.w_fp8 = rowwise, None  # other scale shapes: quantise anew
             n += 1
     refresh_fp8_weights(model)
     if n == 0:
@@ -160,43 +165,64 @@ def _quant(x: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Tens
     return (x32 / scale).clamp(-fmax, fmax).to(dtype), scale
 
 
-def _mm(a8: torch.Tensor, sa: torch.Tensor, b8_t: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [R, K] (row-major) @ b [K, N] given as b8_t = bᵀ [N, K] row-major; fp32 accumulate."""
-    if has_scaled_mm(a8.device):
-        return torch._scaled_mm(a8, b8_t.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+def _pad_k(x8: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, K] -> [R, k] with zero columns (an FP8 zero is exact: padded products add nothing)."""
+    if x8.shape[1] == k:
+        return x8
+    out = x8.new_zeros(x8.shape[0], k)
+    out[:, : x8.shape[1]] = x8
+    return out
+
+
+def _mm(a8: torch.Tensor, sa: torch.Tensor, b8_t: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
+        scaled_mm: bool, fast_accum: bool = False) -> torch.Tensor:
+    """a [R, K] (row-major) @ b [K, N] given as b8_t = bᵀ [N, K] row-major; fp32 accumulate.
+
+    `torch._scaled_mm` needs K a multiple of 16: K is zero-padded (the weight-gradient GEMM
+    contracts over tokens, and a text stream of (1+M)·B·154 rows is not). The emulation pads too,
+    so CPU tests cover that path."""
+    k = -(-a8.shape[1] // 16) * 16
+    a8, b8_t = _pad_k(a8, k), _pad_k(b8_t, k)
+    if scaled_mm:
+        return torch._scaled_mm(a8, b8_t.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
     return ((a8.float() * sa) @ (b8_t.float() * sb).t()).to(out_dtype)
 
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight):
+    def forward(ctx, x2, weight, scaled_mm):
         out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        if has_scaled_mm(x2.device) and out_dtype == torch.float32:
+        if scaled_mm and out_dtype == torch.float32:
             out_dtype = torch.bfloat16
         x8, sx = _quant(x2, FP8_DTYPE, FP8_MAX)
         w8, sw = _quant(weight, FP8_DTYPE, FP8_MAX)
         ctx.save_for_backward(x8, sx, w8, sw)
         ctx.dtypes = (x2.dtype, weight.dtype)
-        return _mm(x8, sx, w8, sw, out_dtype).to(x2.dtype)
+        ctx.scaled_mm = scaled_mm
+        return _mm(x8, sx, w8, sw, out_dtype, scaled_mm, fast_accum=True).to(x2.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x8, sx, w8, sw = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
+        scaled_mm = ctx.scaled_mm
         g8, sg = _quant(grad, FP8_GRAD_DTYPE, FP8_GRAD_MAX)
-        out = torch.bfloat16 if has_scaled_mm(grad.device) else torch.float32
-        grad_x = _mm(g8, sg, w8.t().contiguous(), sw, out)  # [R, N] @ [N, K]
-        grad_w = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, out)  # [N, R] @ [R, K]
-        return grad_x.to(x_dtype), grad_w.to(w_dtype)
+        out = torch.bfloat16 if scaled_mm else torch.float32
+        grad_x = _mm(g8, sg, w8.t().contiguous(), sw, out, scaled_mm)  # [R, N] @ [N, K]
+        grad_w = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, out, scaled_mm)  # [N, R] @ [R, K]
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None
 
 
 class Fp8TrainLinear(nn.Linear):
     """An `nn.Linear` whose GEMMs (forward and both backward GEMMs) run in FP8 with per-tensor
     dynamic scales; the weight stays in its own dtype (master copy), parameters and keys unchanged."""
 
+    use_scaled_mm: bool = False  # set by enable_fp8_training, outside any compiled region
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight)
+        y = _Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.use_scaled_mm and x.is_cuda)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, -1)
@@ -208,5 +234,6 @@ def enable_fp8_training(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if _eligible(name, module) or (type(module) is Fp8RolloutLinear and "blocks." in name):
             module.__class__ = Fp8TrainLinear
+            module.use_scaled_mm = has_scaled_mm(module.weight.device)
             n += 1
     return n

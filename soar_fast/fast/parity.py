@@ -70,9 +70,18 @@ def run_parity(
     device: str = "cpu",
     fp8_scaling: str = "tensorwise",
 ) -> list[ParityRow]:
-    """Run the parity table on a randomly initialised `preset` model (fp32)."""
-    dev = torch.device(device)
-    base_model = build_sd3_transformer(preset, seed=seed).to(dev)
+    """Run the parity table on a randomly initialised `preset` model (fp32; on CUDA with TF32
+    off, so the tolerances measure our code, not cuBLAS's reduced-precision mode)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _run_parity(preset, batch, num_aux, size, seq, seed, variants, torch.device(device), fp8_scaling)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run_parity(preset, batch, num_aux, size, seq, seed, variants, dev, fp8_scaling) -> list[ParityRow]:
+    base_model = build_sd3_transformer(preset, seed=seed, device=dev)
     cfg_m = base_model.config
     g = torch.Generator().manual_seed(seed)
     z0 = torch.randn(batch, cfg_m.in_channels, size, size, generator=g).to(dev)

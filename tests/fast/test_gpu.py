@@ -1,5 +1,7 @@
 """GPU checks of the fast step (run on the H100/H200 machine; skipped without CUDA)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -70,3 +72,27 @@ def test_batched_step_with_triton_ops_matches_reference_on_gpu():
     ref = sf.soar_loss_from_draws(SD3VelocityFn(model), z0, cond, uncond, config, draws)
     out = batched_soar_step(SD3VelocityFn(model), z0, cond, uncond, config, draws, ops_backend="auto", backward=False)
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * ref.loss.item()
+
+
+@pytest.mark.parametrize("rows", [16, 21])  # 21: K of the weight-gradient GEMM padded for _scaled_mm
+def test_fp8_training_linear_on_scaled_mm(rows):
+    """Fp8TrainLinear on real torch._scaled_mm: output and both gradients within FP8 error of bf16."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("torch._scaled_mm FP8 needs SM 8.9+")
+    from soar_fast.fast.fp8 import enable_fp8_training
+
+    ref = torch.nn.Sequential()
+    ref.add_module("blocks", torch.nn.ModuleList([torch.nn.Linear(256, 512)]))
+    ref = ref.cuda().to(torch.bfloat16)
+    fp8 = copy.deepcopy(ref)
+    assert enable_fp8_training(fp8) == 1 and fp8.blocks[0].use_scaled_mm
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for m in (ref, fp8):
+        xi = x.clone().requires_grad_()
+        y = m.blocks[0](xi)
+        y.backward(g)
+        outs.append((y.float(), xi.grad.float(), m.blocks[0].weight.grad.float()))
+    for a, b in zip(*outs):
+        assert ((b - a).norm() / a.norm()).item() < 8e-2  # e4m3/e5m2 operands: a few percent

@@ -147,3 +147,29 @@ def test_fp8_training_linears_track_the_fp32_loss_curve():
     rel = [abs(a - b) / a for a, b in zip(*curves)]
     assert max(rel) < 1e-2, rel
     assert max(rel) > 0  # FP8 really ran (not bitwise equal)
+
+
+def _qdq(x, dtype):
+    """Per-tensor quantise-dequantise (the numerics of one FP8 GEMM operand)."""
+    scale = x.abs().amax().clamp_min(1e-12) / torch.finfo(dtype).max
+    return (x / scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).float() * scale
+
+
+@pytest.mark.parametrize("rows", [16, 21])  # 21: the weight-gradient GEMM's K gets zero-padded to 32
+def test_fp8_training_linear_matches_quantise_dequantise_math(rows):
+    """Fp8TrainLinear (emulated) = y = q(x) q(W)ᵀ + b, dx = q5(g) q(W), dW = q5(g)ᵀ q(x), with
+    e4m3 operands and e5m2 gradients; the K padding that torch._scaled_mm needs changes nothing."""
+    from soar_fast.fast.fp8 import FP8_DTYPE, FP8_GRAD_DTYPE, enable_fp8_training
+
+    lin = torch.nn.Sequential()
+    lin.add_module("blocks", torch.nn.ModuleList([torch.nn.Linear(32, 48)]))
+    assert enable_fp8_training(lin) == 1
+    layer = lin.blocks[0]
+    x = torch.randn(rows, 32, requires_grad=True)
+    g = torch.randn(rows, 48)
+    y = layer(x)
+    y.backward(g)
+    xq, wq, gq = _qdq(x.detach(), FP8_DTYPE), _qdq(layer.weight.detach(), FP8_DTYPE), _qdq(g, FP8_GRAD_DTYPE)
+    torch.testing.assert_close(y, xq @ wq.t() + layer.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, gq.t() @ xq, rtol=1e-5, atol=1e-5)
