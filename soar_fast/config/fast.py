@@ -7,11 +7,11 @@ from typing import Literal
 
 from soar_fast.config.errors import ConfigError
 
-RolloutMode = Literal["eager", "cuda_graph", "fp8", "cuda_graph_fp8"]
+RolloutMode = Literal["eager", "cuda_graph", "fp8", "cuda_graph_fp8", "te_fp8"]
 AttentionBackend = Literal["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn"]
 Fp8Scaling = Literal["tensorwise", "rowwise"]
 
-ROLLOUT_MODES = ("eager", "cuda_graph", "fp8", "cuda_graph_fp8")
+ROLLOUT_MODES = ("eager", "cuda_graph", "fp8", "cuda_graph_fp8", "te_fp8")
 ATTENTION_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn")
 OPS_BACKENDS = ("auto", "reference", "triton", "native")
 
@@ -25,7 +25,8 @@ class FastConfig:
     micro_chunks: int = 1
     """Split the (1+M)B batch into this many sample groups, each run forward+backward alone."""
     rollout: RolloutMode = "eager"
-    """No-grad CFG rollout: eager, a CUDA graph, FP8 GEMMs, or a CUDA graph of the FP8 rollout."""
+    """No-grad CFG rollout: eager, a CUDA graph, FP8 GEMMs, a CUDA graph of the FP8 rollout, or
+    Transformer Engine FP8 GEMMs (te_fp8; falls back to fp8 without TE >= 2.2 on an SM 8.9+ GPU)."""
     fp8_scaling: Fp8Scaling = "tensorwise"
     """FP8 scale granularity for the rollout GEMMs: one scale per tensor or per row/column."""
     fp8_training: bool = False

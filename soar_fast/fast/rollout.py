@@ -3,7 +3,9 @@
 Modes (`FastConfig.rollout`): `eager`; `cuda_graph`, a CUDA graph captured once per input shape
 (warm-up on a side stream, static input buffers, replay each step; the graph reads the live
 parameters, so in-place optimizer updates are seen); `fp8`, the GEMMs in FP8 (`soar_fast.fast.fp8`),
-and `cuda_graph_fp8`, both. A mode the machine cannot run falls back with one log line.
+and `cuda_graph_fp8`, both; `te_fp8`, the GEMMs through Transformer Engine (`soar_fast.fast.te_fp8`;
+it falls back to `fp8` without TE >= 2.2 or an SM 8.9+ GPU; TE inside a CUDA graph is not offered).
+A mode the machine cannot run falls back with one log line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from soar_fast.fast import te_fp8
 from soar_fast.fast.fp8 import enable_fp8_rollout, fp8_rollout, refresh_fp8_weights
 from soar_fast.loss.cond import Cond, as_tuple, cat_cond, like
 
@@ -29,7 +32,8 @@ class RolloutEngine:
 
     `model` is the module whose Linears FP8 mode switches (the transformer behind `velocity_fn`).
     With a CUDA graph the returned tensors are the graph's static outputs: valid until the next
-    call. Call `after_optimizer_step()` after each optimizer step (re-quantises FP8 weights).
+    call. Call `after_optimizer_step()` after each optimizer step (re-quantises FP8 weights; TE
+    re-quantises on every call by itself).
     """
 
     def __init__(self, velocity_fn: VelocityFn, model: nn.Module | None = None, mode: str = "eager",
@@ -42,6 +46,20 @@ class RolloutEngine:
         self.warmup_iters = warmup_iters
         self._graphs: dict[tuple, _GraphEntry] = {}
         self.captures = 0
+        self.te: te_fp8.TeRollout | None = None
+        if mode == "te_fp8":
+            self.use_fp8 = True  # the fallback, unless TE takes over below
+            if model is not None:
+                why = te_fp8.te_unavailable_reason(next(model.parameters()).device)
+                if why is None:
+                    self.te = te_fp8.TeRollout(model)
+                    self.use_fp8 = False
+                    if not self.te.layers:
+                        log.warning("rollout=te_fp8: no Linear layer with sizes divisible by 16; the rollout stays in bf16")
+                        self.te = None
+                else:
+                    log.warning("rollout=te_fp8: %s; running the torch-native fp8 rollout instead "
+                                "(fix: %s, on an SM 8.9+ GPU)", why, te_fp8.TE_INSTALL)
         if self.use_fp8:
             if model is None:
                 log.warning("rollout=%s needs the model module; running the rollout without FP8", mode)
@@ -54,6 +72,8 @@ class RolloutEngine:
     @property
     def mode(self) -> str:
         """The mode that actually runs (after fallbacks)."""
+        if self.te is not None:
+            return "te_fp8"
         return {(False, False): "eager", (True, False): "cuda_graph", (False, True): "fp8",
                 (True, True): "cuda_graph_fp8"}[(self.use_graph, self.use_fp8)]
 
@@ -62,6 +82,9 @@ class RolloutEngine:
             refresh_fp8_weights(self.model)
 
     def _forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.te is not None:
+            with self.te.active():
+                return self.velocity_fn(z, sigma, cond)
         if self.use_fp8:
             with fp8_rollout(self.model):
                 return self.velocity_fn(z, sigma, cond)
