@@ -1,6 +1,13 @@
 """Typed configuration. The lowest room: imports nothing else of soar_fast."""
 
 from soar_fast.config.errors import ConfigError
+from soar_fast.config.io import (
+    config_from_dict,
+    config_to_dict,
+    load_config_file,
+    load_config_json,
+    save_config_json,
+)
 from soar_fast.config.parallel import ParallelConfig
 from soar_fast.config.recipes import RECIPES, get_recipe, recipe_names
 from soar_fast.config.soar import SoarConfig
@@ -15,10 +22,6 @@ from soar_fast.config.train import (
     RuntimeConfig,
     SampleConfig,
     TrainConfig,
-    config_from_dict,
-    load_config_file,
-    load_config_json,
-    save_config_json,
 )
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "SoarConfig",
     "TrainConfig",
     "config_from_dict",
+    "config_to_dict",
     "get_recipe",
     "load_config_file",
     "load_config_json",

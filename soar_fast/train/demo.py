@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from soar_fast.config import ConfigError, DemoConfig, EvalConfig, TrainConfig, get_recipe
-from soar_fast.config.train import config_to_dict
+from soar_fast.config.io import config_to_dict
 from soar_fast.eval.evaluate import evaluate_model, load_run
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.report import plot_exposure, plot_losses, write_report
