@@ -293,6 +293,9 @@ def _run_variant(variant, args, model, device, dtype, z0, cond, uncond, latent, 
         r_times = _time_steps(lambda: engine(z_t, draws.sigma0, ub, cond), device, 2, max(args.iters, 10))
         r50 = statistics.median(r_times)
         rows.append({"metric": "rollout_ms_p50", "value": r50, "unit": "ms", "note": f"rollout={engine.mode}"})
+        if engine.use_fp8:  # the FP8 weight refresh alone (part of every step of this variant)
+            f_times = _time_steps(engine.after_optimizer_step, device, 2, max(args.iters, 10))
+            rows.append({"metric": "fp8_refresh_ms_p50", "value": statistics.median(f_times), "unit": "ms"})
     del opt
     print(f"{variant:>9} {DESCRIPTION[variant]:<40} {p50:9.2f} ms  {achieved:7.1f} TFLOP/s  "
           f"MFU {achieved / peak_tflops:6.1%}  warm-up {warm_s:5.1f} s  {note}", flush=True)

@@ -173,3 +173,27 @@ def test_fp8_training_linear_matches_quantise_dequantise_math(rows):
     torch.testing.assert_close(y, xq @ wq.t() + layer.bias, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, gq.t() @ xq, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_fp8_refresh_equals_per_layer_quantisation():
+    """refresh_fp8_weights (multi-tensor kernels, in groups) = quantize_fp8 per layer, bitwise in
+    fp32, and writes into the existing buffers (a captured CUDA graph keeps reading them)."""
+    from soar_fast.fast.fp8 import (
+        Fp8RolloutLinear,
+        enable_fp8_rollout,
+        quantize_fp8,
+        refresh_fp8_weights,
+    )
+
+    model = build_sd3_transformer("tiny")
+    assert enable_fp8_rollout(model) > 0
+    layers = [m for m in model.modules() if isinstance(m, Fp8RolloutLinear)]
+    buffers = [(m.w_fp8.data_ptr(), m.w_scale.data_ptr()) for m in layers]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand_like(p) + 0.5)
+    refresh_fp8_weights(model, group=3)
+    for m, ptrs in zip(layers, buffers):
+        q, s = quantize_fp8(m.weight.detach(), rowwise=False)
+        assert torch.equal(m.w_fp8.float(), q.float()) and torch.equal(m.w_scale, s)
+        assert (m.w_fp8.data_ptr(), m.w_scale.data_ptr()) == ptrs
