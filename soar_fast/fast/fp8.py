@@ -150,7 +150,13 @@ def refresh_fp8_weights(model: nn.Module, group: int = 32) -> None:
     for i in range(0, len(fused), group):
         chunk = fused[i : i + group]
         for dtype in {m.weight.dtype for m in chunk}:
-            _refresh_group([m for m in chunk if m.weight.dtype == dtype])
+            same = [m for m in chunk if m.weight.dtype == dtype]
+            try:
+                _refresh_group(same)
+            except RuntimeError as err:  # a multi-tensor op this torch build lacks: per layer
+                log.warning("FP8 refresh: grouped path failed (%s); quantising per layer", str(err).splitlines()[0][:160])
+                for m in same:
+                    m.refresh()
 
 
 def _refresh_group(layers: list[Fp8RolloutLinear]) -> None:
