@@ -51,7 +51,9 @@ def step_table(rows: list[dict], title: str) -> list[str]:
                    f"{_fmt(val('samples_per_s'), '.2f')} | {_fmt(val('tflops'), '.0f')} | "
                    f"{_fmt(None if mfu is None else 100 * mfu)}% | {_fmt(val('peak_memory'))} | "
                    f"{_fmt(val('speedup_vs_a'), '.2f')} | {_fmt(val('rollout_ms_p50'))} | {_fmt(val('warmup_s'))} |")
-    out += [""] + goal_checks(by)
+    out += [""] + [f"FP8 weight refresh inside ({v}): {m['fp8_refresh_ms_p50']['value']:.1f} ms per step (timed alone)"
+                   for v, m in by.items() if "fp8_refresh_ms_p50" in m]
+    out += goal_checks(by)
     return out
 
 
@@ -120,8 +122,9 @@ def parity_table(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     d = Path((argv or sys.argv[1:])[0])
     lines = []
-    for name, title in (("step_512.json", "512 px"), ("step_1024.json", "1024 px")):
-        lines += step_table(_load(d / name), title) + [""]
+    for path in sorted(d.glob("step_*.json"), key=lambda q: (len(q.stem), q.stem)):  # 512, 1024, 512_run2
+        res, _, tag = path.stem.removeprefix("step_").partition("_")
+        lines += step_table(_load(path), f"{res} px" + (f", {tag}" if tag else "")) + [""]
     lines += rollout_table(_load(d / "rollout_attention_512.json"))
     lines += parity_table(_load(d / "parity.json"))
     if (d / "stages.txt").exists():

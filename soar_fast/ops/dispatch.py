@@ -1,7 +1,9 @@
 """The one place that chooses a backend for each fused op: triton | native | reference.
 
-`backend="auto"` picks Triton on a CUDA device when triton is importable and the dtype is one it
-serves (fp32, fp16, bf16), and the pure-torch reference elsewhere (CPU included, even when the
+`backend="auto"` on a CUDA device, for the dtypes the kernels serve (fp32, fp16, bf16), picks the
+native op when the extension is built with CUDA kernels (on an H200 it ran 3-50x faster than the
+Triton launch at SD3.5 shapes, whose ~0.13 ms floor is host-side launch cost: docs/kernels.md),
+else Triton when it imports; the pure-torch reference elsewhere (CPU included, even when the
 Triton interpreter is on). The environment variable `SOAR_FAST_OPS_BACKEND` (`reference`,
 `triton`, `native`) overrides `"auto"`. Each (op, backend) choice is logged once at INFO.
 """
@@ -14,7 +16,7 @@ import os
 import torch
 
 from soar_fast.ops._common import interpreting, triton_available
-from soar_fast.ops.native import load_native
+from soar_fast.ops.native import load_native, native_cuda_ready
 from soar_fast.ops.soar_aux_states.op import aux_states_op, aux_states_z_op
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
 from soar_fast.ops.soar_mse.op import fused_mse_and_grad_op, fused_mse_op
@@ -65,6 +67,8 @@ def resolve_backend(
                     f"{ENV_VAR}={forced!r} is invalid; set it to reference, triton or native"
                 )
             backend, why = forced, f"forced by {ENV_VAR}"
+        elif device.type == "cuda" and (dtype is None or dtype in _KERNEL_DTYPES) and native_cuda_ready():
+            backend, why = "native", "auto: CUDA device, native extension built with CUDA kernels"
         elif (
             device.type == "cuda"
             and triton_available()

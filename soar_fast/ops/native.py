@@ -67,6 +67,15 @@ def native_available() -> bool:
     return True
 
 
+def native_cuda_ready() -> bool:
+    """True when the extension loads and was built with its CUDA kernels (not the CPU-only build).
+    After one failed look it answers False without probing the file system again (it sits on the
+    eager hot path of `backend="auto"`); an explicit `load_native(path)` later still counts."""
+    if _state["loaded"] is None and _state["error"] is not None:
+        return False
+    return native_available() and torch.ops.soar_fast_native.aux_states.default.has_kernel_for_dispatch_key("CUDA")
+
+
 def _register_python_side() -> None:
     """Fake impls and autograd for the C++ ops, so they compile as single nodes like the Triton ones."""
     ns = "soar_fast_native"

@@ -88,3 +88,15 @@ def test_import_without_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch.Size([2, 3])" in r.stdout
+
+
+def test_auto_prefers_a_native_cuda_build(monkeypatch):
+    """With the extension built with CUDA kernels, auto on CUDA runs native (measured faster than
+    Triton on an H200); a CPU-only build (CI's) leaves auto on Triton."""
+    monkeypatch.setattr(dispatch, "native_cuda_ready", lambda: True)
+    monkeypatch.setattr(dispatch, "load_native", lambda: None)
+    assert dispatch.resolve_backend("x", "auto", CUDA, torch.bfloat16) == "native"
+    assert dispatch.resolve_backend("x", "auto", CUDA, torch.float64) == "reference"
+    assert dispatch.resolve_backend("x", "auto", CPU, torch.float32) == "reference"
+    monkeypatch.setattr(dispatch, "native_cuda_ready", lambda: False)
+    assert dispatch.resolve_backend("x", "auto", CUDA, torch.bfloat16) == "triton"
