@@ -30,9 +30,10 @@ class FastConfig:
     fp8_scaling: Fp8Scaling = "tensorwise"
     """FP8 scale granularity for the rollout GEMMs: one scale per tensor or per row/column."""
     fp8_training: bool = False
-    """Also run the training GEMMs in FP8 (Transformer Engine if installed, else torch._scaled_mm)."""
+    """Also run the training GEMMs in FP8: our torch._scaled_mm linear (e4m3 forward, e5m2 grads)."""
     ops_backend: str = "auto"
-    """Backend of the fused ops: auto (Triton on CUDA, else reference), reference, triton, native."""
+    """Backend of the fused ops: auto (on CUDA native if built, else Triton; else reference), reference,
+    triton, native."""
     compile: Literal["none", "per_block", "full"] = "none"
     """torch.compile of the model: per transformer block (torchtitan style) or the whole forward."""
     compile_optimizer: bool = False

@@ -93,12 +93,14 @@ def sd35m_soar() -> TrainConfig:
     Full fine-tune of the transformer from `<pretrained_model_name_or_path>/transformer` on a latent
     cache of `soar-fast cache`: AdamW lr 2e-5 constant, betas (0.9, 0.999), wd 1e-2, clip 1.0, bf16,
     no EMA, 10k steps, SOAR M=6, N=40, g=4.5. The global batch of 32 is reached on one GPU as
-    train_batch_size 4 x gradient_accumulation_steps 8 (with more GPUs, divide the accumulation).
+    train_batch_size 2 x gradient_accumulation_steps 16 (with more GPUs, divide the accumulation):
+    at 2 the (1+M)*2 = 14-sample pass fits an 80 GB H100 beside the 33 GiB of fp32 weights, grads
+    and AdamW state; 4 would not (docs/sd35.md "Sizes and memory", estimated from H200 peaks).
     """
     from soar_fast.config.sd35 import sd35m_soar_recipe
 
     r = sd35m_soar_recipe()
-    micro = 4
+    micro = 2
     data = DataConfig()
     data.source = "latents"  # data_dir is required: tyro rebuilds DataConfig and its check names the flag
     return TrainConfig(
