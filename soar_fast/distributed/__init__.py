@@ -21,7 +21,12 @@ from soar_fast.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from soar_fast.distributed.loss import global_loss_value, global_metrics, global_soar_loss
+from soar_fast.distributed.loss import (
+    global_batch_scale,
+    global_loss_value,
+    global_metrics,
+    global_soar_loss,
+)
 from soar_fast.distributed.parallelize import parallelize_sd3
 from soar_fast.distributed.sampler import ResumableDistributedSampler
 
@@ -38,6 +43,7 @@ __all__ = [
     "full_state_dict",
     "get_rank",
     "get_world_size",
+    "global_batch_scale",
     "global_loss_value",
     "global_metrics",
     "global_soar_loss",

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from soar_fast.config import SoarConfig
 from soar_fast.loss import SoarOutput
 
-__all__ = ["global_loss_value", "global_metrics", "global_soar_loss"]
+__all__ = ["global_batch_scale", "global_loss_value", "global_metrics", "global_soar_loss"]
 
 
 def _active(group: dist.ProcessGroup | None) -> bool:
@@ -49,6 +49,19 @@ def global_soar_loss(out: SoarOutput, config: SoarConfig, group: dist.ProcessGro
         if n_aux > 0:
             loss = loss + lam * aux_sum / n_aux
     return loss * world
+
+
+def global_batch_scale(local_batch: int, group: dist.ProcessGroup | None = None) -> float:
+    """W·B_local/B_global: the factor that turns a rank's own SOAR loss (normalised by its local
+    counts, as `batched_soar_step` does) into `global_soar_loss`'s term. For both normalisations
+    the local denominators are B(1 + λM) or B and MB, the global ones the same in B_global, so one
+    factor serves. 1 without a process group. Collective (one all-reduce of the batch size)."""
+    if not _active(group):
+        return 1.0
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    n = torch.tensor([float(local_batch)], dtype=torch.float64, device=dev)
+    dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
+    return dist.get_world_size(group) * local_batch / float(n.item())
 
 
 def global_loss_value(local_loss: torch.Tensor, group: dist.ProcessGroup | None = None) -> float:

@@ -19,7 +19,7 @@ from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.attention import attention_context
 from soar_fast.fast.compile import compile_model
 from soar_fast.fast.fp8 import enable_fp8_training
-from soar_fast.loss import SoarOutput, sample_draws
+from soar_fast.loss import SoarDraws, SoarOutput, sample_draws
 from soar_fast.models import SD3VelocityFn
 
 __all__ = ["FastStep"]
@@ -50,7 +50,12 @@ class FastStep:
     def __call__(self, z0: torch.Tensor, cond: Any, uncond: Any, generator: torch.Generator,
                  grad_scale: float = 1.0) -> SoarOutput:
         z0 = z0.float()
-        draws = sample_draws(z0, self.soar, generator)
+        return self.from_draws(z0, cond, uncond, sample_draws(z0, self.soar, generator), grad_scale)
+
+    def from_draws(self, z0: torch.Tensor, cond: Any, uncond: Any, draws: SoarDraws,
+                   grad_scale: float = 1.0) -> SoarOutput:
+        """The step on given draws (the torchrun path keys them by global sample number)."""
+        z0 = z0.float()
         with attention_context(self.fast.attention_backend):
             return batched_soar_step(self.velocity_fn, z0, cond, uncond, self.soar, draws, rollout=self.rollout,
                                      ops_backend=self.fast.ops_backend, micro_chunks=self.fast.micro_chunks,

@@ -88,6 +88,18 @@ def _dcp_latest(root: Path) -> Path | None:
     return latest_checkpoint(root)
 
 
+def _check_fast_under_torchrun(fast: Any) -> None:
+    """The fast step's parts that run on FSDP2-sharded parameters; the rest get a one-line error."""
+    if fast.compile != "none":
+        raise ConfigError(f"fast.compile={fast.compile!r}: under torchrun compile the blocks with --parallel.compile "
+                          "(applied before FSDP2); set --fast.compile none")
+    if fast.rollout != "eager":
+        raise ConfigError(f"fast.rollout={fast.rollout!r} needs unsharded weights (CUDA graphs, FP8 weight copies); "
+                          "use --fast.rollout eager under torchrun")
+    if fast.fp8_training:
+        raise ConfigError("fast.fp8_training is single-process for now; pass --no_fast.fp8_training under torchrun")
+
+
 def keyed_draws(z0: torch.Tensor, keys: list[int], seed: int, soar: Any):
     """SOAR draws of a (local) batch whose row j is sample number `keys[j]` of the global sample
     stream: each row's draws come from a generator seeded by (seed, key) only, so they are the
@@ -191,9 +203,10 @@ class Trainer:
         if not detect_torchrun():
             return None
         cfg = self.cfg
-        if cfg.runtime.step != "eager":
-            raise ConfigError(f"runtime.step={cfg.runtime.step!r} is single-process for now (its own backward "
-                              "is not normalised over ranks); use --runtime.step eager under torchrun")
+        if cfg.runtime.step not in ("eager", "fast"):
+            raise ConfigError(f"runtime.step={cfg.runtime.step!r} is single-process; use eager or fast under torchrun")
+        if cfg.runtime.step == "fast":
+            _check_fast_under_torchrun(cfg.fast)
         if cfg.optim.use_ema:
             raise ConfigError("optim.use_ema is single-process for now; pass --no_use_ema under torchrun")
         if getattr(cfg.model, "lora_rank", 0):
@@ -336,7 +349,12 @@ class Trainer:
     def _train_step_dist(self) -> dict[str, float]:
         """`train_step` under torchrun: global-batch loss (`global_soar_loss`), draws keyed by the
         global sample number (`keyed_draws`), non-finite decisions agreed by all ranks."""
-        from soar_fast.distributed import all_ranks_true, global_metrics, global_soar_loss
+        from soar_fast.distributed import (
+            all_ranks_true,
+            global_batch_scale,
+            global_metrics,
+            global_soar_loss,
+        )
         from soar_fast.loss import soar_loss_from_draws
 
         oc, sc, env = self.cfg.optim, self.cfg.soar, self.dist
@@ -353,13 +371,19 @@ class Trainer:
             z0 = z0.to(self.device).float()
             cond = tuple(t.to(self.device) for t in cond)
             draws = keyed_draws(z0, list(range(first, first + len(idx))), self.cfg.runtime.seed, sc)
-            with self._autocast():
-                out = soar_loss_from_draws(self.loss_step.velocity_fn, z0, cond, self.uncond, sc, draws)
+            if self._step_backprops:  # the fast step runs its own backward: scale it to the global batch
+                scale = global_batch_scale(len(idx)) / oc.gradient_accumulation_steps
+                with self._autocast():
+                    out = self.loss_step.from_draws(z0, cond, self.uncond, draws, grad_scale=scale)
+            else:
+                with self._autocast():
+                    out = soar_loss_from_draws(self.loss_step.velocity_fn, z0, cond, self.uncond, sc, draws)
             loss = global_soar_loss(out, sc)
             if not all_ranks_true(bool(torch.isfinite(loss).item())):
-                finite = False
+                finite = False  # (the fast step's gradients are dropped with the update)
                 continue
-            (loss / oc.gradient_accumulation_steps).backward()
+            if not self._step_backprops:
+                (loss / oc.gradient_accumulation_steps).backward()
             metrics = {**out.metrics, **global_metrics(out, sc)}  # loss, base/aux loss: global; others rank 0's
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / oc.gradient_accumulation_steps

@@ -103,6 +103,32 @@ def test_two_rank_loss_equals_one_rank_on_the_global_batch_after_resume(runs):
     assert (root / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_fast_step_under_torchrun_equals_the_eager_step(runs):
+    """`--runtime.step fast` on 2 ranks (batched (1+M)B pass, fused loss + gradient, its own
+    backward scaled to the global batch) follows run A (eager, 2 ranks) step for step."""
+    root, _, _ = runs
+    f = _torchrun(2, ["--output_dir", "fast", "--train_batch_size", "4", "--runtime.step", "fast"], root)
+    assert f.returncode == 0, f.stdout[-3000:] + f.stderr[-3000:]
+    ra, rf = _rows(root / "a"), _rows(root / "fast")
+    assert sorted(rf) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        for key in ("train/loss", "train/base_loss", "train/aux_loss", "train/grad_norm"):
+            va, vf = ra[step][key], rf[step][key]
+            assert math.isclose(va, vf, rel_tol=1e-4, abs_tol=1e-7), (step, key, va, vf)
+
+
+def test_fast_step_parts_that_need_unsharded_weights_refuse_under_torchrun():
+    from soar_fast.config import ConfigError
+    from soar_fast.config.fast import FastConfig
+    from soar_fast.train.trainer import _check_fast_under_torchrun
+
+    _check_fast_under_torchrun(FastConfig())  # batched step, eager rollout, fused ops: allowed
+    for bad, flag in ((FastConfig(compile="per_block"), "parallel.compile"), (FastConfig(rollout="cuda_graph"),
+                      "fast.rollout eager"), (FastConfig(fp8_training=True), "fp8_training")):
+        with pytest.raises(ConfigError, match=flag):
+            _check_fast_under_torchrun(bad)
+
+
 def test_sampler_rank_split_is_the_single_process_batch():
     from soar_fast.data import ResumableSampler
 
@@ -128,7 +154,7 @@ def _peek(sampler, k: int) -> torch.Tensor:
     return s.next_indices()
 
 
-def test_fast_step_and_ema_under_torchrun_are_one_line_config_errors(tmp_path, monkeypatch):
+def test_unsupported_fast_parts_and_ema_under_torchrun_are_one_line_config_errors(tmp_path, monkeypatch):
     from soar_fast.config import ConfigError, get_recipe
     from soar_fast.train import Trainer
 
@@ -137,7 +163,8 @@ def test_fast_step_and_ema_under_torchrun_are_one_line_config_errors(tmp_path, m
     cfg = get_recipe("tiny")
     cfg.runtime.output_dir = str(tmp_path / "x")
     cfg.runtime.step = "fast"
-    with pytest.raises(ConfigError, match="single-process for now") as e:
+    cfg.fast.compile = "per_block"
+    with pytest.raises(ConfigError, match="parallel.compile") as e:
         Trainer(cfg)
     assert "\n" not in str(e.value)
     cfg.runtime.step = "eager"
