@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -140,9 +141,11 @@ def measure_bf16_gemm_tflops(device, n=8192, iters=20):
 
 
 def env_info(device):
+    # SOAR_FAST_COMMIT wins: a copied working tree (the GPU machine's) can carry stale git metadata
+    commit = os.environ.get("SOAR_FAST_COMMIT")
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
+        commit = commit or subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                                   stderr=subprocess.DEVNULL).strip()
     except Exception:  # noqa: BLE001
         commit = "unknown"
     try:

@@ -5,7 +5,8 @@
 # first: a cut-off run keeps every stage before the cut. Every stage writes JSON into OUTDIR as it
 # goes; `benchmarks/summarize_gpu.py OUTDIR` prints the tables (also run at the end).
 #   bash benchmarks/run_gpu_suite.sh OUTDIR [BUDGET_S]
-# Commit OUTDIR under benchmarks/results/<gpu>/: the rows carry device, date and commit.
+# Commit OUTDIR under benchmarks/results/<gpu>/: the rows carry device, date and commit. A copied
+# working tree (the device tool's) can carry stale git metadata: set SOAR_FAST_COMMIT=<hash> then.
 # The GPU image lacks diffusers (and its lazy-importer, importlib_metadata) and nvtx: put their
 # wheels in wheels/ (README "Performance"); they are installed with --no-deps into /tmp/site.
 set -uo pipefail
@@ -27,7 +28,7 @@ PY=python3
 SMOKE=""; DEV=cuda
 $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { SMOKE="--smoke --no_compile"; DEV=cpu; export TRITON_INTERPRET=1; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
-$PY -c "import torch, triton, json, subprocess; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)', 'commit': subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}))" > "$OUT/env.json"
+$PY -c "import os, torch, triton, json, subprocess; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)', 'commit': os.environ.get('SOAR_FAST_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}))" > "$OUT/env.json"
 cat "$OUT/env.json"
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }

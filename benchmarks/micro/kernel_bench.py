@@ -129,8 +129,9 @@ def bytes_loss(e: int, m: int, s: int, mode: str) -> int:
 
 @functools.cache
 def _env() -> dict:
+    commit = os.environ.get("SOAR_FAST_COMMIT")  # wins over git (a copied tree's metadata can be stale)
     try:
-        commit = subprocess.check_output(
+        commit = commit or subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"],
             text=True,
             stderr=subprocess.DEVNULL,
