@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from soar_fast.config import ConfigError, TrainConfig, config_from_dict, save_config_json
+from soar_fast.config.fast import FastConfig
 from soar_fast.data import ResumableSampler, build_dataset
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
@@ -88,7 +89,7 @@ def _dcp_latest(root: Path) -> Path | None:
     return latest_checkpoint(root)
 
 
-def _check_fast_under_torchrun(fast: Any) -> None:
+def _check_fast_under_torchrun(fast: FastConfig) -> None:
     """The fast step's parts that run on FSDP2-sharded parameters; the rest get a one-line error."""
     if fast.compile != "none":
         raise ConfigError(f"fast.compile={fast.compile!r}: under torchrun compile the blocks with --parallel.compile "
