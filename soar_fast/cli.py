@@ -296,7 +296,7 @@ def _cmd_demo(argv: Sequence[str]) -> int:
 
 
 def _cmd_parity(argv: Sequence[str]) -> int:
-    from soar_fast.fast.parity import main as parity_main
+    from soar_fast.train.parity import main as parity_main
 
     return parity_main(list(argv))
 

@@ -18,10 +18,10 @@ OPS_BACKENDS = ("auto", "reference", "triton", "native")
 
 @dataclass(kw_only=True)
 class FastConfig:
-    """The fast SOAR step (issue: batched passes, graphed FP8 rollout, compiled train step)."""
+    """How a training step runs: the batched step's options (`--runtime.step fast`: micro-chunks,
+    rollout mode, fused-op backend, attention) and the model converters of every step (FP8
+    training GEMMs, activation checkpointing, compile), all composable at any world size."""
 
-    batched: bool = True
-    """Run the base and the M auxiliary states through the model as one (1+M)B batch."""
     micro_chunks: int = 1
     """Split the (1+M)B batch into this many sample groups, each run forward+backward alone."""
     rollout: RolloutMode = "eager"
@@ -35,9 +35,11 @@ class FastConfig:
     """Backend of the fused ops: auto (on CUDA native if built, else Triton; else reference), reference,
     triton, native."""
     compile: Literal["none", "per_block", "full"] = "none"
-    """torch.compile of the model: per transformer block (torchtitan style) or the whole forward."""
-    compile_optimizer: bool = False
-    """torch.compile the optimizer step as well."""
+    """torch.compile of the model: per transformer block (torchtitan style) or the whole forward;
+    applied after activation checkpointing and before FSDP2, at any world size."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (non-reentrant checkpoint per
+    block): less activation memory for about one more forward of compute."""
     attention_backend: AttentionBackend = "sdpa"
     """Attention kernel: torch SDPA (auto), a pinned SDPA backend, or the flash-attn package."""
 

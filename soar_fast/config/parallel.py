@@ -1,8 +1,7 @@
-"""`ParallelConfig`: how a model is spread over ranks under torchrun (FSDP2, checkpointing, compile).
+"""`ParallelConfig`: how a model is spread over ranks (FSDP2 over a device mesh).
 
-The `parallel` section of `TrainConfig` (`--parallel.*` flags). Used only when the trainer runs
-under torchrun; a plain single process ignores it. Dtypes are names here (this room imports no
-torch); `soar_fast.distributed.config.DTYPES` maps them.
+The `parallel` section of `TrainConfig` (`--parallel.*` flags). A plain process is a one-rank
+mesh of the same code, so these apply to it too (sharding over one rank is the identity).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from soar_fast.config.errors import ConfigError
 __all__ = ["DTYPE_NAMES", "ParallelConfig"]
 
 ShardMode = Literal["full", "hybrid"]
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_NAMES = ("fp32", "bf16")
 
 
 @dataclass(kw_only=True)
@@ -27,16 +26,9 @@ class ParallelConfig:
     `shard_degree` ranks (a node) and replicate across groups (2-D mesh (replicate, shard))."""
     shard_degree: int | None = None
     """Ranks per shard group for 'hybrid' (default: LOCAL_WORLD_SIZE, i.e. one node)."""
-    activation_checkpointing: bool = True
-    """Recompute each transformer block's activations in backward (non-reentrant checkpoint)."""
-    compile: bool = False
-    """torch.compile each transformer block (after checkpointing, before FSDP)."""
-    compile_fullgraph: bool = False
-    """Pass fullgraph=True to torch.compile (diffusers blocks may graph-break on some versions)."""
-    param_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Dtype FSDP2 all-gathers parameters in and computes with (the sharded master copy stays fp32)."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the gradient reduce-scatter / all-reduce."""
+    """Dtype of the gradient reduce-scatter / all-reduce (the compute and all-gather dtype is
+    `runtime.mixed_precision`, the master weights' `runtime.weight_dtype`)."""
     reshard_after_forward: bool = True
     """Free gathered parameters after each forward (ZeRO-3). False keeps them gathered until
     backward (ZeRO-2-like): fewer all-gathers for SOAR's 2 + M forwards, more memory."""
@@ -50,8 +42,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.shard={self.shard!r} is invalid: choose 'full' or 'hybrid'")
         if self.shard_degree is not None and self.shard_degree < 1:
             raise ConfigError(f"parallel.shard_degree={self.shard_degree!r} is invalid: need >= 1")
-        if self.param_dtype not in DTYPE_NAMES or self.reduce_dtype not in DTYPE_NAMES:
-            raise ConfigError(f"parallel.param_dtype/reduce_dtype must be one of {', '.join(DTYPE_NAMES)}")
+        if self.reduce_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"parallel.reduce_dtype={self.reduce_dtype!r} is invalid: choose one of {', '.join(DTYPE_NAMES)}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r} is invalid: choose auto, nccl or gloo")
         if not self.timeout_minutes > 0:

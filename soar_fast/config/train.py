@@ -59,8 +59,11 @@ def _str(x: object) -> bool:
 class ModelConfig:
     """Which transformer to train: a random-init preset or a local diffusers folder."""
 
+    family: str = "sd3"
+    """Model family of a preset (soar_fast.models.spec.FAMILIES: 'sd3', 'flux'); a folder's family
+    is read from its config.json."""
     preset: str = "digits"
-    """Architecture preset of a randomly initialised SD3Transformer2DModel (soar_fast.models.SD3_PRESETS)."""
+    """Architecture preset of a randomly initialised transformer of `family` (e.g. SD3_PRESETS)."""
     pretrained_model_name_or_path: Annotated[str | None, _flat("pretrained_model_name_or_path")] = None
     """A diffusers model folder (or run folder's `final/`) to start from; None = random init of `preset`."""
     subfolder: str = "transformer"
@@ -96,6 +99,8 @@ class ModelConfig:
                 _fail("model.lora_target_modules", self.lora_target_modules, "need module names, e.g. to_q to_k to_v to_out.0")
         if not _str(self.preset):
             _fail("model.preset", self.preset, "name a preset, e.g. 'digits'")
+        if self.family not in ("sd3", "flux"):
+            _fail("model.family", self.family, "choose 'sd3' or 'flux'")
         if self.pretrained_model_name_or_path is not None and not _str(self.pretrained_model_name_or_path):
             _fail("model.pretrained_model_name_or_path", self.pretrained_model_name_or_path, "need a folder path or None")
         if not isinstance(self.subfolder, str):
@@ -258,12 +263,16 @@ class RuntimeConfig:
     seed: Annotated[int, _flat("seed")] = 0
     """Seed of the data order, the SOAR draws and the global RNGs."""
     mixed_precision: Annotated[Literal["no", "bf16"], _flat("mixed_precision")] = "no"
-    """'no' (fp32) or 'bf16' (autocast; weights and optimizer stay fp32)."""
+    """Compute dtype: 'no' (fp32) or 'bf16' (FSDP2 all-gathers and computes in bf16; master
+    weights and AdamW states stay in `weight_dtype`, gradients are reduced in fp32)."""
+    weight_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the stored weights and AdamW states: 'fp32' master weights (the default), or
+    'bf16' for pure-bf16 training (half the memory; implies bf16 compute)."""
     device: str = "cpu"
     """torch device, e.g. 'cpu' or 'cuda'."""
-    step: str = "eager"
-    """Loss-step implementation (soar_fast.train.build registry): 'eager' is the reference soar_loss,
-    'fast' the batched step with fused ops configured by the `fast` section."""
+    step: Literal["eager", "fast"] = "eager"
+    """Step implementation: 'eager' is the reference soar_loss (one pass per point), 'fast' the
+    batched (1+M)B step with fused ops and the rollout engine, configured by the `fast` section."""
     num_threads: int = 0
     """torch intra-op threads (0: torch's default)."""
 
@@ -276,8 +285,10 @@ class RuntimeConfig:
             _fail("runtime.mixed_precision", self.mixed_precision, "choose 'no' or 'bf16'")
         if not _str(self.device):
             _fail("runtime.device", self.device, "need a torch device such as 'cpu'")
-        if not _str(self.step):
-            _fail("runtime.step", self.step, "name a registered step, e.g. 'eager'")
+        if self.step not in ("eager", "fast"):
+            _fail("runtime.step", self.step, "choose 'eager' or 'fast'")
+        if self.weight_dtype not in ("fp32", "bf16"):
+            _fail("runtime.weight_dtype", self.weight_dtype, "choose 'fp32' or 'bf16'")
         if not _int(self.num_threads, 0):
             _fail("runtime.num_threads", self.num_threads, "need an integer >= 0")
 
@@ -303,9 +314,9 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Output folder, seed, precision, device, step implementation."""
     fast: FastConfig = field(default_factory=FastConfig)
-    """The fast step (`--runtime.step fast`): batched passes, rollout mode, compile, FP8, attention."""
+    """How the step runs: batched-step options, rollout mode, compile, FP8, checkpointing, attention."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Under torchrun: FSDP2 data parallelism (ignored by a single process)."""
+    """FSDP2 data parallelism (a plain process is a one-rank mesh)."""
 
 
 @dataclass(kw_only=True)

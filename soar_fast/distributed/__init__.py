@@ -1,14 +1,8 @@
-"""Scale-out: torchrun process groups, FSDP2 wrapping, the global SOAR loss, a resumable sampler
-and DCP checkpoints. May import models (and config, loss); never the trainer or the cli."""
+"""Scale-out: process groups (a plain process is a one-rank group), device meshes, the FSDP2 and
+activation-checkpointing wrappers, the copy of sharded weights into a plain replica, and the
+communication-volume estimate (`scaling`). May import models and config; never the trainer or the cli."""
 
-from soar_fast.distributed.checkpoint import (
-    export_full_state_dict,
-    full_state_dict,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from soar_fast.distributed.config import ParallelConfig
+from soar_fast.config.parallel import ParallelConfig
 from soar_fast.distributed.env import (
     DistEnv,
     all_ranks_true,
@@ -21,36 +15,29 @@ from soar_fast.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from soar_fast.distributed.loss import (
-    global_batch_scale,
-    global_loss_value,
-    global_metrics,
-    global_soar_loss,
+from soar_fast.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    copy_full_params,
+    fsdp_units,
+    unwrap_name,
 )
-from soar_fast.distributed.parallelize import parallelize_sd3
-from soar_fast.distributed.sampler import ResumableDistributedSampler
 
 __all__ = [
     "DistEnv",
     "ParallelConfig",
-    "ResumableDistributedSampler",
     "all_ranks_true",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
     "barrier",
     "build_device_mesh",
     "cleanup",
+    "copy_full_params",
     "detect_torchrun",
-    "export_full_state_dict",
-    "full_state_dict",
+    "fsdp_units",
     "get_rank",
     "get_world_size",
-    "global_batch_scale",
-    "global_loss_value",
-    "global_metrics",
-    "global_soar_loss",
     "init_distributed",
     "is_main_process",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "parallelize_sd3",
-    "save_checkpoint",
+    "unwrap_name",
 ]

@@ -1,5 +1,9 @@
 """Process groups and device meshes: torchrun detection, init, mesh, rank helpers, cleanup.
 
+A process that torchrun did not launch is world size 1 of the same code (torchtitan's habit): it
+gets a one-rank process group (an in-process `HashStore`) and a one-device mesh, so FSDP2, its
+mixed-precision policy and DCP checkpoints run the same at 1 and at N ranks.
+
 NCCL is configured by its own environment variables (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG,
 ...): we never set them, only log the ones present on rank 0.
 """
@@ -15,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from soar_fast.distributed.config import ParallelConfig
+from soar_fast.config.parallel import ParallelConfig
 
 __all__ = [
     "DistEnv",
@@ -43,7 +47,7 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
-    distributed: bool
+    launched: bool
 
 
 def detect_torchrun() -> bool:
@@ -51,36 +55,41 @@ def detect_torchrun() -> bool:
     return all(k in os.environ for k in _TORCHRUN_VARS)
 
 
-def init_distributed(cfg: ParallelConfig | None = None) -> DistEnv:
-    """Initialise the default process group from torchrun's environment (no-op without it).
+def init_distributed(cfg: ParallelConfig | None = None, device: str | torch.device | None = None) -> DistEnv:
+    """Initialise the default process group: torchrun's world, or a one-rank group of this process.
 
-    nccl on CUDA (one GPU per LOCAL_RANK), gloo on CPU; the timeout comes from `cfg`.
+    Backend: nccl on CUDA (one GPU per LOCAL_RANK), gloo on CPU; `cfg.backend` can force one. A
+    CPU `device` (e.g. `--runtime.device cpu`) means gloo even where GPUs exist. An already
+    initialised default group is reused. The collective timeout comes from `cfg`.
     """
     cfg = cfg or ParallelConfig()
-    if not detect_torchrun():
-        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return DistEnv(0, 1, 0, 1, dev, distributed=False)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launched = detect_torchrun()
+    if launched:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    else:
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+    want = torch.device(device) if device is not None else None
     backend = cfg.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and (want is None or want.type == "cuda") else "gloo"
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        index = local_rank if launched or want is None or want.index is None else want.index
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
     else:
-        device = torch.device("cpu")
+        dev = torch.device("cpu") if want is None or launched else want
     if not dist.is_initialized():
         timeout = timedelta(minutes=cfg.timeout_minutes)
-        kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout),
-                                rank=rank, world_size=world, **kwargs)
-    if rank == 0:
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        store = _attempt_store(timeout) if launched else dist.HashStore()
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world, **kwargs)
+    if rank == 0 and launched:
         nccl = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))}
         log.info("process group %s: world %d (%d per node)%s", backend, world, local_world,
                  f", env {nccl}" if nccl else "")
-    return DistEnv(rank, world, local_rank, local_world, device, distributed=True)
+    return DistEnv(rank, world, local_rank, local_world, dev, launched=launched)
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store:
@@ -98,16 +107,12 @@ def _attempt_store(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"soar_fast/attempt_{attempt}/", store)
 
 
-def build_device_mesh(env: DistEnv, cfg: ParallelConfig | None = None) -> DeviceMesh | None:
+def build_device_mesh(env: DistEnv, cfg: ParallelConfig | None = None) -> DeviceMesh:
     """1-D mesh ('dp_shard',) for full shard; 2-D ('dp_replicate', 'dp_shard') for hybrid shard.
-
-    Returns None for a plain single process (no FSDP).
-    """
+    A plain process gets the 1-D mesh of its one rank."""
     cfg = cfg or ParallelConfig()
-    if not env.distributed:
-        return None
     dev_type = env.device.type
-    if cfg.shard == "full":
+    if cfg.shard == "full" or env.world_size == 1:
         return init_device_mesh(dev_type, (env.world_size,), mesh_dim_names=("dp_shard",))
     shard = cfg.shard_degree or env.local_world_size
     if env.world_size % shard:
@@ -147,7 +152,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Destroy the default process group if one exists (call once at the end of training)."""
-    if dist.is_available() and dist.is_initialized():
+def cleanup(env: DistEnv | None = None) -> None:
+    """Destroy the default process group at the end of a torchrun job. A plain process keeps its
+    one-rank group (cheap; the next trainer in the same process reuses it)."""
+    if (env is None or env.launched) and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,6 @@
-"""torch.compile of the model, per transformer block (torchtitan style) or whole, in place.
+"""torch.compile of the model, per transformer block (torchtitan style) or whole, in place: the
+one compile routine (flag `fast.compile`), applied by the step constructor after activation
+checkpointing and before FSDP2.
 
 `nn.Module.compile` compiles in place, so parameter names and `state_dict` keys stay the stock
 diffusers ones (no `_orig_mod.` prefix) and checkpoints stay interchangeable with eager runs.
@@ -7,32 +9,27 @@ diffusers ones (no `_orig_mod.` prefix) and checkpoints stay interchangeable wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["compile_model", "compile_optimizer_step"]
+__all__ = ["compile_model"]
 
 log = logging.getLogger(__name__)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    blocks: list[nn.Module] = []
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        blocks.extend(getattr(model, name, None) or [])
-    return blocks
-
-
-def compile_model(model: nn.Module, mode: str = "per_block", fullgraph: bool = True, dynamic: bool = False) -> nn.Module:
-    """Compile `model` in place: `per_block` compiles each transformer block (fast cold start,
-    shared code across blocks), `full` the whole forward. `none` returns the model unchanged."""
+def compile_model(model: nn.Module, mode: str = "per_block", *, blocks: Sequence[nn.Module] = (),
+                  fullgraph: bool = True, dynamic: bool = False) -> nn.Module:
+    """Compile `model` in place: `per_block` compiles each of `blocks` (the family's transformer
+    blocks; fast cold start, code shared across identical blocks), `full` the whole forward,
+    `none` returns the model unchanged."""
     if mode == "none":
         return model
     _raise_recompile_limit()
     if mode == "per_block":
-        blocks = _blocks(model)
         if not blocks:
-            raise ValueError("compile='per_block' needs a model with transformer_blocks; use compile='full'")
+            raise ValueError("compile='per_block' needs the model's transformer blocks; use compile='full'")
         for block in blocks:
             block.compile(fullgraph=fullgraph, dynamic=dynamic)
     elif mode == "full":
@@ -52,8 +49,3 @@ def _raise_recompile_limit(at_least: int = 64) -> None:
         if hasattr(cfg, name) and getattr(cfg, name) < at_least:
             setattr(cfg, name, at_least)
             return
-
-
-def compile_optimizer_step(optimizer: torch.optim.Optimizer):
-    """`optimizer.step` compiled (fuses the per-parameter AdamW updates); returns the callable."""
-    return torch.compile(optimizer.step, fullgraph=False)

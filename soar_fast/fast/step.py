@@ -63,7 +63,7 @@ def batched_soar_step(
     cond = where_cond(draws.drop, uncond_b, cond)
     s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
     z_t = (1 - s0) * z0 + s0 * z1
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
 
     if m > 0:
         engine = rollout or RolloutEngine(velocity_fn)
@@ -117,4 +117,4 @@ def batched_soar_step(
             all_losses[rows] = losses
     base_losses, aux_losses = all_losses[:b], all_losses[b:].view(m, b)
     metrics = {**loss_metrics(total, base_losses, aux_losses, sigma0), **metrics}
-    return SoarOutput(loss=total, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)
+    return SoarOutput(loss=total, stats=metrics, base_losses=base_losses, aux_losses=aux_losses)

@@ -15,13 +15,8 @@ import torch
 
 from soar_fast.config import SoarConfig
 from soar_fast.loss.cond import Cond, broadcast_uncond, cat_cond, where_cond
-from soar_fast.loss.schedule import (
-    loss_weight,
-    quantize_sigma,
-    quantize_u,
-    sample_logit_normal,
-    shift_sigma,
-)
+from soar_fast.loss.draws import SoarDraws, sample_draws
+from soar_fast.loss.schedule import loss_weight
 from soar_fast.ops import soar_aux_states
 
 __all__ = ["Cond", "SoarDraws", "SoarOutput", "VelocityFn", "loss_metrics", "rollout_metrics", "sample_draws",
@@ -31,55 +26,22 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
 @dataclass
-class SoarDraws:
-    """Everything random in one SOAR step. Shapes: z1 `[B, ...]`, sigma0/sigma1 `[B]`,
-    sigma_aux `[M, B]`, drop `[B]` (bool, True = train this sample on the empty prompt)."""
-
-    z1: torch.Tensor
-    u0: torch.Tensor
-    sigma0: torch.Tensor
-    sigma1: torch.Tensor
-    sigma_aux: torch.Tensor
-    drop: torch.Tensor
-
-
-@dataclass
 class SoarOutput:
-    """`loss`: the differentiable scalar. `metrics`: floats for logging. The per-sample sums and
-    point counts are kept so that a distributed step can renormalise by global counts."""
+    """`loss`: the differentiable scalar. `stats`: the logged quantities as 0-d tensors on the
+    device (no host sync); `metrics` reads them as floats (one sync, for library callers and
+    logging steps). The per-sample losses are kept for callers that aggregate over batches."""
 
     loss: torch.Tensor
-    metrics: dict[str, float]
+    stats: dict[str, torch.Tensor]
     base_losses: torch.Tensor  # [B] L_base_i (with graph)
     aux_losses: torch.Tensor  # [M, B] L_aux_i,m (with graph)
 
-
-def sample_draws(
-    z0: torch.Tensor, config: SoarConfig, generator: torch.Generator | None = None
-) -> SoarDraws:
-    """Draw z1, u0, σ' and the dropout mask, in a fixed order, on the generator's device."""
-    b, m = z0.shape[0], config.num_aux if config.lambda_aux > 0 else 0
-    dev = generator.device if generator is not None else z0.device
-    z1 = torch.randn(z0.shape, generator=generator, device=dev, dtype=torch.float32)
-    u0 = sample_logit_normal(b, config.logit_mean, config.logit_std, generator=generator, device=dev)
-    frac = torch.rand(m, b, generator=generator, device=dev, dtype=torch.float32)
-    keep = torch.rand(b, generator=generator, device=dev, dtype=torch.float32)
-    drop = keep < config.cond_dropout
-    z1, u0, frac, drop = (t.to(z0.device) for t in (z1, u0, frac, drop))
-
-    u1 = (u0 - 1.0 / config.rollout_steps).clamp_min(0.0)
-    if config.timestep_quantization:
-        sigma0, sigma1 = quantize_u(u0, config.shift), quantize_u(u1, config.shift)
-    else:
-        sigma0, sigma1 = shift_sigma(u0, config.shift), shift_sigma(u1, config.shift)
-    sigma_hi = torch.ones_like(sigma0)
-    if config.sigma_hi_ratio is not None:
-        sigma_hi = (config.sigma_hi_ratio * sigma0).clamp(max=1.0)
-    sigma_aux = sigma1 + frac * (sigma_hi - sigma1).clamp_min(0.0)  # σ' ~ U[σ1, σ_hi]
-    if config.timestep_quantization:
-        sigma_aux = quantize_sigma(sigma_aux, config.shift)
-    sigma_aux = sigma_aux.clamp_min(config.sigma_min)
-    return SoarDraws(z1=z1, u0=u0, sigma0=sigma0, sigma1=sigma1, sigma_aux=sigma_aux, drop=drop)
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The stats as floats: loss, base_loss, aux_loss, rollout_deviation, ... (one host sync)."""
+        keys = list(self.stats)
+        values = torch.stack([self.stats[k].detach().double() for k in keys]).tolist() if keys else []
+        return dict(zip(keys, values))
 
 
 def soar_loss(
@@ -121,7 +83,7 @@ def soar_loss_from_draws(
     base_losses = _weighted_mse(v_base, z1 - z0, loss_weight(sigma0, config.weighting))
 
     aux_losses = z0.new_zeros(0, b)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     if m > 0:
         # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights.
         with torch.no_grad():
@@ -149,33 +111,36 @@ def soar_loss_from_draws(
         loss = base_losses.mean() + (lam * aux_losses.mean() if m > 0 else 0.0)
 
     metrics = {**loss_metrics(loss, base_losses, aux_losses, sigma0), **metrics}
-    return SoarOutput(loss=loss, metrics=metrics, base_losses=base_losses, aux_losses=aux_losses)
+    return SoarOutput(loss=loss, stats=metrics, base_losses=base_losses, aux_losses=aux_losses)
 
 
-def rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, guidance_scale: float) -> dict[str, float]:
+@torch.no_grad()
+def rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, guidance_scale: float) -> dict[str, torch.Tensor]:
     """How far the rollout left the trajectory: ‖ẑ − z_σ1‖ per sample, computed through the
-    identity ẑ − z_σ1 = (σ1 − σ0)·(v_cfg − (z1 − z0)), its per-element RMS, and the mean σ'."""
+    identity ẑ − z_σ1 = (σ1 − σ0)·(v_cfg − (z1 − z0)), its per-element RMS, and the mean σ'.
+    Batch means as 0-d device tensors (no host sync)."""
     compute = z0.dtype
     v_cfg = v_u.to(compute) + guidance_scale * (v_c.to(compute) - v_u.to(compute))
     dev = (sigma0 - sigma1).to(compute) * (v_cfg - (z1 - z0)).flatten(1).norm(dim=1)
     return {
-        "rollout_deviation": dev.mean().item(),
-        "rollout_deviation_rms": (dev / z0[0].numel() ** 0.5).mean().item(),
-        "sigma_aux_mean": sigma_aux.mean().item(),
+        "rollout_deviation": dev.mean(),
+        "rollout_deviation_rms": (dev / z0[0].numel() ** 0.5).mean(),
+        "sigma_aux_mean": sigma_aux.float().mean(),
     }
 
 
+@torch.no_grad()
 def loss_metrics(loss: torch.Tensor, base_losses: torch.Tensor, aux_losses: torch.Tensor,
-                 sigma0: torch.Tensor) -> dict[str, float]:
-    """The logged totals of a step: loss, base and aux means, mean σ0 and the aux point count."""
-    m, b = aux_losses.shape
+                 sigma0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The logged totals of a step as 0-d device tensors: loss, base and aux means, mean σ0."""
+    m = aux_losses.shape[0]
+    zero = loss.new_zeros(()).detach().float()
     return {
-        "loss": loss.item(),
-        "base_loss": base_losses.mean().item(),
-        "aux_loss": aux_losses.mean().item() if m > 0 else 0.0,
-        "sigma0_mean": sigma0.mean().item(),
-        "num_aux_points": float(m * b),
-        "rollout_deviation": 0.0,  # overwritten by rollout_metrics when there is a rollout
+        "loss": loss.detach().float(),
+        "base_loss": base_losses.detach().float().mean(),
+        "aux_loss": aux_losses.detach().float().mean() if m > 0 else zero,
+        "sigma0_mean": sigma0.float().mean(),
+        "rollout_deviation": zero,  # overwritten by rollout_metrics when there is a rollout
     }
 
 

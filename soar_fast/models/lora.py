@@ -23,6 +23,8 @@ __all__ = [
     "apply_lora",
     "lora_state_dict",
     "merge_lora",
+    "peft_to_lora_layers",
+    "save_lora_layers",
     "save_lora_weights",
     "trainable_parameters",
 ]
@@ -108,20 +110,30 @@ def save_lora_weights(transformer: nn.Module, output_dir: str | Path, adapter_na
 
     The adapter config (rank, alpha, targets) is stored as metadata so loading keeps the scale.
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
     if adapter_name not in (getattr(transformer, "peft_config", None) or {}):
         raise ValueError(f"{type(transformer).__name__} has no LoRA adapter {adapter_name!r}: apply_lora() it "
                          "first, or export a full fine-tune with export_transformer()")
+    layers = {k: v.detach() for k, v in lora_state_dict(transformer, adapter_name).items()}
+    return save_lora_layers(layers, transformer.peft_config[adapter_name].to_dict(), output_dir,
+                            flux="FluxTransformer2DModel" in {c.__name__ for c in type(transformer).__mro__})
+
+
+def peft_to_lora_layers(state: dict, adapter_name: str = "default") -> dict:
+    """Adapter tensors of a model state dict (peft names `...lora_A.<adapter>.weight`) in the
+    layout `save_lora_layers` takes (`...lora_A.weight`, as `get_peft_model_state_dict` gives)."""
+    return {k.replace(f".{adapter_name}.", "."): v for k, v in state.items() if ".lora_" in k}
+
+
+def save_lora_layers(layers: dict, metadata: dict, output_dir: str | Path, flux: bool = False) -> Path:
+    """`pytorch_lora_weights.safetensors` of adapter tensors (peft layout), fp32, through the
+    pipeline's own `save_lora_weights` (diffusers key prefixes and adapter metadata)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(transformer, adapter_name).items()}
-    pipeline_cls = FluxPipeline if type(transformer).__name__ == "FluxTransformer2DModel" else StableDiffusion3Pipeline
-    pipeline_cls.save_lora_weights(
-        out,
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
-    )
+    layers = {k: v.float().cpu().contiguous() for k, v in layers.items()}
+    pipeline_cls = FluxPipeline if flux else StableDiffusion3Pipeline
+    pipeline_cls.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     return out / "pytorch_lora_weights.safetensors"
 
 

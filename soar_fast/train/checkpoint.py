@@ -1,14 +1,17 @@
-"""Atomic, verifiable checkpoints: `<output_dir>/checkpoints/checkpoint-<step>/`.
+"""The one checkpoint manager: `<output_dir>/checkpoints/step_<step:08d>/`, resumable at any world size.
 
-A checkpoint is written into a temporary sibling folder, every file fsynced, a `manifest.json`
-(size and sha256 of each file) written last, then renamed into place in one `os.rename`: a crash
-at any point leaves either the old set of checkpoints or the old set plus the new one, never a
-half-written `checkpoint-<step>`. Loading verifies the manifest; a corrupt or truncated newest
-checkpoint falls back to the previous good one with a warning.
+A checkpoint is a Distributed Checkpoint (DCP) folder of `{"model", "optim", "ema"}` (LoRA runs:
+the adapters only; the frozen base is rebuilt from the run's config) plus `state.json` (step,
+world size, data position, counters) and `manifest.json` (size and sha256 of every file, hashed
+by the ranks in parallel), written last. Every rank writes into `.tmp-step_<step>/`; rank 0
+renames it into place in one `os.rename` after all ranks are done, so a crash leaves either the
+old set of checkpoints or the old set plus the new one. DCP reshards on load: a checkpoint of W
+ranks resumes on any number of ranks, a plain process included (world size 1 of the same code).
+Loading verifies the manifest; a corrupt or truncated newest checkpoint falls back to the previous
+good one with a warning. No RNG state is saved: every draw is keyed by (seed, step, sample).
 
-Files: model.safetensors, ema.safetensors (optional), optimizer.pt, rng.safetensors (torch CPU,
-CUDA and the step generator), state.json (step, data position, counters, python/numpy RNG),
-transformer_config.json (to rebuild the model without the run's config).
+Older formats: a torchrun checkpoint of soar_fast 0.1 (`step_<step>` with `meta.json`, no
+manifest) loads; a single-process `checkpoint-<step>` folder (safetensors) is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,26 +20,52 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from soar_fast.config import ConfigError
+from soar_fast.train.ema import EMA
 
 __all__ = ["CheckpointError", "find_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
            "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+FORMAT_VERSION = 2
+_STEP = re.compile(r"^step_(\d+)$")
+_LEGACY = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """No loadable checkpoint where one was asked for; the message names the fix."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -56,23 +85,44 @@ def _fsync(path: Path) -> None:
 
 
 def find_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    """Complete-looking checkpoint folders, newest (highest step) first. Temp folders are ignored."""
+    """Complete checkpoint folders (`state.json`, or a 0.1 torchrun `meta.json`), newest first."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP.match(p.name)) and ((p / "state.json").is_file() or (p / "meta.json").is_file())]
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _refuse_legacy(root: Path) -> None:
+    old = sorted(p.name for p in root.iterdir() if _LEGACY.match(p.name)) if root.is_dir() else []
+    if old:
+        raise ConfigError(f"{str(root / old[-1])!r} is a single-process checkpoint of soar_fast 0.1 (safetensors), "
+                          "which this version does not resume: finish that run with soar_fast 0.1 (git checkout "
+                          "c0e2fc7) or start a new run in another --output_dir")
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != "manifest.json")
+
+
+def _hash_share(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """This rank's share of the files (every W-th), with size and sha256."""
+    mine = names[_rank()::_world()]
+    return {n: {"size": (path / n).stat().st_size, "sha256": _sha256(path / n)} for n in mine}
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The manifest of `path` after checking every file's size and sha256; raises CheckpointError."""
+    """The manifest of `path` after this rank checked its share of the files (all of them in a
+    one-rank world); raises CheckpointError naming the first bad file."""
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: manifest unreadable ({e.__class__.__name__})") from None
-    for name, info in manifest.get("files", {}).items():
-        f = path / name
+    names = sorted(manifest.get("files", {}))
+    for name in names[_rank()::_world()]:
+        info, f = manifest["files"][name], path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if f.stat().st_size != info["size"]:
@@ -82,152 +132,118 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"python": _jsonable(random.getstate()),
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-
-
-def _jsonable(x: Any) -> Any:
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuplify(x: Any) -> Any:
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def _is_lora(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "peft_config", None))
-
-
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What model.safetensors holds: the full state dict, or for a LoRA (peft-wrapped) model only its
-    trainable adapter weights (peft key names, e.g. `...attn.to_q.lora_A.default.weight`); the frozen
-    base is re-read from `--pretrained_model_name_or_path` on resume."""
-    if _is_lora(model):
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return model.state_dict()
-
-
-def _load_model_tensors(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    if not _is_lora(model):
-        model.load_state_dict(weights, strict=True)
-        return
-    want = set(_model_tensors(model))
-    missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
-    if missing or unexpected:
-        what = f"misses {missing[0]}" if missing else f"has {unexpected[0]}, not a LoRA adapter weight of this model"
-        raise CheckpointError(f"checkpoint {path} does not match the LoRA model ({what}); resume with the same "
-                              "--model.lora_rank / --model.lora_target_modules as the run that wrote it")
-    model.load_state_dict(weights, strict=False)
-
-
-def save_checkpoint(
-    ckpt_root: str | Path,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    state: dict[str, Any],
-    ema: dict[str, torch.Tensor] | None = None,
-    total_limit: int | None = None,
-) -> Path:
-    """Write checkpoint-<step> atomically and keep the newest `total_limit`. Returns its path."""
-    root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _model_tensors(model).items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, lora: bool) -> dict[str, Any]:
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
+    state = {"model": msd, "optim": osd}
     if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state().cpu()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _rng_state()}))
-    model_cfg = getattr(model, "config", None)
-    if model_cfg is not None:
-        (tmp / "transformer_config.json").write_text(json.dumps(dict(model_cfg), default=list))
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync(f)
-        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    manifest = tmp / "manifest.json"
-    manifest.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1))
-    _fsync(manifest)
-    if final.exists():  # re-saving the same step (e.g. a SIGTERM right after a periodic save)
-        old = root / f".old-checkpoint-{step}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync(root)
-    if total_limit:
-        for stale in find_checkpoints(root)[total_limit:]:
+        state["ema"] = ema.shadow
+    return state
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: EMA | None, state: dict[str, Any], lora_rank: int = 0, keep: int = 3) -> Path:
+    """Collective: write `step_<step>` atomically, keep the newest `keep`; returns its path.
+    `state` (JSON, the same on every rank) is stored in state.json with the step and world size."""
+    root = Path(ckpt_root)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_state(model, optimizer, ema, bool(lora_rank)), checkpoint_id=str(tmp))
+    _barrier()
+    if _rank() == 0:
+        meta = {**state, "format_version": FORMAT_VERSION, "step": step, "world_size": _world(),
+                "lora_rank": lora_rank, "has_ema": ema is not None}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        _fsync(tmp / "state.json")
+    _barrier()
+    names = _files(tmp)
+    files: dict[str, Any] = {}
+    for share in _gather(_hash_share(tmp, names)):
+        files.update(share)
+    if _rank() == 0:
+        (tmp / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step,
+                                                       "files": files}, indent=1))
+        _fsync(tmp / "manifest.json")
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            old = root / f".old-step_{step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync(root)
+        for stale in find_checkpoints(root)[keep:]:
             shutil.rmtree(stale, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    _barrier()
     return final
 
 
 def resolve_resume(resume: str, ckpt_root: str | Path) -> list[Path]:
     """Candidates for `--resume_from_checkpoint`: 'latest' -> every checkpoint newest first (the
     loader falls back along the list); a folder -> just that one (no silent fallback)."""
+    root = Path(ckpt_root)
     if resume == "latest":
-        return find_checkpoints(ckpt_root)
+        found = find_checkpoints(root)
+        if not found:
+            _refuse_legacy(root)
+        return found
     path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {resume!r} does not exist; pass 'latest' or an existing checkpoint-<step> folder")
+    if _LEGACY.match(path.name) and path.is_dir():
+        _refuse_legacy(path.parent)
+    if not path.is_dir() or not ((path / "state.json").is_file() or (path / "meta.json").is_file()):
+        raise CheckpointError(f"checkpoint folder {resume!r} does not exist or is incomplete; pass 'latest' or a "
+                              "checkpoints/step_<step> folder")
     return [path]
 
 
-def load_checkpoint(
-    candidates: list[Path],
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    ema: Any | None = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Restore from the first good candidate (verified manifest, loadable files) and return it
-    with its state.json. Warns for each corrupt candidate skipped; raises if none is good."""
+def _read_state(path: Path) -> dict[str, Any]:
+    """state.json, or the 0.1 torchrun meta.json mapped to its fields (no manifest to verify)."""
+    if (path / "state.json").is_file():
+        verify_checkpoint(path)
+        return json.loads((path / "state.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
+    extra = meta.get("extra", {})
+    return {"step": meta["step"], "world_size": meta.get("world_size"), "sampler": extra["sampler"],
+            "nan_skipped": extra.get("nan_skipped", 0), "nan_streak": extra.get("nan_streak", 0),
+            "lora_rank": 0, "has_ema": False, "format_version": 1}
+
+
+def load_checkpoint(candidates: list[Path], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: EMA | None, lora_rank: int = 0) -> tuple[Path, dict[str, Any]]:
+    """Collective: restore from the first candidate that every rank finds good; returns it and its
+    state. Warns for each bad candidate skipped; raises CheckpointError if none is good."""
     errors = []
     for path in candidates:
         try:
-            verify_checkpoint(path)
-            weights = load_file(str(path / "model.safetensors"))
-            opt_state = torch.load(path / "optimizer.pt", weights_only=True)
-            rng = load_file(str(path / "rng.safetensors"))
-            state = json.loads((path / "state.json").read_text())
-            has_ema = ema is not None and (path / "ema.safetensors").is_file()
-            ema_state = load_file(str(path / "ema.safetensors")) if has_ema else None
+            state, why = _read_state(path), ""
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            errors.append(msg)
-            log.warning("checkpoint %s is unusable (%s); trying the previous one", path, msg)
+            state, why = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        whys = [w for w in _gather(why) if w]
+        if whys:
+            errors.append(whys[0])
+            if _rank() == 0:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, whys[0])
             continue
-        _load_model_tensors(model, weights, path)
-        optimizer.load_state_dict(opt_state)
-        if ema is not None and ema_state is not None:
-            ema.load_state_dict(ema_state)
-        elif ema is not None:
-            log.warning("checkpoint %s has no EMA weights; the EMA restarts from the loaded weights", path)
+        if int(state.get("lora_rank", 0)) != lora_rank:
+            raise CheckpointError(f"checkpoint {path} was written with --model.lora_rank {state.get('lora_rank', 0)}, "
+                                  f"this run has {lora_rank}; resume with the same LoRA settings as the run that wrote it")
+        want = _state(model, optimizer, ema if state.get("has_ema") else None, bool(lora_rank))
+        try:
+            dcp.load(want, checkpoint_id=str(path))
+        except Exception as e:  # noqa: BLE001 - a mismatch of keys or shapes: one line for the user
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); resume with the model "
+                                  "settings of the run that wrote it") from None
+        set_state_dict(model, optimizer, model_state_dict=want["model"], optim_state_dict=want["optim"],
+                       options=StateDictOptions(ignore_frozen_params=bool(lora_rank), strict=not lora_rank))
+        if ema is not None and not state.get("has_ema"):
+            if _rank() == 0:
+                log.warning("checkpoint %s has no EMA weights; the EMA restarts from the loaded weights", path)
             ema.reset(model)
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
-        random.setstate(_tuplify(state["rng"]["python"]))
-        kind, keys, pos, has_gauss, cached = state["rng"]["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         return path, state
     detail = f" ({'; '.join(errors)})" if errors else ""
     raise CheckpointError(f"no loadable checkpoint among {[str(p) for p in candidates]}{detail}; "

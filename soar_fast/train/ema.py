@@ -1,4 +1,9 @@
-"""Exponential moving average of the weights, kept in fp32 beside the model."""
+"""Exponential moving average of the trainable weights, kept in fp32 and sharded like them.
+
+Under FSDP2 each shadow tensor is a DTensor with its parameter's sharding, so the EMA costs
+1/W of the weights per rank and is saved and resumed by DCP with the model (at any world size).
+Keys are the stock parameter names (no checkpoint or compile wrapper prefixes).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,12 @@ import torch
 from torch import nn
 
 __all__ = ["EMA"]
+
+
+def _named_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    from soar_fast.distributed.parallelize import unwrap_name
+
+    return {unwrap_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class EMA:
@@ -17,26 +28,14 @@ class EMA:
 
     def reset(self, model: nn.Module) -> None:
         """Restart the average from the model's current weights."""
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().float().clone() for n, p in _named_trainable(model).items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+        params = _named_trainable(model)
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise KeyError(f"EMA state misses {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                p.copy_(self.shadow[n].to(p.dtype))

@@ -1,0 +1,147 @@
+"""One spec per model family (torchtitan's TrainSpec habit): everything the trainer, the step
+constructor and the benchmarks need to know about a diffusers transformer class, in one place.
+
+A `ModelFamily` gives: the diffusers class, random-init presets, the loader of a local diffusers
+folder (never a hub download), the velocity adapter (`velocity_fn(z, sigma, cond) -> v`), the
+latent channel count the data must have, the transformer-block lists that activation
+checkpointing, compile, FSDP units and FP8 use, and the FLOP counter of one forward.
+`family_of(model)` and `family_of_folder(path)` find the family of a model or a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from soar_fast.config.errors import ConfigError
+
+__all__ = ["FAMILIES", "ModelFamily", "family_names", "family_of", "family_of_folder", "get_family"]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What soar_fast knows about one diffusers transformer class."""
+
+    name: str
+    """Short name used by `--model.family` (e.g. 'sd3', 'flux')."""
+    transformer_class: str
+    """The diffusers class name (as in a folder's config.json `_class_name`)."""
+    presets: Mapping[str, dict[str, Any]]
+    """Architecture presets: constructor kwargs of a randomly initialised model."""
+    velocity: Callable[[nn.Module], Callable]
+    """`velocity(model) -> velocity_fn(z [N, C, H, W], sigma [N], cond) -> v [N, C, H, W]`."""
+    block_attrs: tuple[str, ...]
+    """Names of the model's `nn.ModuleList`s of transformer blocks, in forward order."""
+    forward_flops: Callable[[nn.Module, int, int, int], float]
+    """`forward_flops(model, latent_h, latent_w, text_len)`: FLOPs of one forward of one sample."""
+    latent_channels: Callable[[Any], int]
+    """Channels of the (unpacked) latents the model takes, from its config."""
+
+    def cls(self) -> type[nn.Module]:
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+    def build(self, preset: str, *, seed: int | None = 0, device: str | torch.device | None = None,
+              **overrides: Any) -> nn.Module:
+        """A randomly initialised model of `preset` (no download), initialised on `device`."""
+        if preset not in self.presets:
+            raise ConfigError(f"model.preset={preset!r} is not a {self.name} preset: choose one of "
+                              f"{', '.join(self.presets)}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        kwargs = {**self.presets[preset], **overrides}
+
+        def make() -> nn.Module:
+            with dev:
+                return self.cls()(**kwargs)
+
+        if seed is None:
+            return make()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return make()
+
+    def from_pretrained(self, path: str | Path, subfolder: str | None = None, **kwargs: Any) -> nn.Module:
+        """The transformer of a local diffusers folder (local files only)."""
+        return self.cls().from_pretrained(str(path), subfolder=subfolder or None, local_files_only=True, **kwargs)
+
+    def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
+        """The model's ModuleLists of transformer blocks (unwrapped names: FSDP keeps attributes)."""
+        lists = [getattr(model, a) for a in self.block_attrs if isinstance(getattr(model, a, None), nn.ModuleList)]
+        if not lists:
+            raise TypeError(f"{type(model).__name__} has none of the block lists {self.block_attrs}")
+        return lists
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Every transformer block, in forward order: the units of checkpointing, compile and FSDP."""
+        return [b for lst in self.block_lists(model) for b in lst]
+
+    def step_flops(self, model: nn.Module, batch: int, num_aux: int, height: int, width: int, text_len: int) -> float:
+        """FLOPs of one SOAR step (num_aux=0: SFT): 3F(1+M)B for forward+backward of the (1+M)B
+        rows plus 2BF for the no-grad CFG rollout (M > 0)."""
+        f = self.forward_flops(model, height, width, text_len)
+        rollout = 2 * batch * f if num_aux > 0 else 0.0
+        return 3.0 * f * (1 + num_aux) * batch + rollout
+
+
+def _sd3() -> ModelFamily:
+    from soar_fast.models.flops import sd3_forward_flops
+    from soar_fast.models.sd3 import SD3_PRESETS, SD3VelocityFn
+
+    return ModelFamily(name="sd3", transformer_class="SD3Transformer2DModel", presets=SD3_PRESETS,
+                       velocity=SD3VelocityFn, block_attrs=("transformer_blocks",),
+                       forward_flops=sd3_forward_flops, latent_channels=lambda c: c.in_channels)
+
+
+def _flux() -> ModelFamily:
+    from soar_fast.models.flops import flux_forward_flops
+    from soar_fast.models.flux import FLUX_PRESETS, FluxVelocityFn
+
+    return ModelFamily(name="flux", transformer_class="FluxTransformer2DModel", presets=FLUX_PRESETS,
+                       velocity=FluxVelocityFn, block_attrs=("transformer_blocks", "single_transformer_blocks"),
+                       forward_flops=flux_forward_flops, latent_channels=lambda c: c.in_channels // 4)
+
+
+FAMILIES: dict[str, ModelFamily] = {"sd3": _sd3(), "flux": _flux()}
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r} is invalid: choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family of a model, also when FSDP2 has wrapped its class (the MRO keeps the original)."""
+    names = {c.__name__ for c in type(model).__mro__}
+    for fam in FAMILIES.values():
+        if fam.transformer_class in names:
+            return fam
+    raise ConfigError(f"{type(model).__name__} is not a supported transformer: soar_fast trains "
+                      f"{', '.join(f.transformer_class for f in FAMILIES.values())}")
+
+
+def family_of_folder(path: str | os.PathLike, subfolder: str = "") -> ModelFamily:
+    """The family of a local diffusers model folder, from its config.json `_class_name`."""
+    cfg = Path(path) / subfolder / "config.json" if subfolder else Path(path) / "config.json"
+    try:
+        cls = json.loads(cfg.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"{str(cfg)!r} is missing or unreadable: pass a diffusers model folder "
+                          "(its transformer subfolder holds config.json)") from None
+    for fam in FAMILIES.values():
+        if fam.transformer_class == cls:
+            return fam
+    raise ConfigError(f"{str(cfg)!r} holds a {cls}; soar_fast trains "
+                      f"{', '.join(f.transformer_class for f in FAMILIES.values())}")

@@ -1,0 +1,85 @@
+"""The one exporter: the trained transformer as files diffusers loads, at any world size.
+
+Full fine-tune: `final/transformer/` (config.json + diffusion_pytorch_model.safetensors, loadable by
+`<Family>Transformer2DModel.from_pretrained` and the family's pipeline) and, with EMA,
+`final/transformer_ema/`. LoRA: `final/pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(
+final)`) and, with EMA, `final/ema/`. Collective: the shards are gathered to rank 0, which writes
+into a temporary folder and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from soar_fast.models.lora import peft_to_lora_layers, save_lora_layers
+from soar_fast.models.spec import ModelFamily
+from soar_fast.train.ema import EMA
+
+__all__ = ["export_final", "write_diffusers_folder"]
+
+log = logging.getLogger(__name__)
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """config.json (the family's class name, not FSDP's wrapper class) + the weights."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    cfg.update(_class_name=family.transformer_class, _diffusers_version=diffusers.__version__)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=list))
+    out = folder / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata={"format": "pt"})
+    return out
+
+
+def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, lora_rank: int,
+                 ema: EMA | None = None) -> Path:
+    """Collective: write `<out_dir>/final` as described above; returns its path."""
+    out = Path(out_dir)
+    final, tmp = out / "final", out / ".tmp-final"
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    lora = bool(lora_rank)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    full = get_model_state_dict(model, options=opts)  # gathered on rank 0 (empty elsewhere)
+    ema_full = None
+    if ema is not None:  # every rank joins each gather; rank 0 keeps the tensors
+        ema_full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu() for n, t in ema.shadow.items()}
+    if _rank0():
+        if lora:
+            meta = model.peft_config["default"].to_dict()
+            flux = family.name == "flux"
+            save_lora_layers(peft_to_lora_layers(full), meta, tmp, flux=flux)
+            if ema_full is not None:
+                save_lora_layers(peft_to_lora_layers(ema_full), meta, tmp / "ema", flux=flux)
+        else:
+            write_diffusers_folder(tmp / "transformer", family, model.config, full)
+            if ema_full is not None:
+                dtype = next(iter(full.values())).dtype
+                merged = {**full, **{n: v.to(dtype) for n, v in ema_full.items() if n in full}}
+                write_diffusers_folder(tmp / "transformer_ema", family, model.config, merged)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        log.info("exported %s", final)
+    _barrier()
+    return final

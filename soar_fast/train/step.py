@@ -1,0 +1,213 @@
+"""`build_train_step`: the one constructor of a training step, used by the trainer, the step
+benchmark and `soar-fast parity`.
+
+It takes a model of a family (`soar_fast.models.spec`) and a `TrainConfig`, and applies, in this
+fixed order: LoRA (already on the model) -> rollout replica (a plain copy, when the rollout mode
+needs unsharded weights) -> FP8 training swap -> activation checkpointing -> compile -> FSDP2 on
+the mesh (world size 1 for a plain process) -> AdamW -> EMA. The `TrainStep` it returns runs one
+optimizer step: keyed draws, the micro-batches' forward and backward (the eager reference
+`soar_loss_from_draws` or the batched (1+M)B step), the NaN/inf and stop decision agreed by all
+ranks in the step's one host sync, clipping, the optimizer, EMA and the rollout weights' refresh.
+
+Precision (`runtime.mixed_precision`, `runtime.weight_dtype`), the field's habit: fp32 master
+weights and AdamW states, bf16 compute and all-gathers, fp32 gradient reduction, through FSDP2's
+MixedPrecisionPolicy at any world size; `weight_dtype="bf16"` stores weights and AdamW states in
+bf16 (pure bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from soar_fast.config import ConfigError, TrainConfig
+from soar_fast.distributed import DistEnv, build_device_mesh
+from soar_fast.distributed.parallelize import apply_activation_checkpointing, apply_fsdp, copy_full_params
+from soar_fast.fast import RolloutEngine, batched_soar_step
+from soar_fast.fast.attention import attention_context
+from soar_fast.fast.compile import compile_model
+from soar_fast.fast.fp8 import enable_fp8_training
+from soar_fast.loss import SoarDraws, SoarOutput, keyed_draws, soar_loss_from_draws
+from soar_fast.models.spec import ModelFamily
+from soar_fast.train.ema import EMA
+
+__all__ = ["StepResult", "TrainStep", "build_train_step", "learning_rate_at", "precision_dtypes"]
+
+log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_REPLICA_MODES = ("cuda_graph", "fp8", "cuda_graph_fp8", "te_fp8")
+
+
+def precision_dtypes(cfg: TrainConfig) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(weight dtype, compute dtype, gradient-reduction dtype) of the run."""
+    weight = _DTYPES[cfg.runtime.weight_dtype]
+    compute = torch.bfloat16 if cfg.runtime.mixed_precision == "bf16" or weight == torch.bfloat16 else torch.float32
+    return weight, compute, _DTYPES[cfg.parallel.reduce_dtype]
+
+
+def learning_rate_at(step: int, cfg: Any) -> float:
+    """Constant LR after a linear warm-up: the LR of optimizer step `step` (0-based). Stateless,
+    so resuming needs no scheduler state."""
+    if cfg.lr_warmup_steps > 0 and step < cfg.lr_warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.lr_warmup_steps
+    return cfg.learning_rate
+
+
+@dataclass
+class StepResult:
+    """One optimizer step. `stats`: this rank's step means as device tensors (loss, base_loss,
+    aux_loss, rollout deviation, ...); `TrainStep.global_stats` reduces them over ranks."""
+
+    applied: bool
+    grad_norm: float
+    lr: float
+    stop: bool
+    stats: dict[str, torch.Tensor]
+
+
+class TrainStep:
+    """One optimizer step of SOAR (or SFT, num_aux = 0) at any world size; built by `build_train_step`."""
+
+    def __init__(self, *, family: ModelFamily, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 ema: EMA | None, rollout: RolloutEngine | None, replica: nn.Module | None,
+                 cfg: TrainConfig, env: DistEnv):
+        self.family, self.model, self.optimizer, self.ema = family, model, optimizer, ema
+        self.rollout, self.replica, self.cfg, self.env = rollout, replica, cfg, env
+        self.velocity_fn = family.velocity(model)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.lora = bool(cfg.model.lora_rank)
+
+    # --- one micro-batch ---------------------------------------------------------------------
+    def micro_step(self, z0: torch.Tensor, cond: Any, uncond: Any, draws: SoarDraws,
+                   grad_scale: float = 1.0) -> SoarOutput:
+        """Forward and backward of one micro-batch on given draws; gradients (times `grad_scale`)
+        accumulate into the parameters. `.loss` is the unscaled local SOAR loss (detached)."""
+        soar, fast = self.cfg.soar, self.cfg.fast
+        z0 = z0.float()
+        with attention_context(fast.attention_backend):
+            if self.cfg.runtime.step == "eager":
+                out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws)
+                (out.loss * grad_scale).backward()
+                out.loss = out.loss.detach()
+                return out
+            return batched_soar_step(self.velocity_fn, z0, cond, uncond, soar, draws, rollout=self.rollout,
+                                     ops_backend=fast.ops_backend, micro_chunks=fast.micro_chunks,
+                                     backward=True, grad_scale=grad_scale)
+
+    # --- one optimizer step --------------------------------------------------------------------
+    def __call__(self, step: int, batches: Sequence[tuple[torch.Tensor, Any, Sequence[int]]], uncond: Any,
+                 stop: bool = False) -> StepResult:
+        """Optimizer step number `step` (0-based) over the micro-batches `(z0, cond, global_indices)`;
+        `global_indices[j]` is row j's index in the step's global batch (it keys the draws).
+        `stop`: this rank wants to stop after this step (a signal); every rank learns it."""
+        oc = self.cfg.optim
+        lr = learning_rate_at(step, oc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=self.env.device)
+        k = len(batches)
+        for z0, cond, indices in batches:
+            draws = keyed_draws(z0, self.cfg.soar, seed=self.cfg.runtime.seed, step=step, indices=indices)
+            out = self.micro_step(z0, cond, uncond, draws, grad_scale=1.0 / k)
+            bad = bad + (~torch.isfinite(out.loss)).float()
+            for name, v in out.stats.items():
+                sums[name] = sums[name] + v / k if name in sums else v / k
+        flags = torch.stack([bad, torch.full((), float(stop), device=bad.device)])
+        if self.env.world_size > 1:  # a NaN or a stop request on any rank decides for all
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        max_norm = oc.max_grad_norm if oc.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        bad_t, stop_t, norm_v = torch.stack([flags[0], flags[1], norm.float().to(flags.device)]).tolist()  # the sync
+        applied = bad_t == 0 and math.isfinite(norm_v)
+        if applied:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.refresh_rollout()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied=applied, grad_norm=norm_v, lr=lr, stop=stop_t > 0, stats=sums)
+
+    def refresh_rollout(self) -> None:
+        """Bring the rollout's own weights (replica, FP8 copies) to the current weights."""
+        if self.replica is not None:
+            copy_full_params(self.model, self.replica, trainable_only=self.lora)
+        if self.rollout is not None:
+            self.rollout.after_optimizer_step()
+
+    def global_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Step means over all ranks (equal local batches: the mean of the rank means) as floats.
+        Collective: every rank calls it on logging steps only (one all-reduce, one host sync)."""
+        keys = sorted(stats)
+        if not keys:
+            return {}
+        vec = torch.stack([stats[k].detach().double() for k in keys])
+        if self.env.world_size > 1:
+            dist.all_reduce(vec)
+            vec = vec / self.env.world_size
+        return dict(zip(keys, vec.tolist()))
+
+
+def _to(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move, and cast only where a dtype differs (diffusers warns on every cast)."""
+    model = model.to(device=device)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype=dtype)
+    return model
+
+
+def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, env: DistEnv) -> TrainStep:
+    """Convert `model` (a plain module of `family`, LoRA already applied) in the fixed order and
+    return its `TrainStep`. The model is modified in place; `TrainStep.model` is the wrapped one."""
+    fast = cfg.fast
+    weight_dtype, compute, reduce = precision_dtypes(cfg)
+    model = _to(model, env.device, weight_dtype)
+    replica = None
+    if cfg.runtime.step == "fast" and fast.rollout in _REPLICA_MODES:
+        # CUDA graphs and FP8 weight copies need plain, unsharded weights: the rollout runs on its
+        # own copy in the compute dtype, refreshed after every optimizer step.
+        replica = _to(copy.deepcopy(model), env.device, compute).requires_grad_(False).eval()
+    if fast.fp8_training and enable_fp8_training(model) == 0:
+        log.warning("fp8_training: no eligible Linear layer; training stays in full precision")
+    if fast.activation_checkpointing:
+        apply_activation_checkpointing(model, family)
+    if fast.compile != "none":
+        compile_model(model, fast.compile, blocks=family.blocks(model))
+        if replica is not None:
+            compile_model(replica, fast.compile, blocks=family.blocks(replica))
+    mesh = build_device_mesh(env, cfg.parallel)
+    model = apply_fsdp(model, family, mesh, param_dtype=compute, reduce_dtype=reduce,
+                       reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameter; check --model.lora_target_modules")
+    oc = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=oc.learning_rate, betas=(oc.adam_beta1, oc.adam_beta2),
+                                  weight_decay=oc.adam_weight_decay, eps=oc.adam_epsilon)
+    ema = EMA(model, oc.ema_decay) if oc.use_ema else None
+    rollout = None
+    if cfg.runtime.step == "fast":
+        target = replica if replica is not None else model
+        rollout = RolloutEngine(family.velocity(target), target, fast.rollout,
+                                fp8_rowwise=fast.fp8_scaling == "rowwise")
+    step = TrainStep(family=family, model=model, optimizer=optimizer, ema=ema, rollout=rollout, replica=replica,
+                     cfg=cfg, env=env)
+    if replica is not None:
+        step.refresh_rollout()
+    log.info("train step: %s, world %d, weights %s, compute %s, reduce %s, rollout=%s, compile=%s, "
+             "fp8_training=%s, activation_checkpointing=%s, ops=%s", cfg.runtime.step, env.world_size,
+             weight_dtype, compute, reduce, rollout.mode if rollout else "-", fast.compile, fast.fp8_training,
+             fast.activation_checkpointing, fast.ops_backend)
+    return step
