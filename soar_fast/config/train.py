@@ -117,9 +117,10 @@ class ModelConfig:
 class DataConfig:
     """Where the clean latents z0 and their conditions come from."""
 
-    source: Literal["digits", "latents"] = "digits"
+    source: Literal["digits", "latents", "synthetic"] = "digits"
     """'digits': sklearn's 1,797 8x8 handwritten digits, class-conditional (pixels are the latents);
-    'latents': cached latent + text-embedding shards from `data_dir` (soar_fast.data.cache)."""
+    'latents': cached latent + text-embedding shards from `data_dir` (soar_fast.data.cache);
+    'synthetic': random latents and embeddings of the model's sizes (benchmarks, tests)."""
     data_dir: str | None = None
     """Folder of cached latent shards (source='latents' only)."""
     resolution: int = 8
@@ -127,11 +128,19 @@ class DataConfig:
     prompt_tokens: int = 1
     """Tokens of each class's fixed 'prompt embedding' (the encoder_hidden_states length)."""
     embedding_seed: int = 1234
-    """Seed of the fixed class prompt embeddings; keep it between pretraining and post-training."""
+    """Seed of the fixed class prompt embeddings (and of the synthetic rows); keep it between
+    pretraining and post-training."""
+    latent_size: int = 8
+    """Latent height and width of the synthetic source (64 is SD3.5 at 512 px)."""
+    num_samples: int = 64
+    """Rows of the synthetic source."""
 
     def __post_init__(self) -> None:
-        if self.source not in ("digits", "latents"):
-            _fail("data.source", self.source, "choose 'digits' or 'latents'")
+        if self.source not in ("digits", "latents", "synthetic"):
+            _fail("data.source", self.source, "choose 'digits', 'latents' or 'synthetic'")
+        for name in ("latent_size", "num_samples"):
+            if not _int(getattr(self, name), 1):
+                _fail(f"data.{name}", getattr(self, name), "need an integer >= 1")
         if self.source == "latents" and not self.data_dir:
             _fail("data.data_dir", self.data_dir, "set --data.data_dir to a folder of cached latents")
         if not _int(self.resolution, 8) or self.resolution % 8:

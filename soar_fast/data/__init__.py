@@ -2,7 +2,8 @@
 
 A `TrainDataset` has `__len__`, `sample_shape`, `uncond()` (the empty prompt's condition for one
 sample) and `batch(indices) -> (z0 [B, ...], cond, labels or None)`. `build_dataset` picks the
-source from `DataConfig.source`: 'digits' (embedded default) or 'latents' (cached shards).
+source from `DataConfig.source`: 'digits' (embedded default), 'latents' (cached shards) or
+'synthetic' (random latents of the model's size).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from soar_fast.data.loader import ResumableSampler
 __all__ = ["NUM_CLASSES", "DigitsDataset", "ResumableSampler", "build_dataset", "load_digits_tensors"]
 
 
-def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projection_dim: int) -> Any:
-    """The dataset of `cfg.source`; condition dims come from the model being trained."""
+def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projection_dim: int,
+                  latent_channels: int = 0) -> Any:
+    """The dataset of `cfg.source`; condition dims (and synthetic latent channels) come from the model."""
     if cfg.source == "digits":
         return DigitsDataset(resolution=cfg.resolution, prompt_tokens=cfg.prompt_tokens,
                              joint_attention_dim=joint_attention_dim,
@@ -26,4 +28,10 @@ def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projectio
         from soar_fast.data.latents import LatentsDataset
 
         return LatentsDataset(cfg.data_dir or "")
-    raise ConfigError(f"data.source={cfg.source!r} is invalid: choose 'digits' or 'latents'")
+    if cfg.source == "synthetic":
+        from soar_fast.data.synthetic import SyntheticLatents
+
+        return SyntheticLatents(num_samples=cfg.num_samples, channels=latent_channels, latent_size=cfg.latent_size,
+                                prompt_tokens=cfg.prompt_tokens, joint_attention_dim=joint_attention_dim,
+                                pooled_projection_dim=pooled_projection_dim, seed=cfg.embedding_seed)
+    raise ConfigError(f"data.source={cfg.source!r} is invalid: choose 'digits', 'latents' or 'synthetic'")

@@ -102,9 +102,9 @@ class Trainer:
         self.is_main = self.env.rank == 0
         self.family, model = build_model(cfg.model)
         mc = model.config
-        self.dataset = build_dataset(cfg.data, joint_attention_dim=mc.joint_attention_dim,
-                                     pooled_projection_dim=mc.pooled_projection_dim)
         channels = self.family.latent_channels(mc)
+        self.dataset = build_dataset(cfg.data, joint_attention_dim=mc.joint_attention_dim,
+                                     pooled_projection_dim=mc.pooled_projection_dim, latent_channels=channels)
         if tuple(self.dataset.sample_shape)[0] != channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{channels}; pick a matching --model.preset or data.source")
