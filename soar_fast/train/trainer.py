@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from soar_fast.config import ConfigError, TrainConfig, config_from_dict, save_config_json
 from soar_fast.data import ResumableSampler, build_dataset
@@ -69,6 +70,12 @@ def check_output_dir(cfg: TrainConfig) -> None:
         what = f"{len(ckpts)} checkpoint(s)" if ckpts else "a final model"
         raise ConfigError(f"output_dir {str(out)!r} already holds another run ({what}); pass "
                           "--resume_from_checkpoint latest (or --resume) to continue it, or choose a new --output_dir")
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective failed because a peer died or hung past the timeout (gloo / NCCL errors)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "Connection", "imed out"))
 
 
 class _NullLogger:
@@ -288,6 +295,13 @@ class Trainer:
             if self.is_main:
                 (self.out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1))
             return result
+        except RuntimeError as e:
+            if self.env.world_size > 1 and _lost_peer(e):
+                raise TrainingAborted(
+                    f"rank {self.env.rank}: stopped at step {self.step}, another rank failed or stopped answering "
+                    f"({str(e).splitlines()[0][:160]}); fix that rank's error (its log), then relaunch with "
+                    "--resume_from_checkpoint latest") from None
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -1,12 +1,13 @@
-"""The real trainer under torchrun (CPU, gloo): `torchrun -m soar_fast.train --recipe tiny`.
+"""The real trainer under torchrun (CPU, gloo) against the same trainer in one process.
 
-Two launches, shared by the checks through a module fixture:
-  A: 2 ranks x train_batch_size 4, 4 steps, DCP checkpoints at steps 2 and 4, final export.
-  B: 1 rank x train_batch_size 8 (the same global batch), resumed from A's step-2 checkpoint.
-B's steps 3 and 4 see A's weights after step 2 and the same 8 samples with the same draws, so
-their global loss (step 3: the data split, the draws, the global normalisation) and grad norm /
-step-4 loss (the gradient averaged over ranks) must equal A's: the 2-rank run is the one-process
-run over the global batch, and a 2-rank checkpoint resumes on 1 rank.
+Launches (a 2-rank launch costs ~15 s on 2 cores), shared by the checks through module fixtures:
+  a  the issue's command: 2 ranks x 4, fast step, LoRA rank 4, EMA, checkpoints at 2 and 4
+  b  the same in one process with the global batch of 8 (the oracle)
+  c  one process resuming a's step-2 checkpoint (written by 2 ranks) with batch 8
+  d/e  compile per block + activation checkpointing + the replica rollout + micro-chunks +
+     gradient accumulation + EMA, on 2 ranks (d) and on 1 (e)
+  f  FP8 rollout + FP8 training on 2 ranks, SIGTERM to rank 1 only: both ranks save one checkpoint
+  g  a rank killed with SIGKILL: the other exits at once with one line, no hang
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,15 +27,36 @@ import torch
 
 pytestmark = pytest.mark.distributed
 
-TINY = ["--recipe", "tiny", "--parallel.param_dtype", "fp32", "--report_to", "none"]
+TINY = ["--recipe", "tiny", "--report_to", "none"]
+ISSUE = ["--runtime.step", "fast", "--model.lora_rank", "4", "--use_ema", "--checkpointing_steps", "2"]
+COMPOSED = ["--runtime.step", "fast", "--fast.compile", "per_block", "--fast.activation_checkpointing",
+            "--fast.rollout", "cuda_graph", "--fast.micro_chunks", "2", "--gradient_accumulation_steps", "2",
+            "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "0"]
+KEYS = ("train/loss", "train/base_loss", "train/aux_loss", "train/grad_norm")
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _cmd(nproc: int, args: list[str]) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*(launcher if nproc else [sys.executable]), "-m", "soar_fast.train", *TINY, *args]
+
+
+def _start(nproc: int, args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "soar_fast.train", *TINY, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"):
+        env.pop(k, None)
+    return subprocess.Popen(_cmd(nproc, args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"launch hung past {timeout} s:\n{out[-3000:]}") from None
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+    return out
 
 
 def _rows(run: Path) -> dict[int, dict]:
@@ -40,134 +64,134 @@ def _rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+def _close(a: dict, b: dict, steps, rel: float) -> None:
+    for step in steps:
+        for key in KEYS:
+            assert math.isclose(a[step][key], b[step][key], rel_tol=rel, abs_tol=1e-8), (step, key, a[step][key],
+                                                                                          b[step][key])
+
+
+def _ranks(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the workers under a torchrun launcher (their RANK environment variable)."""
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == launcher.pid:  # parent pid
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = pid
+    return found
+
+
+def _wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = run / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.3)
+    raise AssertionError(f"{run} logged fewer than {n} steps in {timeout} s")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def issue_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_trainer")
-    a = _torchrun(2, ["--output_dir", "a", "--train_batch_size", "4"], root)
-    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    # B continues a copy of A from its step-2 checkpoint on one rank with the whole global batch.
-    shutil.copytree(root / "a", root / "b")
-    shutil.rmtree(root / "b" / "checkpoints" / "step_00000004")
-    shutil.rmtree(root / "b" / "final")
-    b = _torchrun(1, ["--output_dir", "b", "--train_batch_size", "8", "--resume_from_checkpoint", "latest"], root)
-    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
-    return root, a, b
+    a = _start(2, [*ISSUE, "--train_batch_size", "4", "--output_dir", "a"], root)
+    b = _start(0, [*ISSUE, "--train_batch_size", "8", "--output_dir", "b"], root)
+    logs = {"a": _wait(a), "b": _wait(b)}
+    (root / "c" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "a" / "checkpoints" / "step_00000002", root / "c" / "checkpoints" / "step_00000002")
+    logs["c"] = _wait(_start(0, [*ISSUE, "--train_batch_size", "8", "--output_dir", "c",
+                                 "--resume_from_checkpoint", "latest"], root))
+    return root, logs
 
 
-def test_two_rank_run_writes_checkpoints_final_model_and_rank0_logs(runs):
-    root, a, _ = runs
+def test_two_ranks_equal_one_process_on_the_global_batch_and_resume_lands_on_it(issue_runs):
+    root, logs = issue_runs
+    ra, rb, rc = _rows(root / "a"), _rows(root / "b"), _rows(root / "c")
+    assert sorted(ra) == sorted(rb) == [1, 2, 3, 4] and sorted(rc) == [3, 4]
+    _close(ra, rb, (1, 2, 3, 4), rel=1e-5)  # the issue's bound
+    _close(rc, ra, (3, 4), rel=1e-5)
+    _close(rc, rb, (3, 4), rel=1e-5)
+    assert "written by 2 rank(s), now 1" in logs["c"]
+    assert logs["a"].count("done: 4 steps") == 1  # only rank 0 reports
+
+
+def test_two_rank_run_writes_one_format_lora_and_ema(issue_runs):
+    root, _ = issue_runs
     run = root / "a"
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step_00000002", "step_00000004"], ckpts
-    meta = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["step"] == 4
-    assert meta["extra"]["sampler"]["position"] == 4 * 8  # global samples drawn
-    assert sorted(_rows(run)) == [1, 2, 3, 4]  # rank 0 alone writes metrics.jsonl (4 rows, not 8)
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
-    assert a.stdout.count("done: 4 steps") == 1  # only rank 0 reports
-    assert json.loads((run / "train_summary.json").read_text())["step"] == 4
-    # A plain process pointed at these DCP checkpoints refuses in one line instead of starting over.
-    from soar_fast.config import ConfigError, get_recipe
-    from soar_fast.train import Trainer
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    state = json.loads((run / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert (state["world_size"], state["step"], state["lora_rank"], state["has_ema"]) == (2, 4, 4, True)
+    assert state["sampler"]["position"] == 4 * 8  # global samples drawn
+    manifest = json.loads((run / "checkpoints" / "step_00000004" / "manifest.json").read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.json"} <= set(manifest["files"])
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes it
+    # The adapters (and their EMA) load into a fresh base with diffusers' own LoRA loader.
+    from safetensors.torch import load_file
 
-    cfg = get_recipe("tiny")
-    cfg.runtime.output_dir, cfg.checkpoint.resume_from_checkpoint = str(run), "latest"
-    with pytest.raises(ConfigError, match="written under torchrun"):
-        Trainer(cfg)
-
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel.from_pretrained(run / "final" / "transformer")
-    assert model.config.num_layers == 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    # The export is the trained weights, not the initial ones.
+    from soar_fast.config import get_recipe
     from soar_fast.train.build import build_model
 
-    init = build_model(get_recipe("tiny").model)
-    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), init.parameters(), strict=True))
-    assert diff > 1e-4
+    for folder in (run / "final", run / "final" / "ema"):
+        _, base = build_model(get_recipe("tiny").model)
+        base.load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
+                               adapter_name="soar")
+        saved = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+        key = next(k for k in saved if "lora_B" in k)
+        name = key.removeprefix("transformer.").replace("lora_B.weight", "lora_B.soar.weight")
+        assert torch.equal(dict(base.named_parameters())[name].detach(), saved[key])
+        assert saved[key].abs().max() > 0  # trained: B starts at zero
+    ema = load_file(str(run / "final" / "ema" / "pytorch_lora_weights.safetensors"))
+    live = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    assert ema.keys() == live.keys() and any(not torch.equal(ema[k], live[k]) for k in ema)
 
 
-def test_two_rank_loss_equals_one_rank_on_the_global_batch_after_resume(runs):
-    root, _, b = runs
-    ra, rb = _rows(root / "a"), _rows(root / "b")
-    assert "resumed from" in b.stderr and "written by 2 ranks, now 1" in b.stderr
-    assert sorted(rb) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in ("train/loss", "train/base_loss", "train/aux_loss", "train/grad_norm"):
-            va, vb = ra[step][key], rb[step][key]
-            assert math.isclose(va, vb, rel_tol=2e-5, abs_tol=1e-7), (step, key, va, vb)
-    # The 1-rank run resumed at A's data position and wrote its own final checkpoint and model.
-    meta = json.loads((root / "b" / "checkpoints" / "step_00000004" / "meta.json").read_text())
-    assert meta["world_size"] == 1 and meta["extra"]["sampler"]["position"] == 32
-    assert (root / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+@pytest.mark.compile
+def test_compile_checkpointing_replica_rollout_chunks_and_accumulation_compose(tmp_path):
+    d = _start(2, [*COMPOSED, "--train_batch_size", "2", "--output_dir", "d"], tmp_path)
+    log_d = _wait(d)
+    e = _start(0, [*COMPOSED, "--train_batch_size", "4", "--output_dir", "e"], tmp_path)
+    _wait(e)
+    rd, re_ = _rows(tmp_path / "d"), _rows(tmp_path / "e")
+    assert sorted(rd) == sorted(re_) == [1, 2, 3]
+    _close(rd, re_, (1, 2, 3), rel=1e-5)
+    assert "compile=per_block" in log_d and "activation_checkpointing=True" in log_d
+    assert "running the rollout eagerly" in log_d  # cuda_graph falls back on CPU, on its replica
+    assert (tmp_path / "d" / "final" / "transformer_ema" / "config.json").is_file()
 
 
-def test_fast_step_under_torchrun_equals_the_eager_step(runs):
-    """`--runtime.step fast` on 2 ranks (batched (1+M)B pass, fused loss + gradient, its own
-    backward scaled to the global batch) follows run A (eager, 2 ranks) step for step."""
-    root, _, _ = runs
-    f = _torchrun(2, ["--output_dir", "fast", "--train_batch_size", "4", "--runtime.step", "fast"], root)
-    assert f.returncode == 0, f.stdout[-3000:] + f.stderr[-3000:]
-    ra, rf = _rows(root / "a"), _rows(root / "fast")
-    assert sorted(rf) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        for key in ("train/loss", "train/base_loss", "train/aux_loss", "train/grad_norm"):
-            va, vf = ra[step][key], rf[step][key]
-            assert math.isclose(va, vf, rel_tol=1e-4, abs_tol=1e-7), (step, key, va, vf)
+def test_sigterm_on_one_rank_saves_one_checkpoint_on_all_and_resumes(tmp_path):
+    fp8 = ["--runtime.step", "fast", "--fast.rollout", "fp8", "--fast.fp8_training", "--checkpointing_steps", "0",
+           "--output_dir", "f"]
+    f = _start(2, [*fp8, "--max_train_steps", "100000", "--train_batch_size", "4"], tmp_path)
+    _wait_rows(tmp_path / "f", 2, f)
+    os.kill(_ranks(f)[1], signal.SIGTERM)
+    log = _wait(f, timeout=120)
+    ckpts = sorted((tmp_path / "f" / "checkpoints").iterdir())
+    assert len(ckpts) == 1, ckpts
+    state = json.loads((ckpts[0] / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == max(_rows(tmp_path / "f")) >= 2
+    assert "received SIGTERM" in log
+    assert not (tmp_path / "f" / "final").exists()  # interrupted: no final model
+    steps = state["step"] + 1
+    log = _wait(_start(0, [*fp8, "--train_batch_size", "8", "--max_train_steps", str(steps),
+                           "--resume_from_checkpoint", "latest"], tmp_path))
+    assert f"resumed from {ckpts[0].relative_to(tmp_path)}" in log and math.isfinite(_rows(tmp_path / "f")[steps]["train/loss"])
 
 
-def test_fast_step_parts_that_need_unsharded_weights_refuse_under_torchrun():
-    from soar_fast.config import ConfigError
-    from soar_fast.config.fast import FastConfig
-    from soar_fast.train.trainer import _check_fast_under_torchrun
-
-    _check_fast_under_torchrun(FastConfig())  # batched step, eager rollout, fused ops: allowed
-    for bad, flag in ((FastConfig(compile="per_block"), "parallel.compile"), (FastConfig(rollout="cuda_graph"),
-                      "fast.rollout eager"), (FastConfig(fp8_training=True), "fp8_training")):
-        with pytest.raises(ConfigError, match=flag):
-            _check_fast_under_torchrun(bad)
-
-
-def test_sampler_rank_split_is_the_single_process_batch():
-    from soar_fast.data import ResumableSampler
-
-    aligned = [ResumableSampler(12, 3, seed=3, rank=r, world_size=2) for r in range(2)]
-    seen = [set(s.next_indices().tolist()) for _ in range(2) for s in aligned]  # one epoch of 12 rows
-    assert set().union(*seen) == set(range(12)) and sum(map(len, seen)) == 12  # disjoint shards
-    one = ResumableSampler(10, 6, seed=3)
-    ranks = [ResumableSampler(10, 3, seed=3, rank=r, world_size=2) for r in range(2)]
-    for _ in range(4):  # crosses epoch boundaries
-        whole = one.next_indices()
-        parts = [s.next_indices() for s in ranks]
-        assert torch.equal(torch.cat(parts), whole)
-    assert ranks[0].position == ranks[1].position == one.position
-    resumed = ResumableSampler(10, 2, seed=3, rank=1, world_size=3)  # resume at another world size
-    resumed.load_state_dict(one.state_dict())
-    assert torch.equal(resumed.next_indices(), _peek(one, 6)[2:4])
-
-
-def _peek(sampler, k: int) -> torch.Tensor:
-    from soar_fast.data import ResumableSampler
-
-    s = ResumableSampler(sampler.n, k, sampler.seed, position=sampler.position)
-    return s.next_indices()
-
-
-def test_unsupported_fast_parts_and_ema_under_torchrun_are_one_line_config_errors(tmp_path, monkeypatch):
-    from soar_fast.config import ConfigError, get_recipe
-    from soar_fast.train import Trainer
-
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    cfg = get_recipe("tiny")
-    cfg.runtime.output_dir = str(tmp_path / "x")
-    cfg.runtime.step = "fast"
-    cfg.fast.compile = "per_block"
-    with pytest.raises(ConfigError, match="parallel.compile") as e:
-        Trainer(cfg)
-    assert "\n" not in str(e.value)
-    cfg.runtime.step = "eager"
-    cfg.optim.use_ema = True
-    with pytest.raises(ConfigError, match="use_ema"):
-        Trainer(cfg)
+def test_a_dead_rank_makes_the_other_exit_with_one_line(tmp_path):
+    g = _start(2, ["--max_train_steps", "100000", "--checkpointing_steps", "0", "--output_dir", "g",
+                   "--parallel.timeout_minutes", "1"], tmp_path)
+    _wait_rows(tmp_path / "g", 2, g)
+    os.kill(_ranks(g)[1], signal.SIGKILL)
+    t0 = time.time()
+    out, _ = g.communicate(timeout=90)
+    assert time.time() - t0 < 60 and g.returncode != 0
+    lines = [ln for ln in out.splitlines() if "another rank failed or stopped answering" in ln]
+    assert lines and "relaunch with --resume_from_checkpoint latest" in lines[0], out[-3000:]
