@@ -28,10 +28,9 @@ EFFICIENCY = 0.8  # assumed fraction of the nominal rate NCCL reaches (bus bandw
 
 def count_sd3_params(preset: str = "sd35-medium") -> tuple[int, int]:
     """(parameters in transformer_blocks, parameters in the root unit), built on the meta device."""
-    from soar_fast.models import build_sd3_transformer
+    from soar_fast.models.spec import get_family
 
-    with torch.device("meta"):
-        model = build_sd3_transformer(preset, seed=None)
+    model = get_family("sd3").build(preset, seed=None, device="meta")
     blocks = sum(p.numel() for p in model.transformer_blocks.parameters())
     return blocks, sum(p.numel() for p in model.parameters()) - blocks
 

@@ -1,5 +1,7 @@
-"""DCP checkpoints in one process (no process group): layout, keep-last, atomic rename, export;
-and the scaling section of docs/distributed.md against the script that produces it."""
+"""The one checkpoint manager in one process (a one-rank group): layout, keep-last, debris, round
+trip of weights, AdamW and EMA, corrupt-newest fallback, refusals of mismatches and the old
+single-process format, loading a soar_fast 0.1 torchrun checkpoint; and the scaling section of
+docs/distributed.md against the script that produces it."""
 
 from __future__ import annotations
 
@@ -8,70 +10,128 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from soar_fast.distributed import (
-    export_full_state_dict,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from soar_fast.config import ConfigError, TrainConfig
+from soar_fast.distributed import init_distributed
 from soar_fast.distributed.scaling import all_gathers_per_step, comm_volume, count_sd3_params
 from soar_fast.distributed.scaling import main as scaling_main
+from soar_fast.models.spec import get_family
+from soar_fast.train.checkpoint import (
+    CheckpointError,
+    find_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from soar_fast.train.step import build_train_step
 
 pytestmark = pytest.mark.distributed
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
 
 
-def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(4, 5)).square().mean().backward()
-        opt.step()
-    return model, opt
+def _step(seed: int, ema: bool = True):
+    """A TrainStep of the tiny SD3 model after 2 optimizer steps (so AdamW and EMA hold state)."""
+    cfg = TrainConfig()
+    cfg.optim.use_ema = ema
+    cfg.optim.learning_rate = 1e-2
+    family = get_family("sd3")
+    step = build_train_step(family, family.build("tiny", seed=seed), cfg, init_distributed(cfg.parallel))
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(2, 4, 8, 8, generator=g)
+    cond = (torch.randn(2, 5, 32, generator=g), torch.randn(2, 64, generator=g))
+    for k in range(2):
+        assert step(k, [(z0, cond, [0, 1])], (torch.zeros(5, 32), torch.zeros(64))).applied
+    return step
 
 
-def test_save_keep_last_latest_and_round_trip(tmp_path):
-    model, opt = _trained(0)
-    (tmp_path / "step_00000009.tmp").mkdir()  # debris of a crashed save: never "latest"
-    (tmp_path / "step_00000008").mkdir()  # no meta.json: incomplete, ignored
-    for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model, opt, extra={"sampler": {"position": step}}, keep_last=2)
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
-    assert sorted(p.name for p in tmp_path.glob("step_0000000[1-4]")) == ["step_00000003", "step_00000004"]
-    assert not list(tmp_path.glob("step_0000000[1-4].tmp"))
-
-    other, other_opt = _trained(1)
-    meta = load_checkpoint(tmp_path / "step_00000004", other, other_opt)
-    assert meta["step"] == 4 and meta["world_size"] == 1 and meta["extra"] == {"sampler": {"position": 4}}
-    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
-    for k in sa:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name]))
-    # the next step is the same after the round trip
-    x = torch.randn(4, 5)
-    for m, o in ((model, opt), (other, other_opt)):
-        o.zero_grad()
-        m(x).square().mean().backward()
-        o.step()
-    for a, b in zip(model.parameters(), other.parameters(), strict=True):
-        assert torch.equal(a, b)
+def _save(step, root: Path, at: int, keep: int = 3) -> Path:
+    return save_checkpoint(root, at, model=step.model, optimizer=step.optimizer, ema=step.ema,
+                           state={"sampler": {"position": at}}, keep=keep)
 
 
-def test_export_plain_module(tmp_path):
-    model, _ = _trained(0)
-    out = export_full_state_dict(model, tmp_path / "export", dtype=torch.bfloat16)
-    assert out == tmp_path / "export" / "model.safetensors"
-    got = load_file(str(out))
-    assert got.keys() == model.state_dict().keys()
-    for k, v in model.state_dict().items():
-        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16))
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _flat(step) -> dict[str, torch.Tensor]:
+    msd, osd = get_state_dict(step.model, step.optimizer)
+    out = {f"model.{k}": _full(v) for k, v in msd.items()}
+    for name, st in osd["state"].items():
+        out.update({f"optim.{name}.{k}": _full(v) for k, v in st.items()})
+    out.update({f"ema.{k}": _full(v) for k, v in (step.ema.shadow if step.ema else {}).items()})
+    return out
+
+
+def test_save_keep_last_debris_and_exact_round_trip(tmp_path):
+    step = _step(0)
+    (tmp_path / ".tmp-step_00000009").mkdir()  # debris of a crashed save: never a checkpoint
+    (tmp_path / "step_00000008").mkdir()  # no state.json: incomplete, ignored
+    for at in (1, 2, 3, 4):
+        _save(step, tmp_path, at, keep=2)
+    assert find_checkpoints(tmp_path) == [tmp_path / "step_00000004", tmp_path / "step_00000003"]
+    assert not (tmp_path / "step_00000002").exists()
+    other = _step(1)  # other weights and optimizer state: the load must overwrite all of them
+    path, state = load_checkpoint(resolve_resume("latest", tmp_path), model=other.model, optimizer=other.optimizer,
+                                  ema=other.ema)
+    assert path == tmp_path / "step_00000004" and state["step"] == 4 and state["sampler"] == {"position": 4}
+    want, got = _flat(step), _flat(other)
+    assert want.keys() == got.keys() and len(want) > 3 * len(list(step.model.parameters()))
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_corrupt_newest_falls_back_and_mismatches_are_refused(tmp_path, caplog):
+    step = _step(0)
+    _save(step, tmp_path, 1)
+    _save(step, tmp_path, 2)
+    shard = tmp_path / "step_00000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    other = _step(1)
+    path, _ = load_checkpoint(resolve_resume("latest", tmp_path), model=other.model, optimizer=other.optimizer,
+                              ema=other.ema)
+    assert path == tmp_path / "step_00000001" and "sha256 mismatch" in caplog.text
+    with pytest.raises(CheckpointError, match="no loadable checkpoint"):
+        load_checkpoint([tmp_path / "step_00000002"], model=other.model, optimizer=other.optimizer, ema=other.ema)
+    with pytest.raises(CheckpointError, match="lora_rank") as e:
+        load_checkpoint([tmp_path / "step_00000001"], model=other.model, optimizer=other.optimizer, ema=other.ema,
+                        lora_rank=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="does not exist or is incomplete"):
+        resolve_resume(str(tmp_path / "step_00000077"), tmp_path)
+
+
+def test_old_single_process_checkpoints_are_refused_in_one_line(tmp_path):
+    old = tmp_path / "checkpoint-40"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"x")
+    for resume in ("latest", str(old)):
+        with pytest.raises(ConfigError, match="single-process checkpoint of soar_fast 0.1") as e:
+            resolve_resume(resume, tmp_path)
+        assert "\n" not in str(e.value) and "another --output_dir" in str(e.value)
+
+
+def test_a_soar_fast_0_1_torchrun_checkpoint_loads(tmp_path):
+    """0.1 wrote DCP {model, optim} + meta.json (no manifest, no EMA): it loads, the EMA restarts."""
+    step = _step(0)
+    old = tmp_path / "step_00000003"
+    msd, osd = get_state_dict(step.model, step.optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(old))
+    (old / "meta.json").write_text(json.dumps({"step": 3, "world_size": 2, "has_optimizer": True,
+                                               "extra": {"sampler": {"position": 24}, "nan_skipped": 1}}))
+    other = _step(1)
+    path, state = load_checkpoint(resolve_resume("latest", tmp_path), model=other.model, optimizer=other.optimizer,
+                                  ema=other.ema)
+    assert path == old and (state["step"], state["sampler"]["position"], state["nan_skipped"]) == (3, 24, 1)
+    want, got = _flat(step), _flat(other)
+    for k in (k for k in want if not k.startswith("ema.")):
+        assert torch.equal(want[k], got[k]), k
+    for k in (k for k in got if k.startswith("ema.")):  # restarted from the loaded weights
+        assert torch.equal(got[k], got["model." + k[4:]].float())
 
 
 def test_scaling_section_is_the_scripts_output():
@@ -91,5 +151,5 @@ def test_scaling_section_is_the_scripts_output():
 def test_doc_has_multinode_and_slurm_commands():
     doc = DOC.read_text()
     for needle in ("--nnodes", "--rdzv-backend c10d", "--rdzv-endpoint", "#SBATCH", "srun torchrun", "NCCL_SOCKET_IFNAME",
-                   "--shard hybrid", "--max-restarts"):
+                   "--parallel.shard hybrid", "--max-restarts"):
         assert needle in doc, needle
