@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import torch
-
 __all__ = ["CommVolume", "all_gathers_per_step", "comm_volume", "count_sd3_params", "estimate_table", "main"]
 
 NVLINK_GBPS = 450.0  # H100 SXM NVLink 4: 900 GB/s bidirectional, 450 GB/s per direction (nominal)

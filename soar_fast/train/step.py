@@ -30,7 +30,11 @@ from torch import nn
 
 from soar_fast.config import ConfigError, TrainConfig
 from soar_fast.distributed import DistEnv, build_device_mesh
-from soar_fast.distributed.parallelize import apply_activation_checkpointing, apply_fsdp, copy_full_params
+from soar_fast.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    copy_full_params,
+)
 from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.attention import attention_context
 from soar_fast.fast.compile import compile_model

@@ -32,7 +32,12 @@ from soar_fast.distributed import cleanup, init_distributed
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.train.build import build_model
-from soar_fast.train.checkpoint import find_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from soar_fast.train.checkpoint import (
+    find_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from soar_fast.train.export import export_final
 from soar_fast.train.logger import MetricsLogger
 from soar_fast.train.step import StepResult, build_train_step
