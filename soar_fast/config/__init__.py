@@ -1,5 +1,6 @@
 """Typed configuration. The lowest room: imports nothing else of soar_fast."""
 
+from soar_fast.config.commands import DemoConfig, EvalConfig, SampleConfig
 from soar_fast.config.errors import ConfigError
 from soar_fast.config.io import (
     config_from_dict,
@@ -14,13 +15,10 @@ from soar_fast.config.soar import SoarConfig
 from soar_fast.config.train import (
     CheckpointConfig,
     DataConfig,
-    DemoConfig,
-    EvalConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
     RuntimeConfig,
-    SampleConfig,
     TrainConfig,
 )
 
