@@ -1,7 +1,8 @@
 """In-process 2-rank gloo checks (torch.multiprocessing spawn) of `build_train_step`: one SOAR
 micro-step of the tiny SD3 model under full shard and hybrid shard (2-D mesh), each rank comparing
 its gathered gradients with the plain one-process oracle it computes itself; the converters'
-order (checkpoint inside compile inside FSDP2) and the mixed-precision policy; the replica copy."""
+order (checkpoint inside compile inside FSDP2) and the mixed-precision policy; the replica copy;
+a NaN on one rank skips the step on all, and one rank's stop request reaches every rank."""
 
 from __future__ import annotations
 
@@ -96,6 +97,28 @@ def _check_wrapping_and_replica(rank: int) -> None:
         torch.testing.assert_close(p.float(), full[unwrap_name(n)], atol=0, rtol=1e-2)
 
 
+def _check_nan_on_one_rank_skips_on_all(rank: int) -> None:
+    from soar_fast.distributed import init_distributed
+    from soar_fast.models.spec import get_family
+    from soar_fast.train.step import build_train_step
+
+    family = get_family("sd3")
+    cfg = _cfg()
+    cfg.runtime = dataclasses.replace(cfg.runtime, step="fast")
+    step = build_train_step(family, family.build("tiny", num_layers=1), cfg, init_distributed(cfg.parallel))
+    before = [p.detach().full_tensor().clone() for p in step.model.parameters()]
+    z0 = torch.randn(2, 4, 8, 8)
+    if rank == 1:
+        z0[0, 0, 0, 0] = float("nan")  # one bad sample on one rank
+    cond, uncond = (torch.randn(2, 5, 32), torch.randn(2, 64)), (torch.zeros(5, 32), torch.zeros(64))
+    result = step(0, [(z0, cond, [2 * rank, 2 * rank + 1])], uncond, stop=rank == 0)
+    assert not result.applied and result.stop  # both ranks: skipped, and rank 0's stop request seen by rank 1
+    for p, b in zip(step.model.parameters(), before, strict=True):
+        assert torch.equal(p.detach().full_tensor(), b)
+    z0[0, 0, 0, 0] = 0.0
+    assert step(1, [(z0, cond, [2 * rank, 2 * rank + 1])], uncond).applied
+
+
 def _worker(rank: int, init_file: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -108,6 +131,7 @@ def _worker(rank: int, init_file: str) -> None:
         _check_step(rank, "hybrid", 1, "sum", "eager")  # mesh (2 replicas, 1 shard): HSDP
         _check_step(rank, "hybrid", 2, "points", "fast")  # mesh (1, 2): 2-D, sharded
         _check_wrapping_and_replica(rank)
+        _check_nan_on_one_rank_skips_on_all(rank)
     finally:
         dist.destroy_process_group()
 
