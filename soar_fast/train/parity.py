@@ -92,7 +92,8 @@ def _train_config(step: str, fast: dict, num_aux: int, device: str) -> TrainConf
 
 
 def run_parity(preset: str = "tiny", batch: int = 2, num_aux: int = 3, size: int = 8, seq: int = 5, seed: int = 0,
-               variants: tuple[str, ...] = tuple(VARIANTS), device: str = "cpu", family: str = "sd3") -> list[ParityRow]:
+               variants: tuple[str, ...] = tuple(VARIANTS), device: str = "cpu", family: str = "sd3",
+               fp8_scaling: str = "tensorwise") -> list[ParityRow]:
     """The parity table on a randomly initialised `preset` (fp32; on CUDA with TF32 off, so the
     tolerances measure our code, not cuBLAS's reduced-precision mode)."""
     unknown = set(variants) - set(VARIANTS)
@@ -101,12 +102,12 @@ def run_parity(preset: str = "tiny", batch: int = 2, num_aux: int = 3, size: int
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run(get_family(family), preset, batch, num_aux, size, seq, seed, variants, device)
+        return _run(get_family(family), preset, batch, num_aux, size, seq, seed, variants, device, fp8_scaling)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _run(family, preset, batch, num_aux, size, seq, seed, variants, device) -> list[ParityRow]:
+def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_scaling) -> list[ParityRow]:
     dev = torch.device(device)
     base = family.build(preset, seed=seed)
     mc = base.config
@@ -135,7 +136,7 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device) -> l
         if variant == "graphed_rollout" and dev.type != "cuda":
             rows.append(ParityRow(variant, "graph_vs_eager_max_abs", None, 0.0, "skipped", "needs CUDA"))
             continue
-        cfg = _train_config(step_kind, fast, num_aux, device)
+        cfg = _train_config(step_kind, {**fast, "fp8_scaling": fp8_scaling}, num_aux, device)
         env = init_distributed(cfg.parallel, device)
         step = build_train_step(family, copy.deepcopy(base), cfg, env)
         weight, compute, reduce = precision_dtypes(cfg)
@@ -159,7 +160,8 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device) -> l
             rel = ((got - eager_cfg).norm() / eager_cfg.norm()).item()
             tol = TOL["vcfg_rel"] if variant == "fp8_rollout" else 1e-5
             how = "" if variant != "fp8_rollout" else (
-                "torch._scaled_mm" if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9) else "emulated")
+                "torch._scaled_mm" if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+                else "emulated") + f", {fp8_scaling}"
             rows.append(ParityRow(variant, "vcfg_rel", rel, tol, "ok" if rel <= tol else "FAIL", how, config))
             continue
         out = step.micro_step(z0, cond, uncond, draws)
@@ -187,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=8, help="latent height and width")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp8_scaling", default="tensorwise", choices=["tensorwise", "rowwise"])
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     variants = tuple(v for v in a.variants.split(",") if v)
-    rows = run_parity(a.preset, a.batch, a.num_aux, a.size, variants=variants, device=a.device, family=a.family)
+    rows = run_parity(a.preset, a.batch, a.num_aux, a.size, variants=variants, device=a.device, family=a.family,
+                      fp8_scaling=a.fp8_scaling)
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:

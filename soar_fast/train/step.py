@@ -175,6 +175,8 @@ def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, en
     """Convert `model` (a plain module of `family`, LoRA already applied) in the fixed order and
     return its `TrainStep`. The model is modified in place; `TrainStep.model` is the wrapped one."""
     fast = cfg.fast
+    if cfg.runtime.step not in ("eager", "fast"):
+        raise ConfigError(f"runtime.step={cfg.runtime.step!r} is invalid: choose 'eager' or 'fast'")
     weight_dtype, compute, reduce = precision_dtypes(cfg)
     model = _to(model, env.device, weight_dtype)
     replica = None

@@ -8,8 +8,8 @@ import torch
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.attention import attention_context
-from soar_fast.fast.parity import run_parity
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
+from soar_fast.train.parity import run_parity
 
 pytestmark = pytest.mark.cuda
 

@@ -7,9 +7,9 @@ import torch
 
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step, row_coefficients
-from soar_fast.fast.parity import main as parity_main
-from soar_fast.fast.parity import run_parity
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
+from soar_fast.train.parity import main as parity_main
+from soar_fast.train.parity import run_parity
 
 
 def _setup(batch, num_aux, size=(6, 6), seed=0, **cfg):
@@ -115,7 +115,7 @@ def test_parity_cli_passes_and_fails(tmp_path, capsys, monkeypatch):
                         "--json", str(tmp_path / "p.json")]) == 0
     assert "parity:" in capsys.readouterr().out and (tmp_path / "p.json").exists()
     # a broken variant must make the harness fail
-    import soar_fast.fast.parity as parity
+    import soar_fast.train.parity as parity
 
     monkeypatch.setitem(parity.TOL, "vcfg_rel", 1e-9)
     assert parity_main(["--variants", "fp8_rollout"]) == 1
