@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_folder(run_dir):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["recipe"] == "tiny" and cfg["optim"]["max_train_steps"] == 4
     assert (run_dir / "final" / "transformer" / "config.json").exists()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
@@ -122,7 +122,7 @@ def test_resume_continues_and_a_corrupt_checkpoint_falls_back_or_is_refused(run_
     run = tmp_path / "copy"
     shutil.copytree(run_dir, run)
     (run / "final").rename(tmp_path / "final-aside")
-    newest = run / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    newest = run / "checkpoints" / "step_00000004" / "__0_0.distcp"
     newest.write_bytes(newest.read_bytes()[:100])
     _bad(capsys, ["train", *TINY, "--output_dir", str(run), "--resume_from_checkpoint", str(newest.parent)],
          "no loadable checkpoint", "truncated")

@@ -23,13 +23,15 @@ def compile_model(model: nn.Module, mode: str = "per_block", *, blocks: Sequence
                   fullgraph: bool = True, dynamic: bool = False) -> nn.Module:
     """Compile `model` in place: `per_block` compiles each of `blocks` (the family's transformer
     blocks; fast cold start, code shared across identical blocks), `full` the whole forward,
-    `none` returns the model unchanged."""
+    `none` returns the model unchanged. Without `blocks`, those of the model's family spec."""
     if mode == "none":
         return model
     _raise_recompile_limit()
     if mode == "per_block":
         if not blocks:
-            raise ValueError("compile='per_block' needs the model's transformer blocks; use compile='full'")
+            from soar_fast.models.spec import family_of
+
+            blocks = family_of(model).blocks(model)
         for block in blocks:
             block.compile(fullgraph=fullgraph, dynamic=dynamic)
     elif mode == "full":

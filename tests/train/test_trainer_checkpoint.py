@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, keep-last-N, corrupt/truncated fallback, refusal."""
+"""Checkpoints through the trainer: atomic writes, keep-last-N, corrupt/truncated fallback, refusal."""
 
 import logging
 
@@ -16,57 +16,61 @@ def _trained(tmp_path, make_cfg, steps=4, every=2, limit=3):
     return t
 
 
+def _weights(t):
+    return {n: p.detach().full_tensor().clone() for n, p in t.model.named_parameters()}
+
+
 def test_keeps_the_last_n_checkpoints(tmp_path, make_cfg):
     _trained(tmp_path, make_cfg, steps=6, every=1, limit=2)
-    assert [p.name for p in find_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-6", "checkpoint-5"]
+    assert [p.name for p in find_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000006", "step_00000005"]
 
 
 def test_an_interrupted_write_leaves_the_last_good_checkpoint_loadable(tmp_path, make_cfg, monkeypatch):
     t = _trained(tmp_path, make_cfg, steps=2, every=2)
-    good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    good = _weights(t)
     t.train_step()
 
-    def crash(*a, **k):  # dies after model.safetensors is written, before optimizer/manifest
+    def crash(*a, **k):  # dies after the shards are written, before state.json and the manifest
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    monkeypatch.setattr(ckpt_mod, "_fsync", crash)
     with pytest.raises(OSError, match="simulated"):
         t.save()
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in find_checkpoints(root)] == ["checkpoint-2"]
-    assert any(p.name.startswith(".tmp-checkpoint-3") for p in root.iterdir())  # the debris is ignored
+    assert [p.name for p in find_checkpoints(root)] == ["step_00000002"]
+    assert any(p.name.startswith(".tmp-step_00000003") for p in root.iterdir())  # the debris is ignored
     fresh = Trainer(make_cfg(tmp_path / "run", steps=4, checkpointing_steps=2,
                              checkpoint__resume_from_checkpoint="latest"))
     assert fresh.step == 2
-    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in good.items())
+    assert all(torch.equal(v, _weights(fresh)[k]) for k, v in good.items())
 
 
 def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, make_cfg, caplog):
     _trained(tmp_path, make_cfg, steps=4, every=2)
-    newest = tmp_path / "run" / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004" / "__0_0.distcp"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING):
         t = Trainer(make_cfg(tmp_path / "run", steps=4, checkpoint__resume_from_checkpoint="latest"))
     assert t.step == 2
-    assert "checkpoint-4 is unusable" in caplog.text and "truncated" in caplog.text
+    assert "step_00000004 is unusable" in caplog.text and "truncated" in caplog.text
     assert newest.exists()  # nothing already written is deleted
 
 
 def test_a_corrupt_byte_is_detected(tmp_path, make_cfg):
-    _trained(tmp_path, make_cfg, steps=2, every=2)
-    f = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    t = _trained(tmp_path, make_cfg, steps=2, every=2)
+    f = tmp_path / "run" / "checkpoints" / "step_00000002" / "__0_0.distcp"
     data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # same size
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"sha256 mismatch.*start fresh in a new --output_dir"):
-        ckpt_mod.load_checkpoint([f.parent], model=torch.nn.Linear(1, 1), optimizer=None, generator=None)
+        ckpt_mod.load_checkpoint([f.parent], model=t.model, optimizer=t.step_fn.optimizer, ema=None)
 
 
 def test_an_explicit_corrupt_checkpoint_is_refused_not_replaced(tmp_path, make_cfg):
     _trained(tmp_path, make_cfg, steps=4, every=2)
-    target = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    target = tmp_path / "run" / "checkpoints" / "step_00000004"
     (target / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="no loadable checkpoint"):
         Trainer(make_cfg(tmp_path / "run", steps=4, checkpoint__resume_from_checkpoint=str(target)))
