@@ -36,11 +36,11 @@ import traceback
 from pathlib import Path
 
 import torch
+from soar_fast.fast.flops import soar_step_flops
 
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.compile import compile_model
-from soar_fast.fast.flops import soar_step_flops
 from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
