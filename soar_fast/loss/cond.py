@@ -35,8 +35,8 @@ def broadcast_uncond(uncond: Cond, cond: Cond, b: int) -> Cond:
 
 
 def where_cond(drop: torch.Tensor, uncond_b: Cond, cond: Cond) -> Cond:
-    if not bool(drop.any()):
-        return cond
+    """Rows with `drop` take the empty prompt. Always a `where` (no `drop.any()` test: that would
+    read the device once per micro-batch)."""
     parts = [
         torch.where(drop.view(-1, *([1] * (c.dim() - 1))), u, c)
         for u, c in zip(as_tuple(uncond_b), as_tuple(cond))
