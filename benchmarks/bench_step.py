@@ -36,7 +36,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from soar_fast.fast.flops import soar_step_flops
 
 import soar_fast as sf
 from soar_fast.fast import RolloutEngine, batched_soar_step
@@ -44,6 +43,7 @@ from soar_fast.fast.compile import compile_model
 from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models import SD3VelocityFn, build_sd3_transformer
+from soar_fast.models.spec import get_family
 
 # Cheapest first (a timeout keeps the most); sft_eager is SFT in the settings of c, sft in those of d.
 VARIANTS = ("a", "b", "c", "sft_eager", "d", "e", "f", "g", "sft")
@@ -272,7 +272,7 @@ def _run_variant(variant, args, model, device, dtype, z0, cond, uncond, latent, 
         del opt
         return [{"metric": "error", "value": None, "unit": "", "note": f"OOM: {str(err).splitlines()[0][:120]}"}], None
     p20, p50, p80 = _quantiles(times)
-    flops = soar_step_flops(model, args.batch, num_aux, latent, latent, args.text_len)
+    flops = get_family("sd3").step_flops(model, args.batch, num_aux, latent, latent, args.text_len)
     achieved = flops / (p50 * 1e-3) / 1e12
     note = f"rollout={engine.mode}" if engine is not None else "rollout=recorded"
     rows = [

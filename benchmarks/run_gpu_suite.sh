@@ -57,7 +57,7 @@ BENCH="$PY benchmarks/bench_step.py $SMOKE"
 # 1. The step table, SD3.5-M 512 px, B=2, M=6 (issue 8): variants a..g, cheapest first.
 stage step_512 270 $BENCH --resolution 512 --batch 2 --warmup 2 --iters 6 --time_budget 180 --out "$OUT/step_512.json"
 # 2. Parity on the GPU: CUDA graph bitwise, FP8 v_cfg on torch._scaled_mm, batched/compiled (fp32).
-stage parity 60 $PY -m soar_fast.fast.parity --device $DEV --preset digits --batch 4 --json "$OUT/parity.json"
+stage parity 60 $PY -m soar_fast.train.parity --device $DEV --preset digits --batch 4 --json "$OUT/parity.json"
 # 3. The rollout alone per engine mode + FP8 refresh cost; fwd+bwd per attention backend.
 stage rollout_attention 60 $BENCH --resolution 512 --batch 2 --variants "" --iters 10 \
     --rollout_modes eager,cuda_graph,fp8,cuda_graph_fp8 --attention_backends sdpa,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn \

@@ -133,6 +133,16 @@ def test_resume_continues_and_a_corrupt_checkpoint_falls_back_or_is_refused(run_
     assert verify_checkpoint(find_checkpoints(run / "checkpoints")[0])["step"] == 5
 
 
+def test_a_checkpoint_of_soar_fast_0_1_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "old"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "model.safetensors").write_bytes(b"0.1")
+    before = _digest(run)
+    _bad(capsys, ["train", *TINY, "--output_dir", str(run), "--resume"], "checkpoint-2",
+         "single-process checkpoint of soar_fast 0.1", "--output_dir")
+    assert _digest(run) == before
+
+
 def test_missing_model_folder_and_bad_sampling_arguments(run_dir, capsys, tmp_path):
     _bad(capsys, ["train", *TINY, "--output_dir", str(tmp_path / "x"), "--pretrained_model_name_or_path",
                   str(tmp_path / "no-such-model")], "does not exist", "digits-pretrain")

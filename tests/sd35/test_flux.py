@@ -6,6 +6,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import itertools
+import json
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from soar_fast.models.pipeline import (
     load_transformer,
     run_sample,
 )
+from soar_fast.models.spec import get_family
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,18 @@ def test_soar_fast_train_trains_a_flux_folder_cache_and_preset(flux_cache, tiny_
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
     pipe.load_lora_weights(tmp_path / "lora" / "final")
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-    assert main([*common, "--model.family", "flux", "--model.preset", "tiny", "--model.attention_head_dim", "16",
-                 "--data.source", "synthetic", "--data.prompt_tokens", "5", "--output_dir", str(tmp_path / "preset")]) == 0
-    assert FluxTransformer2DModel.from_pretrained(tmp_path / "preset" / "final" / "transformer").config.num_layers == 1
+    # a preset on synthetic latents: the source takes its channels (in_channels / 4 = 4) and text dims
+    # from the model; the export loads as the family's class, with the preset's architecture, trained
+    preset = tmp_path / "preset"
+    assert main(["train", "--model.family", "flux", "--model.preset", "tiny", "--data.source", "synthetic",
+                 "--data.num_samples", "8", "--data.prompt_tokens", "5", "--soar.num_aux", "2", "--runtime.step", "fast",
+                 "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",
+                 "--checkpointing_steps", "0", "--logging.logging_steps", "1", "--logging.no_progress_bar",
+                 "--output_dir", str(preset)]) == 0
+    exported = FluxTransformer2DModel.from_pretrained(preset / "final" / "transformer")
+    want = get_family("flux").presets["tiny"]
+    assert {k: exported.config[k] for k in ("in_channels", "num_layers", "num_single_layers", "joint_attention_dim")} \
+        == {k: want[k] for k in ("in_channels", "num_layers", "num_single_layers", "joint_attention_dim")}
+    assert (_probe(exported) - _probe(get_family("flux").build("tiny", seed=0))).abs().max() > 1e-5
+    rows = [json.loads(r) for r in (preset / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and r["train/aux_loss"] > 0 for r in rows)

@@ -74,3 +74,25 @@ def test_an_explicit_corrupt_checkpoint_is_refused_not_replaced(tmp_path, make_c
     (target / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="no loadable checkpoint"):
         Trainer(make_cfg(tmp_path / "run", steps=4, checkpoint__resume_from_checkpoint=str(target)))
+
+
+def test_a_single_process_checkpoint_of_soar_fast_0_1_is_refused_in_one_line(tmp_path, make_cfg):
+    """The old `checkpoint-<step>` folders (safetensors) are not resumed, and never silently
+    skipped: 'latest' and an explicit folder both raise one line naming the way out; nothing
+    in the folder is touched, and a fresh run there is refused as another run's folder."""
+    from soar_fast.config import ConfigError
+
+    old = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    old.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "state.json", "manifest.json"):
+        (old / name).write_bytes(b"0.1")
+    files = sorted(p.name for p in old.iterdir())
+    for resume in ("latest", str(old)):
+        with pytest.raises(ConfigError, match=r"checkpoint-4'? is a single-process checkpoint of soar_fast 0\.1.*"
+                                              r"new run in another --output_dir") as err:
+            Trainer(make_cfg(tmp_path / "run", checkpoint__resume_from_checkpoint=resume))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="already holds another run"):
+        Trainer(make_cfg(tmp_path / "run"))
+    assert sorted(p.name for p in old.iterdir()) == files
+    assert find_checkpoints(tmp_path / "run" / "checkpoints") == []
