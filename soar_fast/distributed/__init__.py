@@ -5,7 +5,6 @@ communication-volume estimate (`scaling`). May import models and config; never t
 from soar_fast.config.parallel import ParallelConfig
 from soar_fast.distributed.env import (
     DistEnv,
-    all_ranks_true,
     barrier,
     build_device_mesh,
     cleanup,
@@ -26,7 +25,6 @@ from soar_fast.distributed.parallelize import (
 __all__ = [
     "DistEnv",
     "ParallelConfig",
-    "all_ranks_true",
     "apply_activation_checkpointing",
     "apply_fsdp",
     "barrier",

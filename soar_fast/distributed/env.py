@@ -23,7 +23,6 @@ from soar_fast.config.parallel import ParallelConfig
 
 __all__ = [
     "DistEnv",
-    "all_ranks_true",
     "barrier",
     "build_device_mesh",
     "cleanup",
@@ -133,17 +132,6 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """True on global rank 0 (and in a plain single process)."""
     return get_rank() == 0
-
-
-def all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True only if `flag` is True on every rank (collective). Use it for decisions that must not
-    diverge between ranks, e.g. skipping a step on a non-finite loss: a rank that skips backward
-    while the others run it leaves FSDP's collectives waiting forever."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def barrier() -> None:

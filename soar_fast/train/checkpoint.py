@@ -32,6 +32,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from soar_fast.config import ConfigError
+from soar_fast.distributed.env import barrier as _barrier
+from soar_fast.distributed.env import get_rank as _rank
+from soar_fast.distributed.env import get_world_size as _world
 from soar_fast.train.ema import EMA
 
 __all__ = ["CheckpointError", "find_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
@@ -45,19 +48,6 @@ _LEGACY = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """No loadable checkpoint where one was asked for; the message names the fix."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if _world() > 1:
-        dist.barrier()
 
 
 def _gather(obj: Any) -> list[Any]:

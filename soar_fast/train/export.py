@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from soar_fast.distributed.env import barrier, is_main_process
 from soar_fast.models.lora import peft_to_lora_layers, save_lora_layers
 from soar_fast.models.spec import ModelFamily
 from soar_fast.train.ema import EMA
@@ -26,15 +26,6 @@ from soar_fast.train.ema import EMA
 __all__ = ["export_final", "write_diffusers_folder"]
 
 log = logging.getLogger(__name__)
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -56,7 +47,7 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
     """Collective: write `<out_dir>/final` as described above; returns its path."""
     out = Path(out_dir)
     final, tmp = out / "final", out / ".tmp-final"
-    if _rank0():
+    if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     lora = bool(lora_rank)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
@@ -64,7 +55,7 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
     ema_full = None
     if ema is not None:  # every rank joins each gather; rank 0 keeps the tensors
         ema_full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu() for n, t in ema.shadow.items()}
-    if _rank0():
+    if is_main_process():
         if lora:
             meta = model.peft_config["default"].to_dict()
             flux = family.name == "flux"
@@ -81,5 +72,5 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
             shutil.rmtree(final)
         tmp.rename(final)
         log.info("exported %s", final)
-    _barrier()
+    barrier()
     return final
