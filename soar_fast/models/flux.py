@@ -30,13 +30,11 @@ FLUX_PRESETS: dict[str, dict[str, Any]] = {
 
 def build_flux_transformer(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> nn.Module:
     """A randomly initialised `FluxTransformer2DModel` of a preset architecture (no download)."""
-    from diffusers import FluxTransformer2DModel
+    from soar_fast.models.spec import FAMILIES
 
     if preset not in FLUX_PRESETS:
         raise ValueError(f"unknown Flux preset {preset!r}; choose one of {', '.join(FLUX_PRESETS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return FluxTransformer2DModel(**{**FLUX_PRESETS[preset], **overrides})
+    return FAMILIES["flux"].build(preset, seed=seed, **overrides)
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:

@@ -50,19 +50,10 @@ def build_sd3_transformer(preset: str = "tiny", *, seed: int | None = 0, device:
 
     `device` initialises the weights there (a GPU initialises the 2.2B-parameter SD3.5-Medium in
     well under a second; the CPU takes tens of seconds). The seed drives that device's generator."""
-    from diffusers import SD3Transformer2DModel
+    from soar_fast.models.spec import FAMILIES
 
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-
-    def build() -> nn.Module:
-        with dev:
-            return SD3Transformer2DModel(**sd3_config(preset, **overrides))
-
-    if seed is None:
-        return build()
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return build()
+    sd3_config(preset)  # the one-line error of an unknown preset
+    return FAMILIES["sd3"].build(preset, seed=seed, device=device, **overrides)
 
 
 class SD3VelocityFn:
