@@ -212,13 +212,16 @@ class CheckpointConfig:
     """Atomic, resumable checkpoints under `<output_dir>/checkpoints/checkpoint-<step>`."""
 
     checkpointing_steps: Annotated[int, _flat("checkpointing_steps")] = 500
-    """Save a checkpoint every this many steps (0: only at the end and on SIGTERM/SIGINT)."""
+    """Save a checkpoint every this many steps (0: only at the end, see `final_checkpoint`, and on SIGTERM/SIGINT)."""
     checkpoints_total_limit: Annotated[int, _flat("checkpoints_total_limit")] = 3
     """Keep the last N checkpoints."""
     resume_from_checkpoint: Annotated[str | None, _flat("resume_from_checkpoint")] = None
     """'latest' (newest good checkpoint of output_dir) or a checkpoint folder; None starts fresh."""
     save_final_model: bool = True
     """Write the trained transformer as a diffusers folder `<output_dir>/final/transformer` (and EMA)."""
+    final_checkpoint: bool = True
+    """Save a checkpoint when the run reaches max_train_steps (off for timing runs of big models,
+    whose checkpoint is tens of GB; SIGTERM/SIGINT and `checkpointing_steps` still save)."""
 
     def __post_init__(self) -> None:
         if not _int(self.checkpointing_steps, 0):

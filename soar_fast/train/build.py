@@ -50,6 +50,13 @@ def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
         base = family.presets[cfg.preset]
         heads = overrides.get("num_attention_heads", base["num_attention_heads"])
         overrides["caption_projection_dim"] = heads * overrides.get("attention_head_dim", base["attention_head_dim"])
+    base = family.presets[cfg.preset]
+    if "axes_dims_rope" in base:  # Flux-style rotary embeddings split the head dim over 3 axes
+        head, axes = overrides.get("attention_head_dim", base["attention_head_dim"]), tuple(base["axes_dims_rope"])
+        if sum(axes) != head:
+            raise ConfigError(f"model.attention_head_dim={head} does not fit the {cfg.family} preset {cfg.preset!r}: "
+                              f"its rotary axes {axes} need a head dim of {sum(axes)}; pass --model.attention_head_dim "
+                              f"{sum(axes)} (or leave it unset)")
     return family, family.build(cfg.preset, seed=cfg.init_seed, **overrides)
 
 

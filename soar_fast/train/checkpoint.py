@@ -37,7 +37,7 @@ from soar_fast.distributed.env import get_rank as _rank
 from soar_fast.distributed.env import get_world_size as _world
 from soar_fast.train.ema import EMA
 
-__all__ = ["CheckpointError", "find_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
+__all__ = ["CheckpointError", "find_checkpoints", "legacy_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
            "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,13 @@ def find_checkpoints(ckpt_root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def legacy_checkpoints(root: Path) -> list[Path]:
+    """soar_fast 0.1's single-process `checkpoint-<step>` folders under `root` (not resumable)."""
+    return sorted(p for p in root.iterdir() if _LEGACY.match(p.name)) if root.is_dir() else []
+
+
 def _refuse_legacy(root: Path) -> None:
-    old = sorted(p.name for p in root.iterdir() if _LEGACY.match(p.name)) if root.is_dir() else []
+    old = [p.name for p in legacy_checkpoints(root)]
     if old:
         raise ConfigError(f"{str(root / old[-1])!r} is a single-process checkpoint of soar_fast 0.1 (safetensors), "
                           "which this version does not resume: finish that run with soar_fast 0.1 (git checkout "

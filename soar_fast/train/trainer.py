@@ -34,6 +34,7 @@ from soar_fast.eval.sampler import generate_digits
 from soar_fast.train.build import build_model
 from soar_fast.train.checkpoint import (
     find_checkpoints,
+    legacy_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -69,8 +70,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.checkpoint.resume_from_checkpoint is not None:
         return
     root = out / "checkpoints"
-    ckpts = find_checkpoints(root) or ([p for p in root.iterdir() if p.name.startswith("checkpoint-")]
-                                       if root.is_dir() else [])
+    ckpts = find_checkpoints(root) or legacy_checkpoints(root)
     if ckpts or (out / "final").exists():
         what = f"{len(ckpts)} checkpoint(s)" if ckpts else "a final model"
         raise ConfigError(f"output_dir {str(out)!r} already holds another run ({what}); pass "
@@ -288,7 +288,8 @@ class Trainer:
             wall = time.perf_counter() - t0
             result.step, result.nan_skipped, result.wall_time_s = self.step, self.nan_skipped, wall
             result.steps_per_s = (self.step - start_step) / max(wall, 1e-9)
-            if result.last_checkpoint is None or not result.last_checkpoint.endswith(f"step_{self.step:08d}"):
+            saved_now = result.last_checkpoint is not None and result.last_checkpoint.endswith(f"step_{self.step:08d}")
+            if not saved_now and (stopped or cfg.checkpoint.final_checkpoint):
                 result.last_checkpoint = str(self.save())
             if stopped:
                 result.interrupted = True

@@ -144,3 +144,13 @@ def test_soar_fast_train_trains_a_flux_folder_cache_and_preset(flux_cache, tiny_
     assert (_probe(exported) - _probe(get_family("flux").build("tiny", seed=0))).abs().max() > 1e-5
     rows = [json.loads(r) for r in (preset / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and r["train/aux_loss"] > 0 for r in rows)
+
+
+def test_a_head_dim_that_does_not_fit_flux_rope_is_one_line(tmp_path, capsys):
+    """The tiny recipe's head dim (8) with the Flux preset (rotary axes 4+4+8 = 16): one line, the fix."""
+    from soar_fast.cli import main
+
+    assert main(["train", "--recipe", "tiny", "--model.family", "flux", "--model.preset", "tiny",
+                 "--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model.attention_head_dim 16" in err[0]

@@ -96,3 +96,11 @@ def test_a_single_process_checkpoint_of_soar_fast_0_1_is_refused_in_one_line(tmp
         Trainer(make_cfg(tmp_path / "run"))
     assert sorted(p.name for p in old.iterdir()) == files
     assert find_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_final_checkpoint_off_saves_nothing_at_the_end(tmp_path, make_cfg):
+    """Timing runs of big models skip the end-of-run checkpoint; periodic ones are still written."""
+    Trainer(make_cfg(tmp_path / "a", steps=3, checkpoint__final_checkpoint=False)).train()
+    assert find_checkpoints(tmp_path / "a" / "checkpoints") == []
+    Trainer(make_cfg(tmp_path / "b", steps=3, checkpointing_steps=2, checkpoint__final_checkpoint=False)).train()
+    assert [p.name for p in find_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000002"]
