@@ -134,6 +134,10 @@ class DataConfig:
     """Latent height and width of the synthetic source (64 is SD3.5 at 512 px)."""
     num_samples: int = 64
     """Rows of the synthetic source."""
+    verify_shards: bool = True
+    """source='latents': check every shard's sha256 against the cache's index.json when the run
+    opens the cache (once per run, threaded, split over ranks); a shard that fails is refused.
+    `--data.no-verify_shards` skips it on trusted storage (shapes and dtypes are still checked)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("digits", "latents", "synthetic"):
@@ -149,6 +153,8 @@ class DataConfig:
             _fail("data.prompt_tokens", self.prompt_tokens, "need an integer >= 1")
         if not _int(self.embedding_seed, 0):
             _fail("data.embedding_seed", self.embedding_seed, "need an integer >= 0")
+        if not isinstance(self.verify_shards, bool):
+            _fail("data.verify_shards", self.verify_shards, "need true or false")
 
 
 @dataclass(kw_only=True)

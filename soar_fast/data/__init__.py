@@ -27,7 +27,7 @@ def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projectio
     if cfg.source == "latents":
         from soar_fast.data.latents import LatentsDataset
 
-        return LatentsDataset(cfg.data_dir or "")
+        return LatentsDataset(cfg.data_dir or "", verify_hashes=cfg.verify_shards)
     if cfg.source == "synthetic":
         from soar_fast.data.synthetic import SyntheticLatents
 

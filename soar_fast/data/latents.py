@@ -1,27 +1,104 @@
-"""Cached SD3.5 latents + text embeddings (soar_fast.data.shards) behind the `TrainDataset` protocol."""
+"""Cached SD3.5 latents + text embeddings (soar_fast.data.shards) behind the `TrainDataset` protocol.
+
+Opening the cache checks it once per run: every shard's shapes and dtypes, and (unless
+`DataConfig.verify_shards` is off) every file's sha256 against index.json, so a shard changed on
+disk (one flipped byte, same size) is refused before the first step instead of training on
+silently wrong data. The hashing runs in threads (hashlib and file reads release the GIL); under
+torchrun each rank hashes every W-th file and the ranks agree on the verdict, so all of them
+refuse the same shard in the same words.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
 import torch
 
-__all__ = ["LatentsDataset"]
+from soar_fast.config import ConfigError
+
+__all__ = ["LatentsDataset", "verify_cache_hashes"]
+
+log = logging.getLogger(__name__)
+
+REWRITE = ("re-run `soar-fast cache --resume` with the arguments that made this cache (it rewrites the shards "
+           "that fail and keeps the rest)")
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def verify_cache_hashes(cache_dir: str | Path, index: dict[str, Any], threads: int | None = None) -> None:
+    """Collective under torchrun: the sha256 of every shard (and of the empty-prompt file) against
+    `index` (the cache's index.json). Raises `ConfigError` naming the first file that fails, the
+    same on every rank."""
+    from soar_fast.data.shards import file_sha256
+
+    t0 = time.perf_counter()
+    root = Path(cache_dir)
+    entries = [e for e in [index.get("empty_prompt"), *index["shards"]] if e is not None]
+    rank, world = _rank_world()
+    mine = entries[rank::world]
+
+    def check(e: dict[str, Any]) -> str | None:
+        path = root / e["file"]
+        try:
+            ok = file_sha256(path) == e["sha256"]
+        except OSError as err:
+            return f"cache shard {path} is unreadable ({err.strerror or type(err).__name__})"
+        return None if ok else f"cache shard {path} fails its sha256 checksum in index.json (the file changed on disk)"
+
+    workers = threads or min(8, os.cpu_count() or 1, max(1, len(mine)))
+    with ThreadPoolExecutor(workers) as pool:
+        bad = [why for why in pool.map(check, mine) if why]
+    if world > 1:
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, bad)
+        bad = [why for part in every for why in part]
+    if bad:
+        more = f" ({len(bad) - 1} more file(s) fail too)" if len(bad) > 1 else ""
+        raise ConfigError(f"{bad[0]}{more}; {REWRITE}")
+    size = sum((root / e["file"]).stat().st_size for e in mine)
+    log.info("verified the sha256 of %d cache file(s), %.1f MB, in %.1f s (--data.no-verify_shards skips this)",
+             len(mine), size / 1e6, time.perf_counter() - t0)
 
 
 class LatentsDataset:
-    """Rows of a latent cache written by `soar_fast.data.cache`; conditions come from the cache."""
+    """Rows of a latent cache written by `soar_fast.data.cache`; conditions come from the cache.
+
+    `verify_hashes`: check every file's sha256 against index.json on opening (see the module doc);
+    shapes and dtypes are checked either way. A damaged cache raises a one-line `ConfigError`.
+    """
 
     num_classes = 0
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, verify_hashes: bool = True):
         try:
-            from soar_fast.data.shards import ShardDataset, load_empty_prompt
+            from soar_fast.data.shards import ShardDataset, ShardError, load_empty_prompt
         except ImportError as e:  # the cache module is built separately
             raise RuntimeError(f"data.source='latents' needs soar_fast.data.shards ({e})") from None
-        self._ds = ShardDataset(data_dir)
+        try:
+            self._ds = ShardDataset(data_dir)  # index, shapes and dtypes of every shard
+            if verify_hashes:
+                verify_cache_hashes(data_dir, self._ds.index)
+            uncond = load_empty_prompt(data_dir, check_hash=False)  # hashed above when asked
+        except ShardError as e:  # the cache's own one-line reasons, as the CLI's error line
+            raise ConfigError(str(e).splitlines()[0]) from None
         shapes = sorted(set(self._ds.keys))
         # aspect buckets: a bucket id per row, so the trainer's sampler draws each batch from one bucket
         self.groups = [shapes.index(k) for k in self._ds.keys] if len(shapes) > 1 else None
-        self._uncond = tuple(t.float() for t in load_empty_prompt(data_dir))
+        self._uncond = tuple(t.float() for t in uncond)
 
     def __len__(self) -> int:
         return len(self._ds)
