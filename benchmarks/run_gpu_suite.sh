@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU suite, sized for one device call: the step benchmark, the parity harness, the rollout and
-# attention benchmarks, the GPU tests, the kernel microbenchmarks, then 1024 px. Each stage runs
-# under its own timeout, clipped to what is left of BUDGET seconds (default 480), most valuable
+# The GPU suite, sized for one device call: the step benchmark, `soar-fast train` end to end, the parity
+# harness, the rollout and attention benchmarks, the GPU tests, the kernel microbenchmarks, then 1024 px. Each stage runs
+# under its own timeout, clipped to what is left of BUDGET seconds (default 540), most valuable
 # first: a cut-off run keeps every stage before the cut. Every stage writes JSON into OUTDIR as it
 # goes; `benchmarks/summarize_gpu.py OUTDIR` prints the tables (also run at the end).
 #   bash benchmarks/run_gpu_suite.sh OUTDIR [BUDGET_S]
@@ -11,7 +11,7 @@
 # wheels in wheels/ (README "Performance"); they are installed with --no-deps into /tmp/site.
 set -uo pipefail
 OUT=${1:?usage: run_gpu_suite.sh OUTDIR [BUDGET_S]}
-BUDGET=${2:-480}
+BUDGET=${2:-540}
 T0=$(date +%s)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -54,27 +54,33 @@ BUILD=build/native_gpu
 build_pid=$!
 
 BENCH="$PY benchmarks/bench_step.py $SMOKE"
-# 1. The step table, SD3.5-M 512 px, B=2, M=6 (issue 8): variants a..g, cheapest first.
-stage step_512 270 $BENCH --resolution 512 --batch 2 --warmup 2 --iters 6 --time_budget 180 --out "$OUT/step_512.json"
-# 2. Parity on the GPU: CUDA graph bitwise, FP8 v_cfg on torch._scaled_mm, batched/compiled (fp32).
+# 1. The step table, SD3.5-M 512 px, B=2, M=6 (issues 8, 12, 18): variants a..g built by
+#    build_train_step in the trainer's precision policy, plus (e) in the old pure-bf16 one; each
+#    variant builds and compiles its own model, so warm-ups are longer than 0.1's.
+stage step_512 300 $BENCH --resolution 512 --batch 2 --warmup 2 --iters 6 --time_budget 230 \
+    --variants a,b,c,sft_eager,d,e,e:pure_bf16,f,g,sft --out "$OUT/step_512.json"
+# 2. soar-fast train end to end on the same TrainConfig as (e) (goal: >= 95% of its samples/s).
+stage train_e2e 150 $PY benchmarks/bench_train.py $SMOKE --variant e --resolution 512 --batch 2 --warmup 2 --iters 6 \
+    --steps 20 --out "$OUT/train_e.json"
+# 3. Parity on the GPU: CUDA graph bitwise, FP8 v_cfg on torch._scaled_mm, batched/compiled (fp32).
 stage parity 60 $PY -m soar_fast.train.parity --device $DEV --preset digits --batch 4 --json "$OUT/parity.json"
-# 3. The rollout alone per engine mode + FP8 refresh cost; fwd+bwd per attention backend.
+# 4. The rollout alone per engine mode + FP8 refresh cost; fwd+bwd per attention backend.
 stage rollout_attention 60 $BENCH --resolution 512 --batch 2 --variants "" --iters 10 \
     --rollout_modes eager,cuda_graph,fp8,cuda_graph_fp8 --attention_backends sdpa,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn \
     --out "$OUT/rollout_attention_512.json"
-# 4. GPU tests (everything marked cuda).
+# 5. GPU tests (everything marked cuda).
 PYTEST="$PY -m pytest -q -p no:cacheprovider -o addopts=-ra"
 stage gpu_tests 120 $PYTEST -m cuda tests --junitxml="$OUT/gpu_tests.xml"
-# 5. Kernel microbenchmarks (issue 7), the native op's CUDA tests once it is built.
+# 6. Kernel microbenchmarks (issue 7), the native op's CUDA tests once it is built.
 wait $build_pid && [ -f "$BUILD/kernels/libsoar_fast_native.so" ] && export SOAR_FAST_NATIVE_LIB=$PWD/$BUILD/kernels/libsoar_fast_native.so
 echo "native lib: ${SOAR_FAST_NATIVE_LIB:-not built (see native_build.log)}"
 [ -n "${SOAR_FAST_NATIVE_LIB:-}" ] && stage native_tests 40 $PYTEST -m cuda tests/ops -k native --junitxml="$OUT/gpu_native_tests.xml"
 export SOAR_FAST_BENCH_JSON="$OUT/kernels.jsonl"
 stage kernels 90 $PYTEST -p no:benchmark benchmarks/micro -k "not torch_compile"
-# 6. 1024 px (B=1): the baseline, eager batched and the FP8 rollout step.
+# 7. 1024 px (B=1): the baseline, eager batched and the FP8 rollout step.
 stage step_1024 80 $BENCH --resolution 1024 --batch 1 --variants a,c,sft_eager,d,f --warmup 2 --iters 4 --time_budget 40 \
     --out "$OUT/step_1024.json"
-# 7. The torch.compile provider of the kernel microbenchmarks, with what is left.
+# 8. The torch.compile provider of the kernel microbenchmarks, with what is left.
 stage kernels_compile 120 $PYTEST -p no:benchmark benchmarks/micro -k "torch_compile"
 $PY benchmarks/micro/summarize.py "$OUT/kernels.jsonl" --json "$OUT/kernels.json" --md "$OUT/kernels.md" > /dev/null 2>&1
 $PY benchmarks/summarize_gpu.py "$OUT" | tee "$OUT/summary.md"

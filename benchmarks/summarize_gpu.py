@@ -35,19 +35,23 @@ def step_table(rows: list[dict], title: str) -> list[str]:
            f"{first['dtype']} on {first['device']}", "",
            f"torch {first['torch']}, triton {first['triton']}, CUDA {first['cuda']}, commit {first['commit']}, "
            f"{first['date']}; measured bf16 GEMM rate (8192³): {_fmt(gemm, '.0f')} TFLOP/s", "",
-           "| variant | | ms/step p50 | samples/s | TFLOP/s | MFU | peak GiB | x (a) | rollout ms | warm-up s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| variant | | precision | ran (ops, rollout, compile) | ms/step p50 | samples/s | TFLOP/s | MFU | peak GiB "
+           "| x (a) | rollout ms | warm-up s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, m in by.items():
         def val(k, m=m):
             return m.get(k, {}).get("value")
 
         if "error" in m or "skipped" in m:
             note = (m.get("error") or m.get("skipped"))["note"]
-            out.append(f"| {v} | {m[next(iter(m))]['variant_desc']} | {'error' if 'error' in m else 'skipped'}: {note} |"
-                       " | | | | | | |")
+            out.append(f"| {v} | {m[next(iter(m))]['variant_desc']} | | | {'error' if 'error' in m else 'skipped'}: "
+                       f"{note} | | | | | | | |")
             continue
         mfu = val("mfu")
-        out.append(f"| {v} | {m['ms_per_step_p50']['variant_desc']} | {_fmt(val('ms_per_step_p50'))} | "
+        c = m["ms_per_step_p50"].get("config") or {}
+        ran = f"{c.get('ops_backend', '-')}, {c.get('rollout', '-')}, {c.get('compile', '-')}" if c else "-"
+        out.append(f"| {v} | {m['ms_per_step_p50']['variant_desc']} | {m['ms_per_step_p50'].get('precision', '-')} | "
+                   f"{ran} | {_fmt(val('ms_per_step_p50'))} | "
                    f"{_fmt(val('samples_per_s'), '.2f')} | {_fmt(val('tflops'), '.0f')} | "
                    f"{_fmt(None if mfu is None else 100 * mfu)}% | {_fmt(val('peak_memory'))} | "
                    f"{_fmt(val('speedup_vs_a'), '.2f')} | {_fmt(val('rollout_ms_p50'))} | {_fmt(val('warmup_s'))} |")
@@ -81,6 +85,12 @@ def goal_checks(by: dict[str, dict[str, dict]]) -> list[str]:
             f_ratio = by[soar]["tflops"]["flops_per_step"] / by[sft]["tflops"]["flops_per_step"]
             check(f"SOAR/SFT time ratio ({soar}/{sft}) vs FLOP ratio", f"{t_ratio:.2f} vs {f_ratio:.2f} "
                   f"(x{t_ratio / f_ratio:.3f})", "<= 1.05x", t_ratio / f_ratio <= 1.05)
+    if "e" in p50:  # issue 18: (e) at >= 60% MFU, (f) faster than (e), (g) >= 1.3x (e)
+        check("MFU of (e)", f"{100 * by['e']['mfu']['value']:.1f}%", ">= 60%", by["e"]["mfu"]["value"] >= 0.60)
+        for v, goal in (("f", 1.0), ("g", 1.3)):
+            if v in p50:
+                check(f"({v}) over (e)", f"{p50['e'] / p50[v]:.2f}x", f"> {goal}x" if goal == 1.0 else f">= {goal}x",
+                      p50["e"] / p50[v] > goal if goal == 1.0 else p50["e"] / p50[v] >= goal)
     roll = {v: m["rollout_ms_p50"]["value"] for v, m in by.items() if "rollout_ms_p50" in m}
     base = roll.get("b")
     for v, goal in (("e", 1.3), ("f", 1.8)):
@@ -115,7 +125,25 @@ def parity_table(rows: list[dict]) -> list[str]:
     out = ["### Parity on the GPU (digits preset, fp32, TF32 off)", "", "| variant | metric | value | tolerance | ok |",
            "|---|---|---|---|---|"]
     out += [f"| {r['variant']} | {r['metric']} | {_fmt(r['value'], '.3e')} | {r['tolerance']} | "
-            f"{'ok' if r['ok'] else 'FAIL'} {r['note']} |" for r in rows]
+            f"{r.get('status') or ('ok' if r.get('ok') else 'FAIL')} {r['note']} |" for r in rows]
+    return out + [""]
+
+
+def trainer_table(rows: list[dict]) -> list[str]:
+    """bench_train.py: `soar-fast train` end to end vs the step benchmark, same TrainConfig."""
+    e2e = [r for r in rows if r.get("bench") == "trainer_e2e"]
+    if not e2e:
+        return []
+    out = ["### `soar-fast train` end to end vs the step benchmark (same TrainConfig)", "",
+           "| variant | trainer samples/s | benchmark samples/s | ratio | goal |", "|---|---|---|---|---|"]
+    for v in dict.fromkeys(r["provider"] for r in e2e):
+        m = {r["metric"]: r for r in e2e if r["provider"] == v}
+        if "error" in m:
+            out.append(f"| {v} | error: {m['error']['note']} | | | |")
+            continue
+        ratio = m["trainer_vs_bench"]
+        out.append(f"| {v} | {m['trainer_samples_per_s']['value']:.2f} | {m['bench_samples_per_s']['value']:.2f} | "
+                   f"{ratio['value']:.1%} | >= {ratio['goal']:.0%}: {'met' if ratio['meets_goal'] else 'NOT met'} |")
     return out + [""]
 
 
@@ -127,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += step_table(_load(path), f"{res} px" + (f", {tag}" if tag else "")) + [""]
     lines += rollout_table(_load(d / "rollout_attention_512.json"))
     lines += parity_table(_load(d / "parity.json"))
+    for path in sorted(d.glob("train_*.json")):
+        lines += trainer_table(_load(path))
     if (d / "stages.txt").exists():
         lines += ["### Stages", "", "```", (d / "stages.txt").read_text().strip(), "```", ""]
     if (d / "kernels.md").exists():

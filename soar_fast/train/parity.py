@@ -26,8 +26,7 @@ from soar_fast.config import TrainConfig
 from soar_fast.distributed import init_distributed, unwrap_name
 from soar_fast.loss.cond import broadcast_uncond
 from soar_fast.models.spec import get_family
-from soar_fast.ops.dispatch import resolve_backend
-from soar_fast.train.step import build_train_step, precision_dtypes
+from soar_fast.train.step import build_train_step
 
 __all__ = ["VARIANTS", "ParityRow", "main", "run_parity"]
 
@@ -139,11 +138,7 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_
         cfg = _train_config(step_kind, {**fast, "fp8_scaling": fp8_scaling}, num_aux, device)
         env = init_distributed(cfg.parallel, device)
         step = build_train_step(family, copy.deepcopy(base), cfg, env)
-        weight, compute, reduce = precision_dtypes(cfg)
-        config = {"ops_backend": resolve_backend("soar_fused_mse", cfg.fast.ops_backend, dev, z0.dtype), "step": step_kind,
-                  "rollout": step.rollout.mode if step.rollout else "reference", "compile": cfg.fast.compile,
-                  "precision": f"weights {weight}, compute {compute}, reduce {reduce}", "world_size": env.world_size,
-                  "activation_checkpointing": cfg.fast.activation_checkpointing, "micro_chunks": cfg.fast.micro_chunks}
+        config = step.describe()
         if variant in ("graphed_rollout", "fp8_rollout"):
             v_u, v_c = step.rollout(z_t, draws.sigma0, ub, cond)
             v_u, v_c = v_u.clone(), v_c.clone()

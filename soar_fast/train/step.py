@@ -143,6 +143,23 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         return StepResult(applied=applied, grad_norm=norm_v, lr=lr, stop=stop_t > 0, stats=sums)
 
+    def describe(self) -> dict[str, Any]:
+        """What this step runs, resolved (the rows of `soar-fast parity` and the benchmarks record it):
+        step kind, ops backend, rollout mode (as it ran: a CUDA-graph fallback shows), compile,
+        precision policy, FP8 training, activation checkpointing, micro-chunks, world size."""
+        from soar_fast.ops.dispatch import resolve_backend
+
+        cfg, fast = self.cfg, self.cfg.fast
+        weight, compute, reduce = (str(d).removeprefix("torch.") for d in precision_dtypes(cfg))
+        ops = "reference" if cfg.runtime.step == "eager" else resolve_backend(
+            "soar_fused_mse", fast.ops_backend, self.env.device, torch.float32)
+        return {"step": cfg.runtime.step, "ops_backend": ops,
+                "rollout": self.rollout.mode if self.rollout is not None else "reference",
+                "rollout_requested": fast.rollout, "compile": fast.compile, "weight_dtype": weight,
+                "compute_dtype": compute, "reduce_dtype": reduce, "fp8_training": fast.fp8_training,
+                "activation_checkpointing": fast.activation_checkpointing, "micro_chunks": fast.micro_chunks,
+                "world_size": self.env.world_size}
+
     def refresh_rollout(self) -> None:
         """Bring the rollout's own weights (replica, FP8 copies) to the current weights."""
         if self.replica is not None:

@@ -4,36 +4,74 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
+    return _load("bench_step")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_bench_step_smoke_rows(tmp_path):
+    """Every variant but (a) is built by build_train_step; each row names what ran."""
     bench = _load_bench()
     out = tmp_path / "step.json"
-    assert bench.main(["--smoke", "--variants", "a,b,f,sft", "--no_compile", "--batch", "1", "--num_aux", "2",
-                       "--attention_backends", "sdpa,sdpa_math", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--variants", "a,b,f,sft,c:pure_bf16", "--no_compile", "--batch", "1",
+                       "--num_aux", "2", "--attention_backends", "sdpa,sdpa_math", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     required = {"bench", "provider", "metric", "value", "unit", "device", "torch", "commit", "date"}
     assert all(required <= set(r) for r in rows)
     by = {(r["provider"], r["metric"]): r for r in rows}
-    for v in ("a", "b", "f", "sft"):
+    for v in ("a", "b", "f", "sft", "c:pure_bf16"):
         assert by[(v, "ms_per_step_p50")]["value"] > 0
         assert 0 < by[(v, "mfu")]["value"] < 1.5
         assert by[(v, "tflops")]["flops_per_step"] > 0
-    assert by[("b", "speedup_vs_a")]["baseline"] == "a"
+    assert by[("b", "speedup_vs_a")]["baseline"] == "a:fp32"
+    assert by[("c:pure_bf16", "speedup_vs_a")]["baseline"] == "a:fp32"  # no (a) of its own precision ran
+    # the resolved configuration: what build_train_step built, precision policy included
+    cb, cf = by[("b", "mfu")]["config"], by[("f", "mfu")]["config"]
+    assert (cb["step"], cb["ops_backend"], cb["rollout"], cb["compile"], cb["world_size"]) == \
+        ("fast", "reference", "eager", "none", 1)
+    assert (cf["rollout_requested"], cf["rollout"]) == ("cuda_graph_fp8", "fp8")  # no CUDA here: FP8, no graph
+    assert (cb["precision"], cb["weight_dtype"], cb["compute_dtype"]) == ("fp32", "float32", "float32")
+    cp = by[("c:pure_bf16", "mfu")]["config"]
+    assert (cp["precision"], cp["weight_dtype"], cp["compute_dtype"]) == ("pure_bf16", "bfloat16", "bfloat16")
+    assert by[("a", "mfu")]["config"]["step"] == "release_structure"
+    assert by[("f", "rollout_refresh_ms_p50")]["value"] > 0
     # SOAR at M=2 does 3·3 + 2 = 11 forward-equivalents per sample, SFT 3: the FLOP ratio is 11/3
     ratio = by[("b", "tflops")]["flops_per_step"] / by[("sft", "tflops")]["flops_per_step"]
     assert abs(ratio - 11 / 3) < 1e-9
     assert by[("sdpa_math", "ms_p50")]["value"] > 0
+
+
+def test_bench_step_refuses_an_unknown_variant_or_precision(capsys):
+    bench = _load_bench()
+    for spec, what in (("z", "unknown variant 'z'"), ("e:fp16", "unknown precision 'fp16'")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--smoke", "--variants", spec])
+        assert e.value.code == 2 and what in capsys.readouterr().err
+
+
+def test_bench_train_runs_the_benchmarked_config_through_soar_fast_train(tmp_path):
+    """bench_train: the step benchmark's row and `python -m soar_fast.train --config` on the same
+    TrainConfig; the ratio row is written (its value is a GPU goal, not checked on a shared CPU)."""
+    train = _load("bench_train")
+    out = tmp_path / "train.json"
+    assert train.main(["--smoke", "--no_compile", "--variant", "c", "--num_aux", "2", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text()) if r["bench"] == "trainer_e2e"]
+    by = {r["metric"]: r for r in rows}
+    assert by["trainer_samples_per_s"]["value"] > 0 and len(by["trainer_samples_per_s"]["windows"]) == 2
+    assert by["trainer_vs_bench"]["value"] == by["trainer_samples_per_s"]["value"] / by["bench_samples_per_s"]["value"]
+    assert by["trainer_vs_bench"]["goal"] == 0.95 and by["trainer_vs_bench"]["config"]["ops_backend"] == "reference"
 
 
 def test_release_style_baseline_is_the_same_loss_in_fp32():

@@ -1,0 +1,171 @@
+"""What the step benchmark (`bench_step.py`) and the trainer end-to-end benchmark (`bench_train.py`)
+share: the variants as `TrainConfig`s (so a benchmarked step is one `soar-fast train` can run),
+the precision policies, timing, the measured GEMM peak and the row bookkeeping.
+
+A variant spec is `name[:precision]`, e.g. `e` or `e:pure_bf16`; the precision defaults to
+`--precision`. Policies: `trainer` = what `soar-fast train --mixed_precision bf16` does (fp32
+master weights and AdamW states, bf16 compute through FSDP2's MixedPrecisionPolicy, fp32
+gradient reduction), `pure_bf16` = bf16 weights and AdamW states (`--runtime.weight_dtype bf16`),
+`fp32` = no mixed precision (the CPU smoke runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import soar_fast as sf
+from soar_fast.config import TrainConfig
+from soar_fast.config.fast import FastConfig
+
+# name -> (description, FastConfig overrides, SOAR?) ; each adds one thing to the one before (b..f)
+VARIANTS: dict[str, tuple[str, dict, bool]] = {
+    "a": ("baseline (reference-release structure)", {}, True),
+    "b": ("eager batched step", {"ops_backend": "reference"}, True),
+    "c": ("+ fused kernels", {}, True),
+    "sft_eager": ("SFT step (settings of c)", {}, False),
+    "d": ("+ compile (per block)", {"compile": "per_block"}, True),
+    "e": ("+ CUDA-graph rollout", {"compile": "per_block", "rollout": "cuda_graph"}, True),
+    "f": ("+ FP8 rollout (CUDA graph)", {"compile": "per_block", "rollout": "cuda_graph_fp8"}, True),
+    "g": ("+ FP8 training GEMMs (bf16 graph rollout)", {"compile": "per_block", "rollout": "cuda_graph",
+                                                       "fp8_training": True}, True),
+    "sft": ("SFT step (settings of d)", {"compile": "per_block"}, False),
+}
+# precision -> (runtime.mixed_precision, runtime.weight_dtype)
+PRECISIONS = {"trainer": ("bf16", "fp32"), "pure_bf16": ("bf16", "bf16"), "fp32": ("no", "fp32")}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The benchmark's problem: model, per-rank batch, auxiliary points, latent side, text length."""
+
+    family: str = "sd3"
+    preset: str = "sd35-medium"
+    batch: int = 2
+    num_aux: int = 6
+    latent: int = 64
+    text_len: int = 154
+    micro_chunks: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def parse_variant(spec: str, default_precision: str) -> tuple[str, str]:
+    """`e:pure_bf16` -> ('e', 'pure_bf16'); `e` -> ('e', default_precision)."""
+    name, _, precision = spec.partition(":")
+    precision = precision or default_precision
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} in {spec!r}; choose from {', '.join(PRECISIONS)}")
+    return name, precision
+
+
+def variant_config(name: str, precision: str, shape: Shape, device: str, *, compile_off: bool = False,
+                   learning_rate: float = 1e-5) -> TrainConfig:
+    """The `TrainConfig` of a variant: synthetic latents of `shape`, the variant's fast options,
+    the precision policy. (a) is not built from it (it re-creates the release's structure) but
+    takes its precision and SOAR settings."""
+    _desc, fast, soar = VARIANTS[name]
+    mixed, weights = PRECISIONS[precision]
+    if compile_off:
+        fast = {**fast, "compile": "none"}
+    cfg = TrainConfig()
+    cfg.recipe = f"bench-{name}"
+    cfg.model = dataclasses.replace(cfg.model, family=shape.family, preset=shape.preset)
+    cfg.data = dataclasses.replace(cfg.data, source="synthetic", latent_size=shape.latent, prompt_tokens=shape.text_len,
+                                   num_samples=max(64, 32 * shape.batch))
+    cfg.optim = dataclasses.replace(cfg.optim, train_batch_size=shape.batch, learning_rate=learning_rate)
+    cfg.soar = sf.SoarConfig(num_aux=shape.num_aux if soar else 0)
+    cfg.runtime = dataclasses.replace(cfg.runtime, step="eager" if name == "a" else "fast", device=device,
+                                      mixed_precision=mixed, weight_dtype=weights)
+    cfg.fast = dataclasses.replace(FastConfig(), micro_chunks=shape.micro_chunks, **fast)
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of `iters` calls of `fn` after `warmup` calls, synchronised each."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return qs[1], statistics.median(xs), qs[7]  # p20, p50, p80
+
+
+def measure_bf16_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """The bf16 GEMM rate of this device, measured now (the MFU denominator; fp32 at 512 on CPU)."""
+    if device.type != "cuda":
+        n, dtype = 512, torch.float32
+    else:
+        dtype = torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = time_steps(lambda: a @ b, device, 3, iters)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def env_info(device: torch.device) -> dict:
+    # SOAR_FAST_COMMIT wins: a copied working tree (the GPU machine's) can carry stale git metadata
+    commit = os.environ.get("SOAR_FAST_COMMIT")
+    try:
+        commit = commit or subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                                   stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_v = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_v,
+            "cuda": torch.version.cuda, "commit": commit, "date": dt.date.today().isoformat()}
+
+
+class Results:
+    """JSON rows, rewritten to `path` after every addition: a run cut off by a timeout keeps what
+    it measured."""
+
+    def __init__(self, path: str | Path | None):
+        self.rows: list[dict] = []
+        self.path = Path(path) if path else None
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.rows, indent=1))
+
+
+def free_memory(device: torch.device) -> None:
+    """Between variants: forget compiled graphs (each variant compiles its own model) and cached blocks."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
