@@ -24,6 +24,7 @@ from torch import nn
 
 from soar_fast.config import ConfigError
 from soar_fast.config.sd35 import SD3_PIPELINES, check_pipeline_folder, pipeline_family
+from soar_fast.models.spec import get_family
 
 __all__ = [
     "SampleConfig",
@@ -51,14 +52,6 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
-_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-
-
-def _diffusers_cls(name: str):
-    import diffusers
-
-    return getattr(diffusers, name)
 
 
 def load_transformer(
@@ -69,7 +62,7 @@ def load_transformer(
     Raises `NotAPipelineError` for any other folder.
     """
     family = pipeline_family(pretrained_model_name_or_path)
-    return _diffusers_cls(_TRANSFORMERS[family]).from_pretrained(
+    return get_family(family).cls().from_pretrained(
         pretrained_model_name_or_path, subfolder="transformer", torch_dtype=torch_dtype, variant=variant,
         local_files_only=True,
     )
@@ -114,7 +107,7 @@ def export_transformer(
         if base is None:
             raise ValueError("export_transformer(mode='pipeline') needs base=<the pipeline folder trained from>")
         family = pipeline_family(base)
-        if type(transformer).__name__ != _TRANSFORMERS[family]:
+        if type(transformer).__name__ != get_family(family).transformer_class:
             raise ValueError(f"base {base} is a {family} pipeline but the transformer is a {type(transformer).__name__}")
         base = Path(base)
         if base.resolve() == out.resolve():
@@ -167,10 +160,10 @@ def load_pipeline(
     if transformer_path is not None:
         tp = Path(transformer_path)
         sub = "transformer" if (tp / "transformer" / "config.json").is_file() else None
-        kwargs["transformer"] = _diffusers_cls(_TRANSFORMERS[family]).from_pretrained(
+        kwargs["transformer"] = get_family(family).cls().from_pretrained(
             tp, subfolder=sub, torch_dtype=td, local_files_only=True
         )
-    pipe = _diffusers_cls(_PIPELINES[family]).from_pretrained(
+    pipe = get_family(family).pipeline_cls().from_pretrained(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )
     if lora_path is not None:

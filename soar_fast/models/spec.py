@@ -43,6 +43,8 @@ class ModelFamily:
     """`forward_flops(model, latent_h, latent_w, text_len)`: FLOPs of one forward of one sample."""
     latent_channels: Callable[[Any], int]
     """Channels of the (unpacked) latents the model takes, from its config."""
+    pipeline_class: str = ""
+    """The diffusers pipeline class of the family (`soar-fast sample`, exports)."""
 
     def cls(self) -> type[nn.Module]:
         import diffusers
@@ -67,6 +69,11 @@ class ModelFamily:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             return make()
+
+    def pipeline_cls(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     def from_pretrained(self, path: str | Path, subfolder: str | None = None, **kwargs: Any) -> nn.Module:
         """The transformer of a local diffusers folder (local files only)."""
@@ -97,7 +104,8 @@ def _sd3() -> ModelFamily:
 
     return ModelFamily(name="sd3", transformer_class="SD3Transformer2DModel", presets=SD3_PRESETS,
                        velocity=SD3VelocityFn, block_attrs=("transformer_blocks",),
-                       forward_flops=sd3_forward_flops, latent_channels=lambda c: c.in_channels)
+                       forward_flops=sd3_forward_flops, latent_channels=lambda c: c.in_channels,
+                       pipeline_class="StableDiffusion3Pipeline")
 
 
 def _flux() -> ModelFamily:
@@ -106,7 +114,8 @@ def _flux() -> ModelFamily:
 
     return ModelFamily(name="flux", transformer_class="FluxTransformer2DModel", presets=FLUX_PRESETS,
                        velocity=FluxVelocityFn, block_attrs=("transformer_blocks", "single_transformer_blocks"),
-                       forward_flops=flux_forward_flops, latent_channels=lambda c: c.in_channels // 4)
+                       forward_flops=flux_forward_flops, latent_channels=lambda c: c.in_channels // 4,
+                       pipeline_class="FluxPipeline")
 
 
 FAMILIES: dict[str, ModelFamily] = {"sd3": _sd3(), "flux": _flux()}
