@@ -303,6 +303,12 @@ class RuntimeConfig:
             _fail("runtime.mixed_precision", self.mixed_precision, "choose 'no' or 'bf16'")
         if not _str(self.device):
             _fail("runtime.device", self.device, "need a torch device such as 'cpu'")
+        import torch
+
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            _fail("runtime.device", self.device, "not a torch device: pass cpu, cuda or cuda:N")
         if self.step not in ("eager", "fast"):
             _fail("runtime.step", self.step, "choose 'eager' or 'fast'")
         if self.weight_dtype not in ("fp32", "bf16"):
