@@ -12,6 +12,10 @@ good one with a warning. No RNG state is saved: every draw is keyed by (seed, st
 
 Older formats: a torchrun checkpoint of soar_fast 0.1 (`step_<step>` with `meta.json`, no
 manifest) loads; a single-process `checkpoint-<step>` folder (safetensors) is refused in one line.
+
+Housekeeping (rank 0): `clean_partial_checkpoints` removes the `.tmp-step_*` debris of a write
+that was killed (and puts back a `.old-step_*` whose replacement never landed); the trainer calls
+it at the start and at the end of a run.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from soar_fast.distributed.env import get_rank as _rank
 from soar_fast.distributed.env import get_world_size as _world
 from soar_fast.train.ema import EMA
 
-__all__ = ["CheckpointError", "find_checkpoints", "legacy_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_step", "clean_partial_checkpoints", "find_checkpoints", "legacy_checkpoints",
+           "load_checkpoint", "resolve_resume", "save_checkpoint", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 _STEP = re.compile(r"^step_(\d+)$")
 _LEGACY = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL = re.compile(r"^\.(tmp|old)-step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +87,38 @@ def find_checkpoints(ckpt_root: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP.match(p.name)) and ((p / "state.json").is_file() or (p / "meta.json").is_file())]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a `step_<step>` folder."""
+    m = _STEP.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a step_<step> checkpoint folder")
+    return int(m.group(1))
+
+
+def clean_partial_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Rank 0, with no save in flight: remove the `.tmp-step_*` folders of killed writes; a
+    `.old-step_<s>` (the previous copy of a re-saved step) is put back as `step_<s>` when the new
+    copy never landed, else removed. Returns the paths removed."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.iterdir()):
+        m = _PARTIAL.match(p.name)
+        if m is None or not p.is_dir():
+            continue
+        final = root / f"step_{m.group(2)}"
+        if m.group(1) == "old" and not final.exists() and (p / "state.json").is_file():
+            p.rename(final)
+            log.warning("restored %s from %s (its re-save was interrupted)", final, p.name)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log.info("removed %d leftover temporary checkpoint folder(s) under %s", len(removed), root)
+    return removed
 
 
 def legacy_checkpoints(root: Path) -> list[Path]:

@@ -28,11 +28,12 @@ import torch.distributed as dist
 
 from soar_fast.config import ConfigError, TrainConfig, config_from_dict, save_config_json
 from soar_fast.data import ResumableSampler, build_dataset
-from soar_fast.distributed import cleanup, init_distributed
+from soar_fast.distributed import barrier, cleanup, init_distributed
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.train.build import build_model
 from soar_fast.train.checkpoint import (
+    clean_partial_checkpoints,
     find_checkpoints,
     legacy_checkpoints,
     load_checkpoint,
@@ -112,6 +113,9 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, rt.device)
         self.device = self.env.device
         self.is_main = self.env.rank == 0
+        if self.is_main:  # debris of a checkpoint write that was killed, before anyone looks for checkpoints
+            clean_partial_checkpoints(self.out / "checkpoints")
+        barrier()
         self.family, model = build_model(cfg.model)
         mc = model.config
         channels = self.family.latent_channels(mc)
@@ -314,4 +318,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+            if self.is_main:  # a killed write of an earlier run, or of a peer that failed mid-save
+                with contextlib.suppress(OSError):
+                    clean_partial_checkpoints(self.out / "checkpoints")
             cleanup(self.env)
