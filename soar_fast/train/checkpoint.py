@@ -15,7 +15,9 @@ manifest) loads; a single-process `checkpoint-<step>` folder (safetensors) is re
 
 Housekeeping (rank 0): `clean_partial_checkpoints` removes the `.tmp-step_*` debris of a write
 that was killed (and puts back a `.old-step_*` whose replacement never landed); the trainer calls
-it at the start and at the end of a run.
+it at the start and at the end of a run. `set_aside_checkpoints` renames checkpoints that hold the
+weights of a NaN/inf streak to `nan-step_<step>`, so 'latest' never resumes into the same streak
+(they stay loadable by their folder name).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from soar_fast.distributed.env import get_world_size as _world
 from soar_fast.train.ema import EMA
 
 __all__ = ["CheckpointError", "checkpoint_step", "clean_partial_checkpoints", "find_checkpoints", "legacy_checkpoints",
-           "load_checkpoint", "resolve_resume", "save_checkpoint", "verify_checkpoint"]
+           "load_checkpoint", "resolve_resume", "save_checkpoint", "set_aside_checkpoints", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 _STEP = re.compile(r"^step_(\d+)$")
 _LEGACY = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^\.(tmp|old)-step_(\d+)$")
+SET_ASIDE_PREFIX = "nan-"
 
 
 class CheckpointError(RuntimeError):
@@ -119,6 +122,19 @@ def clean_partial_checkpoints(ckpt_root: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d leftover temporary checkpoint folder(s) under %s", len(removed), root)
     return removed
+
+
+def set_aside_checkpoints(ckpt_root: str | Path, from_step: int) -> list[Path]:
+    """Rank 0: rename every checkpoint of step >= `from_step` to `nan-step_<step>` (replacing an
+    older one of that name), so `find_checkpoints` and 'latest' skip it. Returns the new paths."""
+    moved = []
+    for p in find_checkpoints(ckpt_root):
+        if checkpoint_step(p) >= from_step:
+            dest = p.with_name(SET_ASIDE_PREFIX + p.name)
+            shutil.rmtree(dest, ignore_errors=True)
+            p.rename(dest)
+            moved.append(dest)
+    return moved
 
 
 def legacy_checkpoints(root: Path) -> list[Path]:

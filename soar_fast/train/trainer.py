@@ -33,12 +33,14 @@ from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.train.build import build_model
 from soar_fast.train.checkpoint import (
+    checkpoint_step,
     clean_partial_checkpoints,
     find_checkpoints,
     legacy_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    set_aside_checkpoints,
 )
 from soar_fast.train.export import export_final
 from soar_fast.train.logger import MetricsLogger
@@ -200,10 +202,25 @@ class Trainer:
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d skipped so far, streak %d of %d)",
                             self.step, self.nan_skipped, self.nan_streak, self.cfg.optim.max_nan_streak)
         if self.nan_streak >= self.cfg.optim.max_nan_streak:
-            raise TrainingAborted(
-                f"aborted at step {self.step}: {self.nan_streak} consecutive steps had a NaN/inf loss or gradient; "
-                f"lower --learning_rate, use --mixed_precision no, or check the data (last good checkpoint kept)")
+            raise TrainingAborted(self._nan_abort_message())
         return result
+
+    def _nan_abort_message(self) -> str:
+        """The one line of a NaN/inf abort. Skipped steps leave the weights alone, so every step of the
+        streak ran on the weights of the step before it: resuming from those (same batches, same draws)
+        would fail the same way. Rank 0 sets their checkpoints aside (`nan-step_*`) so that 'latest'
+        resumes from the last weights that still made a finite step."""
+        root = self.out / "checkpoints"
+        suspect = self.step - self.nan_streak  # the step whose weights the whole streak ran on
+        good = [p for p in find_checkpoints(root) if checkpoint_step(p) < suspect]
+        moved = set_aside_checkpoints(root, suspect) if self.is_main else []
+        aside = "".join(f"; set aside {p.name.removeprefix('nan-')} as {p.name} (it holds those weights)" for p in moved)
+        last = f"last good checkpoint {good[0]}" if good else "no good checkpoint yet (a resume starts from step 0)"
+        lr = self.cfg.optim.learning_rate
+        return (f"aborted at step {self.step}: {self.nan_streak} consecutive steps had a NaN/inf loss or gradient "
+                f"on the weights of step {suspect}{aside}; {last}; continue with a lower --learning_rate: "
+                f"`soar-fast train ... --output_dir {self.out} --resume_from_checkpoint latest --learning_rate {lr / 10:g}`"
+                " (or use --mixed_precision no, or check the data)")
 
     # --- checkpoints, grids, final model --------------------------------------------------------------
     def save(self) -> Path:
@@ -213,6 +230,18 @@ class Trainer:
         return save_checkpoint(self.out / "checkpoints", self.step, model=self.model,
                                optimizer=self.step_fn.optimizer, ema=self.step_fn.ema, state=state,
                                lora_rank=self.cfg.model.lora_rank, keep=self.cfg.checkpoint.checkpoints_total_limit)
+
+    def _save_unless_nan(self, last: str | None) -> str | None:
+        """Collective: `save()`, except during a NaN/inf streak (nothing is written: the weights
+        are the ones the streak runs on, and rotating them in would drop an older good checkpoint).
+        Returns the newest checkpoint's path."""
+        if not self.nan_streak:
+            return str(self.save())
+        if self.is_main:
+            log.warning("step %d: no checkpoint during a NaN/inf streak (%d steps); the last good one stays newest",
+                        self.step, self.nan_streak)
+        newest = find_checkpoints(self.out / "checkpoints")
+        return str(newest[0]) if newest else last
 
     def sample_grid(self) -> Path | None:
         """A grid (rows: images per class, columns: classes) from a fixed noise seed; PNG + TensorBoard.
@@ -286,7 +315,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{result.metrics.get('loss', float('nan')):.4f}",
                                         aux=f"{result.metrics.get('aux_loss', 0.0):.4f}", refresh=False)
                 if cfg.checkpoint.checkpointing_steps and self.step % cfg.checkpoint.checkpointing_steps == 0:
-                    result.last_checkpoint = str(self.save())
+                    result.last_checkpoint = self._save_unless_nan(result.last_checkpoint)
                 if lc.validation_steps and self.step % lc.validation_steps == 0 and not stopped:
                     self.sample_grid()
             wall = time.perf_counter() - t0
@@ -294,7 +323,7 @@ class Trainer:
             result.steps_per_s = (self.step - start_step) / max(wall, 1e-9)
             saved_now = result.last_checkpoint is not None and result.last_checkpoint.endswith(f"step_{self.step:08d}")
             if not saved_now and (stopped or cfg.checkpoint.final_checkpoint):
-                result.last_checkpoint = str(self.save())
+                result.last_checkpoint = self._save_unless_nan(result.last_checkpoint)
             if stopped:
                 result.interrupted = True
                 return result
