@@ -73,7 +73,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.checkpoint.resume_from_checkpoint is not None:
         return
     root = out / "checkpoints"
-    ckpts = find_checkpoints(root) or legacy_checkpoints(root)
+    ckpts = find_checkpoints(root) or legacy_checkpoints(root) or sorted(root.glob("nan-step_*"))  # set aside
     if ckpts or (out / "final").exists():
         what = f"{len(ckpts)} checkpoint(s)" if ckpts else "a final model"
         raise ConfigError(f"output_dir {str(out)!r} already holds another run ({what}); pass "

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from soar_fast.config import ConfigError
 from soar_fast.train import Trainer, TrainingAborted
 from soar_fast.train.checkpoint import checkpoint_step, find_checkpoints
 
@@ -89,5 +90,7 @@ def test_a_streak_from_the_first_step_says_there_is_no_good_checkpoint(tmp_path,
     with pytest.raises(TrainingAborted, match=r"no good checkpoint yet \(a resume starts from step 0\)"):
         t.train()
     assert _steps(run) == []  # step 1's blown-up checkpoint is set aside
+    with pytest.raises(ConfigError, match="already holds another run"):  # still another run's folder
+        Trainer(make_cfg(run, steps=3))
     res = Trainer(make_cfg(run, steps=3, checkpoint__resume_from_checkpoint="latest")).train()
     assert res.step == 3 and res.nan_skipped == 0
