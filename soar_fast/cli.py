@@ -39,7 +39,8 @@ USAGE = """usage: soar-fast {cache,train,sample,eval,demo,parity,recipes} [flags
   parity   the same SOAR step through every fast variant vs the eager reference (exit 1 on a failure)
   recipes  list the recipes
 
-`soar-fast <command> --help` explains every flag."""
+`soar-fast <command> --help` explains every flag. An error you can fix is one line
+(`soar-fast: error: ...`, exit 2); `--debug` (or SOAR_FAST_DEBUG=1) shows its traceback."""
 
 TRAIN_EXTRA = """Before the flags below, `train` takes:
   --recipe NAME   start from a recipe ({recipes}); default: the TrainConfig defaults
@@ -313,8 +314,19 @@ COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "sample": _cmd_sample, "ev
             "parity": _cmd_parity, "recipes": _cmd_recipes}
 
 
+def _report(line: str, err: BaseException, code: int = 2) -> int:
+    from soar_fast.errors import format_error
+
+    msg = format_error(line, err)
+    if msg is not None:
+        print(msg, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from soar_fast.errors import debug_requested
+
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -322,18 +334,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         return _fail(f"unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}")
-    from soar_fast.config import ConfigError
-    from soar_fast.train.checkpoint import CheckpointError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from soar_fast.errors import explain
     from soar_fast.train.trainer import TrainingAborted
 
     try:
         return COMMANDS[cmd](rest)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except (UsageError, ConfigError, CheckpointError) as e:
-        return _fail(str(e))
     except TrainingAborted as e:
-        return _fail(str(e), code=3)
+        if debug:
+            raise
+        return _report(str(e), e, code=3)
+    except UsageError as e:
+        if debug:
+            raise
+        return _report(str(e), e)
+    except Exception as e:  # noqa: BLE001 - the one error path: a user's error is one line, a bug a traceback
+        line = explain(e)
+        if line is None or debug:
+            raise
+        return _report(line, e)
+    except CheckpointException as e:  # a BaseException: DCP's wrapper of each rank's error
+        line = explain(e)
+        if line is None or debug:
+            raise
+        return _report(line, e)
 
 
 if __name__ == "__main__":

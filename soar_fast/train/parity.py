@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import soar_fast as sf
-from soar_fast.config import TrainConfig
+from soar_fast.config import ConfigError, TrainConfig
 from soar_fast.distributed import init_distributed, unwrap_name
 from soar_fast.loss.cond import broadcast_uncond
 from soar_fast.models.spec import get_family
@@ -97,7 +97,7 @@ def run_parity(preset: str = "tiny", batch: int = 2, num_aux: int = 3, size: int
     tolerances measure our code, not cuBLAS's reduced-precision mode)."""
     unknown = set(variants) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown parity variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown parity variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
