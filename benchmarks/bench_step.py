@@ -96,8 +96,9 @@ class Bench:
         self.peak = lib.measure_bf16_gemm_tflops(self.device)
         probe = lib.variant_config("c", args.precision, self.shape, args.device)
         mc = self.family.build(args.preset, seed=0, device="meta").config
-        data = build_dataset(probe.data, joint_attention_dim=mc.joint_attention_dim,
-                             pooled_projection_dim=mc.pooled_projection_dim, latent_channels=self.family.latent_channels(mc))
+        text_dim, pooled_dim = self.family.text_dims(mc)
+        data = build_dataset(probe.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
+                             latent_channels=self.family.latent_channels(mc))
         z0, cond, _ = data.batch(torch.arange(args.batch))
         self.z0 = z0.to(self.device)
         self.cond = tuple(t.to(self.device) for t in cond)

@@ -45,3 +45,13 @@ def test_bad_values_raise_one_line_error_naming_the_field(field, value):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         SoarConfig(num_aux=-3)
+
+
+def test_tiny_family_recipes_train_their_family():
+    """`tiny-<family>`: the family's tiny preset on synthetic latents (the families' own tests train them)."""
+    from soar_fast.config import get_recipe
+    from soar_fast.config.recipes import TINY_FAMILIES
+
+    for fam in TINY_FAMILIES:
+        cfg = get_recipe(f"tiny-{fam}")
+        assert (cfg.model.family, cfg.model.preset, cfg.data.source, cfg.recipe) == (fam, "tiny", "synthetic", f"tiny-{fam}")

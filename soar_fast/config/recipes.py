@@ -87,6 +87,31 @@ def tiny() -> TrainConfig:
     )
 
 
+#: Families with a `tiny-<family>` recipe (soar_fast.models.spec: each has a "tiny" preset).
+TINY_FAMILIES = ("sd3", "flux", "flux2", "qwenimage", "zimage")
+
+
+def tiny_family(family: str) -> Callable[[], TrainConfig]:
+    """`tiny-<family>`: the family's tiny real-architecture preset on synthetic latents and text
+    embeddings (sizes from the model), SOAR with 2 auxiliary points, 4 steps: seconds on a CPU."""
+
+    def make() -> TrainConfig:
+        return TrainConfig(
+            recipe=f"tiny-{family}",
+            model=ModelConfig(family=family, preset="tiny"),
+            data=DataConfig(source="synthetic", latent_size=8, prompt_tokens=5, num_samples=16),
+            optim=OptimConfig(learning_rate=1e-3, train_batch_size=2, max_train_steps=4),
+            soar=SoarConfig(num_aux=2, rollout_steps=10, cond_dropout=0.1),
+            checkpoint=CheckpointConfig(checkpointing_steps=2, checkpoints_total_limit=2),
+            logging=LoggingConfig(logging_steps=1, validation_steps=0, validation_images_per_class=0,
+                                  progress_bar=False),
+            runtime=RuntimeConfig(output_dir=f"runs/tiny-{family}", seed=0),
+        )
+
+    make.__doc__ = f"The tiny {family} preset on synthetic latents, SOAR (M = 2), 4 steps: seconds on a CPU."
+    return make
+
+
 def sd35m_soar() -> TrainConfig:
     """SOAR on SD3.5-Medium (SOAR.md reference run); needs --pretrained_model_name_or_path and --data.data_dir.
 
@@ -146,6 +171,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "digits-soar": digits_soar,
     "tiny": tiny,
     "sd35m-soar": sd35m_soar,
+    **{f"tiny-{f}": tiny_family(f) for f in TINY_FAMILIES},
 }
 
 

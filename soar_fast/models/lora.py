@@ -2,7 +2,7 @@
 
 `apply_lora` freezes the base weights and adds adapters (the attention projections by default, as
 diffusers' train_dreambooth_lora_sd3.py does). `save_lora_weights` writes
-`pytorch_lora_weights.safetensors` with `StableDiffusion3Pipeline.save_lora_weights`, including
+`pytorch_lora_weights.safetensors` with the family pipeline's `save_lora_weights`, including
 the adapter metadata (rank, alpha, targets), so `pipe.load_lora_weights(dir)` restores the same
 scaling. `merge_lora` folds the adapters into the base weights for a full `save_pretrained` export.
 """
@@ -114,8 +114,10 @@ def save_lora_weights(transformer: nn.Module, output_dir: str | Path, adapter_na
         raise ValueError(f"{type(transformer).__name__} has no LoRA adapter {adapter_name!r}: apply_lora() it "
                          "first, or export a full fine-tune with export_transformer()")
     layers = {k: v.detach() for k, v in lora_state_dict(transformer, adapter_name).items()}
+    from soar_fast.models.spec import family_of
+
     return save_lora_layers(layers, transformer.peft_config[adapter_name].to_dict(), output_dir,
-                            flux="FluxTransformer2DModel" in {c.__name__ for c in type(transformer).__mro__})
+                            pipeline_class=family_of(transformer).pipeline_class)
 
 
 def peft_to_lora_layers(state: dict, adapter_name: str = "default") -> dict:
@@ -124,15 +126,17 @@ def peft_to_lora_layers(state: dict, adapter_name: str = "default") -> dict:
     return {k.replace(f".{adapter_name}.", "."): v for k, v in state.items() if ".lora_" in k}
 
 
-def save_lora_layers(layers: dict, metadata: dict, output_dir: str | Path, flux: bool = False) -> Path:
+def save_lora_layers(layers: dict, metadata: dict, output_dir: str | Path,
+                     pipeline_class: str = "StableDiffusion3Pipeline") -> Path:
     """`pytorch_lora_weights.safetensors` of adapter tensors (peft layout), fp32, through the
-    pipeline's own `save_lora_weights` (diffusers key prefixes and adapter metadata)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    pipeline's own `save_lora_weights` (diffusers key prefixes and adapter metadata); the
+    pipeline class is the family's (`ModelFamily.pipeline_class`)."""
+    import diffusers
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = {k: v.float().cpu().contiguous() for k, v in layers.items()}
-    pipeline_cls = FluxPipeline if flux else StableDiffusion3Pipeline
+    pipeline_cls = getattr(diffusers, pipeline_class)
     pipeline_cls.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     return out / "pytorch_lora_weights.safetensors"
 

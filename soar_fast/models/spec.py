@@ -45,6 +45,11 @@ class ModelFamily:
     """Channels of the (unpacked) latents the model takes, from its config."""
     pipeline_class: str = ""
     """The diffusers pipeline class of the family (`soar-fast sample`, exports)."""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Module names LoRA adapts by default (`--model.lora_target_modules` overrides)."""
+    text_dims: Callable[[Any], tuple[int, int]] = lambda c: (c.joint_attention_dim, c.pooled_projection_dim)
+    """(width of the per-token text embeddings, width of the pooled embedding; 0: none) the model's
+    condition takes, from its config: the data sources make `(prompt_embeds [N, T, D], pooled [N, P])`."""
 
     def cls(self) -> type[nn.Module]:
         import diffusers
@@ -119,13 +124,27 @@ def _flux() -> ModelFamily:
 
 
 FAMILIES: dict[str, ModelFamily] = {"sd3": _sd3(), "flux": _flux()}
+# Families defined in their own module (`family() -> ModelFamily`), registered when the module is present.
+_MODULES = {"flux2": "soar_fast.models.flux2", "qwenimage": "soar_fast.models.qwenimage",
+            "zimage": "soar_fast.models.zimage", "wan": "soar_fast.models.wan"}
+
+
+def _register_modules() -> None:
+    import importlib
+    import importlib.util
+
+    for name, module in _MODULES.items():
+        if name not in FAMILIES and importlib.util.find_spec(module) is not None:
+            FAMILIES[name] = importlib.import_module(module).family()
 
 
 def family_names() -> list[str]:
+    _register_modules()
     return list(FAMILIES)
 
 
 def get_family(name: str) -> ModelFamily:
+    _register_modules()
     if name not in FAMILIES:
         raise ConfigError(f"model.family={name!r} is invalid: choose one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
@@ -134,6 +153,7 @@ def get_family(name: str) -> ModelFamily:
 def family_of(model: nn.Module) -> ModelFamily:
     """The family of a model, also when FSDP2 has wrapped its class (the MRO keeps the original)."""
     names = {c.__name__ for c in type(model).__mro__}
+    _register_modules()
     for fam in FAMILIES.values():
         if fam.transformer_class in names:
             return fam
@@ -149,6 +169,7 @@ def family_of_folder(path: str | os.PathLike, subfolder: str = "") -> ModelFamil
     except (OSError, json.JSONDecodeError):
         raise ConfigError(f"{str(cfg)!r} is missing or unreadable: pass a diffusers model folder "
                           "(its transformer subfolder holds config.json)") from None
+    _register_modules()
     for fam in FAMILIES.values():
         if fam.transformer_class == cls:
             return fam

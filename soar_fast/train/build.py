@@ -21,16 +21,16 @@ def build_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
     """(family, transformer) of `cfg`; with `cfg.lora_rank >= 1` the base is frozen and only the
     LoRA adapters train."""
     family, model = _build_base_model(cfg)
-    return family, _with_lora(model, cfg)
+    return family, _with_lora(model, cfg, family)
 
 
-def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def _with_lora(model: nn.Module, cfg: ModelConfig, family: ModelFamily) -> nn.Module:
     if not cfg.lora_rank:
         return model
-    from soar_fast.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora
+    from soar_fast.models.lora import LoraSettings, apply_lora
 
     settings = LoraSettings(rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                            target_modules=tuple(cfg.lora_target_modules or DEFAULT_TARGET_MODULES))
+                            target_modules=tuple(cfg.lora_target_modules or family.lora_targets))
     return apply_lora(model, settings)
 
 

@@ -58,10 +58,9 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
     if is_main_process():
         if lora:
             meta = model.peft_config["default"].to_dict()
-            flux = family.name == "flux"
-            save_lora_layers(peft_to_lora_layers(full), meta, tmp, flux=flux)
+            save_lora_layers(peft_to_lora_layers(full), meta, tmp, pipeline_class=family.pipeline_class)
             if ema_full is not None:
-                save_lora_layers(peft_to_lora_layers(ema_full), meta, tmp / "ema", flux=flux)
+                save_lora_layers(peft_to_lora_layers(ema_full), meta, tmp / "ema", pipeline_class=family.pipeline_class)
         else:
             write_diffusers_folder(tmp / "transformer", family, model.config, full)
             if ema_full is not None:

@@ -112,9 +112,9 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_
     mc = base.config
     g = torch.Generator().manual_seed(seed)
     z0 = torch.randn(batch, family.latent_channels(mc), size, size, generator=g).to(dev)
-    cond = (torch.randn(batch, seq, mc.joint_attention_dim, generator=g).to(dev),
-            torch.randn(batch, mc.pooled_projection_dim, generator=g).to(dev))
-    uncond = (torch.zeros(seq, mc.joint_attention_dim, device=dev), torch.zeros(mc.pooled_projection_dim, device=dev))
+    text_dim, pooled_dim = family.text_dims(mc)
+    cond = (torch.randn(batch, seq, text_dim, generator=g).to(dev), torch.randn(batch, pooled_dim, generator=g).to(dev))
+    uncond = (torch.zeros(seq, text_dim, device=dev), torch.zeros(pooled_dim, device=dev))
     soar = sf.SoarConfig(num_aux=num_aux)
     draws = sf.sample_draws(z0, soar, torch.Generator(device=dev).manual_seed(seed + 1))
 

@@ -121,8 +121,9 @@ class Trainer:
         self.family, model = build_model(cfg.model)
         mc = model.config
         channels = self.family.latent_channels(mc)
-        self.dataset = build_dataset(cfg.data, joint_attention_dim=mc.joint_attention_dim,
-                                     pooled_projection_dim=mc.pooled_projection_dim, latent_channels=channels)
+        text_dim, pooled_dim = self.family.text_dims(mc)
+        self.dataset = build_dataset(cfg.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
+                                     latent_channels=channels)
         if tuple(self.dataset.sample_shape)[0] != channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{channels}; pick a matching --model.preset or data.source")
