@@ -55,3 +55,10 @@ def test_tiny_family_recipes_train_their_family():
     for fam in TINY_FAMILIES:
         cfg = get_recipe(f"tiny-{fam}")
         assert (cfg.model.family, cfg.model.preset, cfg.data.source, cfg.recipe) == (fam, "tiny", "synthetic", f"tiny-{fam}")
+
+
+def test_the_config_knows_every_family_the_spec_defines():
+    from soar_fast.config.train import FAMILY_NAMES
+    from soar_fast.models import spec
+
+    assert set(FAMILY_NAMES) == {"sd3", "flux", *spec._MODULES}

@@ -55,13 +55,17 @@ def _str(x: object) -> bool:
     return isinstance(x, str) and len(x) > 0
 
 
+#: The model families soar_fast.models.spec defines (each in its spec or its own module).
+FAMILY_NAMES = ("sd3", "flux", "flux2", "qwenimage", "zimage", "wan")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Which transformer to train: a random-init preset or a local diffusers folder."""
 
     family: str = "sd3"
-    """Model family of a preset (soar_fast.models.spec.FAMILIES: 'sd3', 'flux'); a folder's family
-    is read from its config.json."""
+    """Model family of a preset (`FAMILY_NAMES`, defined in soar_fast.models.spec); a folder's
+    family is read from its config.json."""
     preset: str = "digits"
     """Architecture preset of a randomly initialised transformer of `family` (e.g. SD3_PRESETS)."""
     pretrained_model_name_or_path: Annotated[str | None, _flat("pretrained_model_name_or_path")] = None
@@ -99,8 +103,8 @@ class ModelConfig:
                 _fail("model.lora_target_modules", self.lora_target_modules, "need module names, e.g. to_q to_k to_v to_out.0")
         if not _str(self.preset):
             _fail("model.preset", self.preset, "name a preset, e.g. 'digits'")
-        if self.family not in ("sd3", "flux"):
-            _fail("model.family", self.family, "choose 'sd3' or 'flux'")
+        if self.family not in FAMILY_NAMES:
+            _fail("model.family", self.family, f"choose one of {', '.join(FAMILY_NAMES)}")
         if self.pretrained_model_name_or_path is not None and not _str(self.pretrained_model_name_or_path):
             _fail("model.pretrained_model_name_or_path", self.pretrained_model_name_or_path, "need a folder path or None")
         if not isinstance(self.subfolder, str):
