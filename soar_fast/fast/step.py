@@ -6,16 +6,21 @@ aux-state op (v_corr is never stored), and the per-row losses and dL/dv come fro
 the fused loss op, which recomputes the correction targets from z'. With `micro_chunks > 1` the batch is split into
 sample groups that each run forward and backward alone (same gradient, less activation memory),
 so this function performs the backward pass itself when `backward=True`.
+
+Several rollout paths (`num_rollout_paths` P) make it (1+P·M)B rows, a fixed count: the points of
+samples at u1 = 0 are computed with row coefficient 0 (`point_mask`), so shapes never change with
+the draws. Path 0 goes through the fused aux-state op; paths 1..P-1 are re-noised in torch (fp32).
 """
 
 from __future__ import annotations
 
 import torch
 
-from soar_fast.config import SoarConfig
+from soar_fast.config import ConfigError, SoarConfig
 from soar_fast.fast.profiling import nvtx_range
 from soar_fast.fast.rollout import RolloutEngine
 from soar_fast.loss.cond import Cond, as_tuple, broadcast_uncond, like, repeat_cond, where_cond
+from soar_fast.loss.paths import aux_model_sigma, point_mask, points_per_path, sde_path_states
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn, loss_metrics, rollout_metrics
 from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
@@ -23,9 +28,21 @@ from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
 __all__ = ["batched_soar_step", "row_coefficients"]
 
 
-def row_coefficients(b: int, m: int, config: SoarConfig, device: torch.device) -> torch.Tensor:
-    """c [(1+M)B] with loss = Σ_rows c_row · L_row, for either normalisation of SOAR.md."""
+def row_coefficients(b: int, m: int, config: SoarConfig, device: torch.device,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """c [(1+R)B] with loss = Σ_rows c_row · L_row, for either normalisation of SOAR.md; R = m
+    point rows (P·M with several paths). `mask` `[R, B]` (bool): the points that exist (several
+    paths); the others get c = 0 and the counts are theirs, as device tensors (no host sync)."""
     lam = config.lambda_aux
+    if mask is not None:
+        n = mask.sum().to(torch.float32)
+        if config.normalization == "points":
+            base = (1.0 / (b + lam * n)).expand(b)
+            aux = lam / (b + lam * n) * mask.flatten().float()
+        else:
+            base = torch.full((b,), 1.0 / b, device=mask.device)
+            aux = lam / n.clamp_min(1) * mask.flatten().float()
+        return torch.cat([base.to(device), aux.to(device)]).to(torch.float32)
     if config.normalization == "points":
         base = aux = 1.0 / (b + lam * m * b)
         aux = lam * aux
@@ -54,11 +71,17 @@ def batched_soar_step(
     accumulated micro-batches); `.loss` stays the unscaled SOAR loss."""
     if not backward and micro_chunks != 1:
         raise ValueError("batched_soar_step: micro_chunks > 1 runs backward per chunk; pass backward=True")
+    if config.target_dtype == "model" and z0.dtype in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"SoarConfig.target_dtype='model' with {str(z0.dtype).removeprefix('torch.')} latents "
+                          "is not supported by the batched step (its fused ops form targets in fp32); "
+                          "use the eager reference (runtime.step='eager') or target_dtype='fp32'")
     z0 = z0.float() if z0.dtype != torch.float64 else z0
     compute = z0.dtype
     b = z0.shape[0]
     z1, sigma0, sigma1, sigma_aux = draws.z1.to(compute), draws.sigma0, draws.sigma1, draws.sigma_aux
-    m = sigma_aux.shape[0]
+    m = sigma_aux.shape[0]  # point rows, P·M
+    mp = points_per_path(m, config)  # points per path, M
+    mask = point_mask(draws.u0, config) if m > 0 else None
     uncond_b = broadcast_uncond(uncond, cond, b)
     cond = where_cond(draws.drop, uncond_b, cond)
     s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
@@ -70,13 +93,21 @@ def batched_soar_step(
         with nvtx_range("soar/rollout"):
             v_u, v_c = engine(z_t, sigma0, uncond_b, cond)
         with nvtx_range("soar/aux_states"):
-            z_aux = soar_aux_z(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale,
+            z_aux = soar_aux_z(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[:mp], config.guidance_scale,
                                backend=ops_backend)
-        metrics = rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale)
+            if m > mp:  # paths 1..P-1: one stochastic step each, re-noised in torch (fp32)
+                if draws.sde_noise is None:
+                    raise ValueError(f"draws have {m} point rows for num_aux={mp} but no sde_noise: "
+                                     "draw them with the same SoarConfig (num_rollout_paths)")
+                v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
+                z_sde = sde_path_states(z_t, v_cfg, z1, sigma0, sigma1, sigma_aux[mp:], draws.sde_noise, config)
+                z_aux = torch.cat([z_aux, z_sde.to(z_aux.dtype)])
+        metrics = rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[:mp], config.guidance_scale)
     else:
         z_aux = z0.new_zeros(0, *z0.shape[1:])
 
-    coeff = row_coefficients(b, m, config, z0.device)  # [(1+M)B], rows: base b, then point-major
+    coeff = row_coefficients(b, m, config, z0.device, mask)  # [(1+M)B], rows: base b, then point-major
+    sig_model = aux_model_sigma(sigma_aux, config)  # what the model sees; targets use σ' itself
     row_losses, total = [], z0.new_zeros(())
     for idx in torch.arange(b, device=z0.device).tensor_split(micro_chunks):
         if idx.numel() == 0:
@@ -84,9 +115,9 @@ def batched_soar_step(
         rows = torch.cat([idx] + [b + i * b + idx for i in range(m)])  # this group's rows
         sa = sigma_aux[:, idx]
         z_in = torch.cat([z_t[idx], z_aux.view(m, b, *z0.shape[1:])[:, idx].reshape(-1, *z0.shape[1:])])
-        sig_in = torch.cat([sigma0[idx], sa.reshape(-1)])
+        sig_in = torch.cat([sigma0[idx], sig_model[:, idx].reshape(-1)])
         cond_in = repeat_cond(like(cond, [c[idx] for c in as_tuple(cond)]), 1 + m)
-        w = loss_weight(sig_in, config.weighting)
+        w = loss_weight(torch.cat([sigma0[idx], sa.reshape(-1)]), config.weighting)
         with nvtx_range("soar/forward"):
             v = velocity_fn(z_in, sig_in, cond_in)
         if backward:
@@ -116,5 +147,7 @@ def batched_soar_step(
         for rows, losses in row_losses:
             all_losses[rows] = losses
     base_losses, aux_losses = all_losses[:b], all_losses[b:].view(m, b)
-    metrics = {**loss_metrics(total, base_losses, aux_losses, sigma0), **metrics}
+    if mask is not None:  # points that do not exist read 0, as in the eager reference
+        aux_losses = torch.where(mask, aux_losses, torch.zeros_like(aux_losses))
+    metrics = {**loss_metrics(total, base_losses, aux_losses, sigma0, mask), **metrics}
     return SoarOutput(loss=total, stats=metrics, base_losses=base_losses, aux_losses=aux_losses)

@@ -16,6 +16,15 @@ import torch
 from soar_fast.config import SoarConfig
 from soar_fast.loss.cond import Cond, broadcast_uncond, cat_cond, where_cond
 from soar_fast.loss.draws import SoarDraws, sample_draws
+from soar_fast.loss.paths import (
+    aux_model_sigma,
+    lowp_aux_states,
+    point_count,
+    point_mask,
+    points_per_path,
+    sde_path_states,
+    v_corr_of,
+)
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.ops import soar_aux_states
 
@@ -54,8 +63,17 @@ def soar_loss(
 ) -> SoarOutput:
     """One SOAR step's loss (SOAR.md). `velocity_fn(z, sigma, cond) -> v`; `uncond` is the
     empty-prompt condition of one sample, broadcast over the batch. M = 0 or λ = 0 is SFT."""
-    z0 = z0.float() if z0.dtype != torch.float64 else z0
+    if config.target_dtype == "fp32" or z0.dtype not in (torch.float16, torch.bfloat16):
+        z0 = z0.float() if z0.dtype != torch.float64 else z0
     return soar_loss_from_draws(velocity_fn, z0, cond, uncond, config, sample_draws(z0, config, generator))
+
+
+def target_dtype_of(z0: torch.Tensor, config: SoarConfig) -> torch.dtype:
+    """The dtype the targets are formed in: fp64 for fp64 latents (test oracles), z0's own dtype
+    with `target_dtype="model"` (the release under bf16), else fp32."""
+    if z0.dtype == torch.float64:
+        return torch.float64
+    return z0.dtype if config.target_dtype == "model" else torch.float32
 
 
 def soar_loss_from_draws(
@@ -67,51 +85,79 @@ def soar_loss_from_draws(
     draws: SoarDraws,
     aux_backend: str = "reference",
 ) -> SoarOutput:
-    """The deterministic part of `soar_loss`, given the draws. Targets are formed in fp32."""
-    compute = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    """The deterministic part of `soar_loss`, given the draws. Targets are formed in fp32 (or in
+    z0's dtype with `target_dtype="model"`); losses are accumulated in fp32."""
+    compute = target_dtype_of(z0, config)
+    lowp = compute not in (torch.float32, torch.float64)
     z0 = z0.to(compute)
     b = z0.shape[0]
     z1, sigma0, sigma1, sigma_aux = draws.z1.to(compute), draws.sigma0, draws.sigma1, draws.sigma_aux
-    m = sigma_aux.shape[0]
+    pm = sigma_aux.shape[0]  # P·M rows of points
+    m = points_per_path(pm, config)  # M per path
     uncond_b = broadcast_uncond(uncond, cond, b)
     cond = where_cond(draws.drop, uncond_b, cond)  # conditioning dropout (default off)
+    wdt = compute if lowp else None  # the release weights with σ in the model dtype
 
     # 1. Base (SFT) term at the forward state z_σ0.
     s0 = sigma0.to(compute).view(b, *([1] * (z0.dim() - 1)))
     z_t = (1 - s0) * z0 + s0 * z1
     v_base = velocity_fn(z_t, sigma0, cond)
-    base_losses = _weighted_mse(v_base, z1 - z0, loss_weight(sigma0, config.weighting))
+    base_losses = _weighted_mse(v_base, z1 - z0, loss_weight(sigma0, config.weighting, wdt))
 
-    aux_losses = z0.new_zeros(0, b)
+    aux_losses = z0.new_zeros(0, b, dtype=base_losses.dtype)
     metrics: dict[str, torch.Tensor] = {}
-    if m > 0:
+    mask = point_mask(draws.u0, config) if pm > 0 else None
+    if pm > 0:
         # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights.
         with torch.no_grad():
             v_u, v_c = velocity_fn(
                 torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
             ).chunk(2)
-        # 3-4. Re-noise ẑ toward the same z1 and form v_corr = (z' − z0)/σ' (constants: no grad).
-        z_aux, v_corr = soar_aux_states(
-            z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale, backend=aux_backend
-        )
-        # Auxiliary term: conditional only, at each z'_m.
+            z_aux, v_corr = _aux_states(z0, z1, z_t, v_u, v_c, sigma0, sigma1, sigma_aux, m, draws, config,
+                                        aux_backend, lowp)
+        # Auxiliary term: conditional only, at each z'_m; the model sees `aux_model_sigma` of σ'.
+        sig_model = aux_model_sigma(sigma_aux, config)
         aux = []
-        for i in range(m):
+        for i in range(pm):
             rows = slice(i * b, (i + 1) * b)
-            v_aux = velocity_fn(z_aux[rows], sigma_aux[i], cond)
-            aux.append(_weighted_mse(v_aux, v_corr[rows], loss_weight(sigma_aux[i], config.weighting)))
+            v_aux = velocity_fn(z_aux[rows], sig_model[i], cond)
+            loss_i = _weighted_mse(v_aux, v_corr[rows], loss_weight(sigma_aux[i], config.weighting, wdt))
+            aux.append(loss_i if mask is None else torch.where(mask[i], loss_i, torch.zeros_like(loss_i)))
         aux_losses = torch.stack(aux)
-        metrics.update(rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, config.guidance_scale))
+        zf, z1f = (z0.float(), z1.float()) if lowp else (z0, z1)
+        metrics.update(rollout_metrics(zf, z1f, v_u, v_c, sigma0, sigma1, sigma_aux[:m],
+                                       config.guidance_scale))
 
     # 5. Total: "points" divides by the point count (reference release), "sum" adds two means.
-    lam = config.lambda_aux
+    lam, n = config.lambda_aux, point_count(mask, pm, b)
     if config.normalization == "points":
-        loss = (base_losses.sum() + lam * aux_losses.sum()) / (b + lam * m * b)
+        loss = (base_losses.sum() + lam * aux_losses.sum()) / (b + lam * n)
+    elif mask is None:
+        loss = base_losses.mean() + (lam * aux_losses.mean() if pm > 0 else 0.0)
     else:
-        loss = base_losses.mean() + (lam * aux_losses.mean() if m > 0 else 0.0)
+        loss = base_losses.mean() + lam * aux_losses.sum() / n
 
-    metrics = {**loss_metrics(loss, base_losses, aux_losses, sigma0), **metrics}
+    metrics = {**loss_metrics(loss, base_losses, aux_losses, sigma0, mask), **metrics}
     return SoarOutput(loss=loss, stats=metrics, base_losses=base_losses, aux_losses=aux_losses)
+
+
+def _aux_states(z0, z1, z_t, v_u, v_c, sigma0, sigma1, sigma_aux, m: int, draws: SoarDraws, config: SoarConfig,
+                aux_backend: str, lowp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3-4 for every path (M = m points each): z' and v_corr `[P·M·B, ...]` (constants)."""
+    if lowp:  # the release's arithmetic in the model dtype
+        v_cfg = v_u + config.guidance_scale * (v_c - v_u)
+        z_aux, v_corr = lowp_aux_states(z0, z1, z_t, v_cfg, sigma0, sigma1, sigma_aux[:m])
+    else:  # re-noise ẑ toward the same z1 and form v_corr = (z' − z0)/σ' in fp32 (the op)
+        z_aux, v_corr = soar_aux_states(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[:m], config.guidance_scale,
+                                        backend=aux_backend)
+        v_cfg = v_u.to(z0.dtype) + config.guidance_scale * (v_c.to(z0.dtype) - v_u.to(z0.dtype))
+    if sigma_aux.shape[0] == m:
+        return z_aux, v_corr
+    if draws.sde_noise is None:
+        raise ValueError(f"draws have {sigma_aux.shape[0]} point rows for num_aux={m} but no sde_noise: "
+                         "draw them with the same SoarConfig (num_rollout_paths)")
+    z_sde = sde_path_states(z_t, v_cfg, z1, sigma0, sigma1, sigma_aux[m:], draws.sde_noise, config)
+    return torch.cat([z_aux, z_sde]), torch.cat([v_corr, v_corr_of(z_sde, z0, sigma_aux[m:])])
 
 
 @torch.no_grad()
@@ -131,20 +177,28 @@ def rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux, guidance_scale:
 
 @torch.no_grad()
 def loss_metrics(loss: torch.Tensor, base_losses: torch.Tensor, aux_losses: torch.Tensor,
-                 sigma0: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The logged totals of a step as 0-d device tensors: loss, base and aux means, mean σ0."""
+                 sigma0: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The logged totals of a step as 0-d device tensors: loss, base and aux means (over the
+    points that exist, `mask`), mean σ0."""
     m = aux_losses.shape[0]
     zero = loss.new_zeros(()).detach().float()
-    return {
+    aux = aux_losses.detach().float()
+    aux_mean = aux.mean() if mask is None else aux.sum() / mask.sum().clamp_min(1)
+    out = {
         "loss": loss.detach().float(),
         "base_loss": base_losses.detach().float().mean(),
-        "aux_loss": aux_losses.detach().float().mean() if m > 0 else zero,
+        "aux_loss": aux_mean if m > 0 else zero,
         "sigma0_mean": sigma0.float().mean(),
         "rollout_deviation": zero,  # overwritten by rollout_metrics when there is a rollout
     }
+    if mask is not None:
+        out["aux_points_per_sample"] = mask.float().sum() / max(base_losses.shape[0], 1)
+    return out
 
 
 def _weighted_mse(v: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean over elements of w·(v − target)², in the target's (fp32/fp64) precision."""
-    err = (v.to(target.dtype) - target).flatten(1)
-    return (w.to(target.dtype)[:, None] * err.square()).mean(dim=1)
+    """Per-sample mean over elements of w·(v − target)², in fp32 (fp64 for fp64 targets), whatever
+    precision the target was formed in."""
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
+    err = (v.to(acc) - target.to(acc)).flatten(1)
+    return (w.to(acc)[:, None] * err.square()).mean(dim=1)
