@@ -30,13 +30,17 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return on, [a for a in argv if a != "--debug"]
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def _free(path: str | None) -> str:
     """'; N GB free on <mount of path>' where it can be measured."""
     probe = Path(path or ".").expanduser()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
-        return f" ({shutil.disk_usage(probe).free / 1e9:.1f} GB free there)"
+        return f" ({_size(shutil.disk_usage(probe).free)} free there)"
     except OSError:
         return ""
 
@@ -45,7 +49,10 @@ def _os_error(err: OSError) -> str | None:
     path = err.filename if isinstance(err.filename, str) else None
     where = f" {path!r}" if path else ""
     if err.errno == errno.ENOSPC or (err.errno is None and "No space left" in str(err)):
-        return (f"no space left on the device while writing{where or ' the run folder'}{_free(path) if path else ''}; "
+        need = getattr(err, "needed_bytes", None)
+        need = f", which needs about {_size(need)}" if need else ""
+        return (f"no space left on the device while writing{where or ' the run folder'}{need}"
+                f"{_free(path) if path else ''}; "
                 "free space there, lower "
                 "--checkpoints_total_limit or choose another --output_dir, then rerun with --resume")
     if err.errno in (errno.EACCES, errno.EPERM):

@@ -89,6 +89,9 @@ FRESH_CASES = {
     "eval_missing_run": (lambda t: ["eval"], ["--run_dir"]),
     "cache_missing_args": (lambda t: ["cache"], ["--pretrained_model_name_or_path"]),
     "unknown_command": (lambda t: ["nope"], ["unknown command 'nope'"]),
+    "batch_larger_than_the_data": (lambda t: ["train", "--recipe", "tiny-sd3", "--train_batch_size", "32",
+                                              "--report_to", "none", "--output_dir", str(t / "r")],
+                                   ["larger than the dataset (16 rows)", "--train_batch_size"]),
 }
 
 
@@ -129,7 +132,8 @@ def test_a_really_full_disk_is_one_line(tmp_path, capsys):
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     try:
-        _one_line(capsys, ["train", *TINY, "--output_dir", str(mnt / "run")], "no space left")
+        _one_line(capsys, ["train", *TINY, "--output_dir", str(mnt / "run")], "no space left", "needs about",
+                  "MB free there", ".tmp-step_00000002")
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
@@ -138,7 +142,7 @@ def test_explain_knows_os_errors_and_leaves_bugs_alone(tmp_path):
     assert "permission denied" in explain(PermissionError(errno.EACCES, "Permission denied", "/x/y"))
     assert "'/x/y'" in explain(PermissionError(errno.EACCES, "Permission denied", "/x/y"))
     assert "read-only" in explain(OSError(errno.EROFS, "Read-only file system", "/x"))
-    assert "GB free there" in explain(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt")))
+    assert "B free there" in explain(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt")))
     assert "out of GPU memory" in explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert explain(KeyError("a bug")) is None and explain(RuntimeError("some internal failure")) is None
     assert explain(TypeError("f() missing 1 required positional argument")) is None

@@ -33,6 +33,9 @@ class ResumableSampler:
             raise ValueError("the dataset is empty: add data or pick another data.source")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size * world_size > n:  # a batch would hold some rows twice
+            raise ConfigError(f"the global batch ({batch_size} per rank x {world_size} rank(s)) is larger than the "
+                              f"dataset ({n} rows): lower --train_batch_size or add data")
         self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
         self.rank, self.world_size = rank, world_size
         self.groups = None if groups is None or len(set(groups)) < 2 else torch.as_tensor(groups)

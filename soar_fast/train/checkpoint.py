@@ -22,6 +22,7 @@ weights of a NaN/inf streak to `nan-step_<step>`, so 'latest' never resumes into
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -188,6 +189,34 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, 
     return state
 
 
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint; `needed_bytes` is the checkpoint's size (all ranks)."""
+
+    def __init__(self, path: str, needed_bytes: int):
+        super().__init__(errno.ENOSPC, "No space left on device", path)
+        self.needed_bytes = needed_bytes
+
+
+def _disk_full(err: BaseException) -> bool:
+    failures = getattr(err, "failures", None)
+    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else [err]
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e)
+               or "No space left" in str(e) for e in inner)
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state dict (a DTensor counts its global size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if hasattr(obj, "state_dict"):
+        return _nbytes(obj.state_dict())
+    return 0
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     ema: EMA | None, state: dict[str, Any], lora_rank: int = 0, keep: int = 3) -> Path:
     """Collective: write `step_<step>` atomically, keep the newest `keep`; returns its path.
@@ -198,7 +227,13 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model: nn.Module, optim
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(model, optimizer, ema, bool(lora_rank)), checkpoint_id=str(tmp))
+    state_dict = _state(model, optimizer, ema, bool(lora_rank))
+    try:
+        dcp.save(state_dict, checkpoint_id=str(tmp))
+    except BaseException as err:  # DCP wraps each rank's error in a BaseException
+        if _disk_full(err):
+            raise DiskFullError(str(tmp), _nbytes(state_dict)) from None
+        raise
     _barrier()
     if _rank() == 0:
         meta = {**state, "format_version": FORMAT_VERSION, "step": step, "world_size": _world(),
