@@ -7,6 +7,7 @@ pytest.importorskip("peft")
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -154,3 +155,16 @@ def test_a_head_dim_that_does_not_fit_flux_rope_is_one_line(tmp_path, capsys):
                  "--output_dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model.attention_head_dim 16" in err[0]
+
+
+def test_a_cache_of_another_text_encoder_is_one_line(flux_cache, tmp_path, capsys):
+    """The Flux cache (pooled CLIP width 32) under the SD3 tiny preset (pooled 64): one line."""
+    from soar_fast.cli import main
+
+    cfg, _ = flux_cache
+    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()}
+    assert main(["train", "--model.preset", "tiny", "--data.source", "latents", "--data.data_dir", cfg.output_dir,
+                 "--report_to", "none", "--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text embeddings" in err[0] and "cache the data with this model's pipeline" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()} == before
