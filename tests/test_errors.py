@@ -89,6 +89,8 @@ FRESH_CASES = {
     "eval_missing_run": (lambda t: ["eval"], ["--run_dir"]),
     "cache_missing_args": (lambda t: ["cache"], ["--pretrained_model_name_or_path"]),
     "unknown_command": (lambda t: ["nope"], ["unknown command 'nope'"]),
+    "override_the_family_lacks": (lambda t: ["train", "--recipe", "tiny-zimage", "--model.num_layers", "2",
+                                             "--output_dir", str(t / "r")], ["--model.num_layers does not apply"]),
     "batch_larger_than_the_data": (lambda t: ["train", "--recipe", "tiny-sd3", "--train_batch_size", "32",
                                               "--report_to", "none", "--output_dir", str(t / "r")],
                                    ["larger than the dataset (16 rows)", "--train_batch_size"]),

@@ -50,8 +50,15 @@ def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
         base = family.presets[cfg.preset]
         heads = overrides.get("num_attention_heads", base["num_attention_heads"])
         overrides["caption_projection_dim"] = heads * overrides.get("attention_head_dim", base["attention_head_dim"])
+    import inspect
+
+    accepted = inspect.signature(family.cls().__init__).parameters
+    for name in overrides:
+        if name not in accepted:
+            raise ConfigError(f"--model.{name} does not apply to {family.transformer_class} (model.family="
+                              f"{family.name!r}); leave it unset or pick another --model.preset")
     base = family.presets[cfg.preset]
-    if "axes_dims_rope" in base:  # Flux-style rotary embeddings split the head dim over 3 axes
+    if "axes_dims_rope" in base:  # Flux-style rotary embeddings split the head dim over the position axes
         head, axes = overrides.get("attention_head_dim", base["attention_head_dim"]), tuple(base["axes_dims_rope"])
         if sum(axes) != head:
             raise ConfigError(f"model.attention_head_dim={head} does not fit the {cfg.family} preset {cfg.preset!r}: "
