@@ -303,10 +303,22 @@ def _cmd_parity(argv: Sequence[str]) -> int:
 
 
 def _cmd_recipes(argv: Sequence[str]) -> int:
+    """`soar-fast recipes [--presets]`: the recipes; with --presets also every family's
+    architecture presets and their parameter counts (built on the meta device: no memory, a few
+    seconds for the largest)."""
     from soar_fast.config import RECIPES
 
+    if [a for a in argv if a != "--presets"]:
+        raise UsageError(f"recipes takes only --presets, not {' '.join(a for a in argv if a != '--presets')}")
     for name, fn in sorted(RECIPES.items()):
         print(f"{name:18s} {(fn.__doc__ or '').splitlines()[0]}")
+    if "--presets" in argv:
+        from soar_fast.models.spec import preset_table
+
+        print("\nfamily      preset            parameters  class")
+        for fam, preset, n, cls in preset_table():
+            size = f"{n / 1e9:8.2f} B" if n >= 1e8 else f"{n / 1e6:8.2f} M"
+            print(f"{fam:11s} {preset:17s} {size}  {cls}")
     return 0
 
 

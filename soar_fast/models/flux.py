@@ -25,6 +25,18 @@ FLUX_PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8), guidance_embeds=True,
     ),
+    # black-forest-labs/FLUX.1-dev transformer/config.json (guidance-distilled: guidance_embeds);
+    # FLUX.1-schnell is the same architecture without the guidance embedder.
+    "flux1-dev": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56), guidance_embeds=True,
+    ),
+    "flux1-schnell": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56), guidance_embeds=False,
+    ),
 }
 
 

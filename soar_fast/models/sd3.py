@@ -34,6 +34,13 @@ SD3_PRESETS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
     ),
+    # stabilityai/stable-diffusion-3.5-large's transformer/config.json (38 heads x 64 = 2432 wide,
+    # no dual-attention layers; the same in -large-turbo), as quoted by several public loaders.
+    "sd35-large": dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, caption_projection_dim=2432, joint_attention_dim=4096,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
+    ),
 }
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from soar_fast.config.errors import ConfigError
 
-__all__ = ["FAMILIES", "ModelFamily", "family_names", "family_of", "family_of_folder", "get_family"]
+__all__ = ["FAMILIES", "ModelFamily", "family_names", "family_of", "family_of_folder", "get_family", "preset_table"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,17 @@ def _register_modules() -> None:
 def family_names() -> list[str]:
     _register_modules()
     return list(FAMILIES)
+
+
+def preset_table(families: list[str] | None = None) -> list[tuple[str, str, int, str]]:
+    """(family, preset, parameter count, diffusers class) of every preset, built on the meta device."""
+    rows = []
+    for name in families or family_names():
+        fam = FAMILIES[name] if name in FAMILIES else get_family(name)
+        for preset in fam.presets:
+            model = fam.build(preset, seed=None, device="meta")
+            rows.append((name, preset, sum(p.numel() for p in model.parameters()), fam.transformer_class))
+    return rows
 
 
 def get_family(name: str) -> ModelFamily:

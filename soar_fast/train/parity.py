@@ -177,7 +177,7 @@ def format_table(rows: list[ParityRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="soar-fast parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default="sd3", help="model family (sd3, flux)")
+    p.add_argument("--family", default="sd3", help="model family (sd3, flux, flux2, qwenimage, zimage)")
     p.add_argument("--preset", default="tiny", help="architecture preset of the family (random weights)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--num_aux", type=int, default=3)

@@ -54,3 +54,14 @@ def test_step_flops_ratio():
     f = sd3_forward_flops(model, 8, 8, 5)
     assert family.step_flops(model, 4, 6, 8, 8, 5) == 3 * f * 7 * 4 + 2 * 4 * f
     assert family.step_flops(model, 4, 0, 8, 8, 5) == 3 * f * 4
+
+
+def test_real_presets_have_the_published_sizes():
+    """The real architecture presets against the parameter counts their releases state."""
+    from soar_fast.models.spec import preset_table
+
+    n = {(f, p): count for f, p, count, _ in preset_table(["sd3", "flux"])}
+    assert 2.2e9 < n[("sd3", "sd35-medium")] < 2.3e9  # "2.5B" with the text-side projections counted by Stability
+    assert 8.0e9 < n[("sd3", "sd35-large")] < 8.2e9  # "8B"
+    assert 11.8e9 < n[("flux", "flux1-dev")] < 12.0e9  # "12B"
+    assert n[("flux", "flux1-schnell")] < n[("flux", "flux1-dev")]  # no guidance embedder
