@@ -26,11 +26,12 @@ def _setup(batch, num_aux, paths, size=(4, 4), seed=0, at_clean=(0,), **cfg):
     return model, z0, cond, uncond, config, draws
 
 
-def _check(model, z0, cond, uncond, config, draws, chunks):
+def _check(model, z0, cond, uncond, config, draws, chunks, ops_backend="auto"):
     ref_model = copy.deepcopy(model)
     ref = sf.soar_loss_from_draws(SD3VelocityFn(ref_model), z0, cond, uncond, config, draws)
     ref.loss.backward()
-    out = batched_soar_step(SD3VelocityFn(model), z0, cond, uncond, config, draws, micro_chunks=chunks)
+    out = batched_soar_step(SD3VelocityFn(model), z0, cond, uncond, config, draws, micro_chunks=chunks,
+                            ops_backend=ops_backend)
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
     torch.testing.assert_close(out.base_losses, ref.base_losses.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.aux_losses, ref.aux_losses.detach(), rtol=1e-5, atol=1e-7)
@@ -49,6 +50,17 @@ def test_several_paths_match_the_eager_reference(kind):
     setup = _setup(3, 2, 3, sde_rollout_type=kind)
     ref, _ = _check(*setup, chunks=1)
     assert ref.aux_losses.shape == (6, 3) and (ref.aux_losses[2:, 0] == 0).all()
+
+
+def test_several_paths_through_the_triton_kernels_match_the_eager_reference():
+    """The fused kernels (Triton; its interpreter on CPU) take the P·M point rows, masked ones
+    included (row coefficient 0)."""
+    from soar_fast.ops import resolve_backend
+
+    if resolve_backend("soar_fused_mse", "triton", torch.device("cpu"), torch.float32) != "triton" \
+            and not torch.cuda.is_available():
+        pytest.skip("Triton cannot run here (no CUDA, no interpreter)")
+    _check(*_setup(3, 2, 3, size=(4, 6), sde_rollout_type="cps"), chunks=2, ops_backend="triton")
 
 
 @pytest.mark.parametrize(

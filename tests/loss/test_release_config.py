@@ -68,3 +68,15 @@ def test_bad_values_raise_one_line_error_naming_the_field(field, value):
         SoarConfig(**{field: value})
     msg = str(err.value)
     assert f"SoarConfig.{field}=" in msg and "\n" not in msg
+
+
+def test_reference_release_round_trips_through_a_run_config():
+    import dataclasses
+
+    from soar_fast.config import TrainConfig, config_from_dict, config_to_dict
+
+    cfg = dataclasses.replace(TrainConfig(), soar=SoarConfig.reference_release(num_rollout_paths=3))
+    back = config_from_dict(TrainConfig(), config_to_dict(cfg))
+    assert back.soar == cfg.soar
+    with pytest.raises(ConfigError, match="sde_rollout_type"):
+        config_from_dict(TrainConfig(), {"soar": {"sde_rollout_type": "bogus"}})
