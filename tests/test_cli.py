@@ -148,7 +148,7 @@ def test_missing_model_folder_and_bad_sampling_arguments(run_dir, capsys, tmp_pa
                   str(tmp_path / "no-such-model")], "does not exist", "digits-pretrain")
     assert not (tmp_path / "x" / "config.json").exists()
     _bad(capsys, ["eval", "--run_dir", str(tmp_path / "nowhere")], "no config.json", "--run_dir")
-    _bad(capsys, ["eval", "--run_dir", str(run_dir), "--weights", "ema"], "transformer_ema", "--use_ema")
+    _bad(capsys, ["eval", "--run_dir", str(run_dir), "--weights", "online"], "transformer_online", "--use_ema")
     for cmd in ("eval", "sample"):
         _bad(capsys, [cmd, "--run_dir", str(run_dir), "--num_samples", "0"], "num_samples=0", ">= 1")
         _bad(capsys, [cmd, "--run_dir", str(run_dir), "--guidance_scale", "-1"], "guidance_scale=-1.0", ">= 0")

@@ -16,8 +16,9 @@ class SampleConfig:
 
     run_dir: Annotated[str, _flat("run_dir")]
     """Run folder of `soar-fast train` (holds config.json and final/ or checkpoints/)."""
-    weights: Literal["final", "ema"] = "final"
-    """'final': <run_dir>/final/transformer; 'ema': the EMA weights (<run_dir>/final/transformer_ema)."""
+    weights: Literal["final", "online"] = "final"
+    """'final': <run_dir>/final/transformer (the EMA weights of a --use_ema run); 'online': the last
+    optimizer step's weights of a --use_ema run (<run_dir>/final/transformer_online)."""
     num_samples: Annotated[int, _flat("num_samples")] = 20
     """Images to draw (spread over the classes)."""
     class_label: int | None = None
@@ -43,8 +44,9 @@ class EvalConfig:
 
     run_dir: Annotated[str, _flat("run_dir")]
     """Run folder of `soar-fast train`."""
-    weights: Literal["final", "ema"] = "final"
-    """'final': <run_dir>/final/transformer; 'ema': the EMA weights (<run_dir>/final/transformer_ema)."""
+    weights: Literal["final", "online"] = "final"
+    """'final': <run_dir>/final/transformer (the EMA weights of a --use_ema run); 'online': the last
+    optimizer step's weights of a --use_ema run (<run_dir>/final/transformer_online)."""
     num_samples: Annotated[int, _flat("num_samples")] = 500
     """Generated images for accuracy and Frechet distance (spread evenly over the classes)."""
     num_inference_steps: Annotated[int, _flat("num_inference_steps")] = 40

@@ -29,10 +29,11 @@ def load_run(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Modu
     if not (run / "config.json").is_file():
         raise ConfigError(f"run folder {str(run)!r} has no config.json; pass --run_dir of a `soar-fast train` output_dir")
     cfg = load_config_json(run / "config.json")
-    sub = "transformer_ema" if weights == "ema" else "transformer"
+    sub = "transformer_online" if weights == "online" else "transformer"
     folder = run / "final" / sub
     if not (folder / "config.json").is_file():
-        fix = "train with --use_ema" if weights == "ema" else "let `soar-fast train` finish (or resume it)"
+        fix = ("it exists for --use_ema runs (whose final/transformer holds the EMA weights)" if weights == "online"
+               else "let `soar-fast train` finish (or resume it)")
         raise ConfigError(f"model folder {str(folder)!r} is missing; {fix}")
     model = SD3Transformer2DModel.from_pretrained(str(folder)).eval()
     mc = model.config

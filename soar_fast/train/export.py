@@ -1,16 +1,22 @@
 """The one exporter: the trained transformer as files diffusers loads, at any world size.
 
 Full fine-tune: `final/transformer/` (config.json + diffusion_pytorch_model.safetensors, loadable by
-`<Family>Transformer2DModel.from_pretrained` and the family's pipeline) and, with EMA,
-`final/transformer_ema/`. LoRA: `final/pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(
-final)`) and, with EMA, `final/ema/`. Collective: the shards are gathered to rank 0, which writes
-into a temporary folder and renames it into place.
+`<Family>Transformer2DModel.from_pretrained`); with EMA it holds the EMA weights (the default
+export, what the pipeline loads) and `final/transformer_online/` the last optimizer step's. When
+the run started from a pipeline folder (`model_index.json`), `final/` is a pipeline folder too:
+its `model_index.json` and every other component (text encoders, VAE, scheduler, ...) come from
+the source, hard-linked where the file system allows (no extra disk), copied otherwise, so
+`<Family>Pipeline.from_pretrained(final)` loads the trained model. LoRA:
+`final/pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(final)`) and, with EMA,
+`final/ema/`. Collective: the shards are gathered to rank 0, which writes into a temporary folder
+and renames it into place.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +29,7 @@ from soar_fast.models.lora import peft_to_lora_layers, save_lora_layers
 from soar_fast.models.spec import ModelFamily
 from soar_fast.train.ema import EMA
 
-__all__ = ["export_final", "write_diffusers_folder"]
+__all__ = ["export_final", "link_pipeline_components", "write_diffusers_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +48,38 @@ def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tens
     return out
 
 
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` mirrors `src`: every file hard-linked, or copied where linking fails (another device)."""
+    for f in src.rglob("*"):
+        if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
+def link_pipeline_components(source: str | Path, final: Path, subfolder: str = "transformer") -> bool:
+    """Make `final` a pipeline folder: `model_index.json` and every component but the trained one
+    from `source` (a diffusers pipeline folder). False when `source` is not a pipeline folder."""
+    src = Path(source).expanduser()
+    index = src / "model_index.json"
+    if not index.is_file():
+        return False
+    shutil.copy2(index, final / "model_index.json")
+    for name, spec in json.loads(index.read_text()).items():
+        if name.startswith("_") or name == subfolder or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if (src / name).is_dir():
+            _link_tree(src / name, final / name)
+    return True
+
+
 def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, lora_rank: int,
-                 ema: EMA | None = None) -> Path:
-    """Collective: write `<out_dir>/final` as described above; returns its path."""
+                 ema: EMA | None = None, source: str | Path | None = None) -> Path:
+    """Collective: write `<out_dir>/final` as described above (`source`: the folder the run's model
+    came from, if any); returns its path."""
     out = Path(out_dir)
     final, tmp = out / "final", out / ".tmp-final"
     if is_main_process():
@@ -62,11 +97,14 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
             if ema_full is not None:
                 save_lora_layers(peft_to_lora_layers(ema_full), meta, tmp / "ema", pipeline_class=family.pipeline_class)
         else:
-            write_diffusers_folder(tmp / "transformer", family, model.config, full)
-            if ema_full is not None:
+            online = full
+            if ema_full is not None:  # the EMA weights are the export; the online ones stay beside them
                 dtype = next(iter(full.values())).dtype
-                merged = {**full, **{n: v.to(dtype) for n, v in ema_full.items() if n in full}}
-                write_diffusers_folder(tmp / "transformer_ema", family, model.config, merged)
+                full = {**full, **{n: v.to(dtype) for n, v in ema_full.items() if n in full}}
+                write_diffusers_folder(tmp / "transformer_online", family, model.config, online)
+            write_diffusers_folder(tmp / "transformer", family, model.config, full)
+            if source is not None and link_pipeline_components(source, tmp):
+                log.info("final/ is a %s folder: components linked from %s", family.pipeline_class, source)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -270,9 +270,14 @@ class Trainer:
         return save_png(grid, self.out / "samples" / f"step-{self.step:06d}.png")
 
     def save_final_model(self) -> Path:
-        """Collective: `<output_dir>/final` (transformer folder, or LoRA weights; + EMA), see export.py."""
-        return export_final(self.model, self.family, self.out, lora_rank=self.cfg.model.lora_rank,
-                            ema=self.step_fn.ema)
+        """Collective: `<output_dir>/final` (transformer folder, a pipeline folder when the run started
+        from one, or LoRA weights; EMA the default export), see export.py."""
+        mc = self.cfg.model
+        source = None
+        if mc.pretrained_model_name_or_path and mc.subfolder:  # a pipeline folder's transformer
+            source = mc.pretrained_model_name_or_path
+        return export_final(self.model, self.family, self.out, lora_rank=mc.lora_rank, ema=self.step_fn.ema,
+                            source=source)
 
     # --- the loop --------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -163,7 +163,7 @@ def test_compile_checkpointing_replica_rollout_chunks_and_accumulation_compose(t
     _close(rd, re_, (1, 2, 3), rel=1e-5)
     assert "compile=per_block" in log_d and "activation_checkpointing=True" in log_d
     assert "running the rollout eagerly" in log_d  # cuda_graph falls back on CPU, on its replica
-    assert (tmp_path / "d" / "final" / "transformer_ema" / "config.json").is_file()
+    assert (tmp_path / "d" / "final" / "transformer_online" / "config.json").is_file()
 
 
 def test_sigterm_on_one_rank_saves_one_checkpoint_on_all_and_resumes(tmp_path):

@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 
 import json
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -77,6 +78,13 @@ def test_full_finetune_chain(tiny_sd3_dir, cli_cache, prompt_file, tmp_path):
     assert moved, "two AdamW steps at lr 2e-5 changed no weight"
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, transformer=trained)
     assert pipe.transformer is trained
+    # final/ is a pipeline folder: the trained transformer, the other components linked from the source
+    whole = StableDiffusion3Pipeline.from_pretrained(run / "final", local_files_only=True)
+    assert all(torch.equal(p, trained.get_parameter(n)) for n, p in whole.transformer.named_parameters())
+    vae = run / "final" / "vae" / "diffusion_pytorch_model.safetensors"
+    assert vae.is_file() and vae.stat().st_ino == (tiny_sd3_dir / "vae" / vae.name).stat().st_ino  # linked
+    image = whole(prompt="a red square", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape[-1] == 3 and np.isfinite(image).all()
 
     out = tmp_path / "samples"
     _ok(["sample", "--pipeline", str(tiny_sd3_dir), "--transformer", str(run / "final" / "transformer"),

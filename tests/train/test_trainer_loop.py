@@ -96,18 +96,20 @@ def test_bf16_autocast_trains_with_finite_losses(tmp_path, make_cfg):
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
 
 
-def test_ema_weights_are_saved_beside_the_final_model(tmp_path, make_cfg):
+def test_an_ema_run_exports_the_ema_weights_with_the_online_ones_beside(tmp_path, make_cfg):
     from safetensors.torch import load_file
 
     t = Trainer(make_cfg(tmp_path / "r", steps=3, optim__use_ema=True, optim__ema_decay=0.5, save_final_model=True))
     t.train()
     final = tmp_path / "r" / "final"
-    live = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
-    ema = load_file(str(final / "transformer_ema" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
+    live = load_file(str(final / "transformer_online" / "diffusion_pytorch_model.safetensors"))
     assert live.keys() == ema.keys()
     assert any(not torch.equal(live[k], ema[k]) for k in live)
-    for n, p in t.model.named_parameters():  # the live weights are exported as they are
+    shadow = {n: v.full_tensor() if hasattr(v, "full_tensor") else v for n, v in t.step_fn.ema.shadow.items()}
+    for n, p in t.model.named_parameters():  # the online weights as they are, the EMA as averaged
         assert torch.equal(p.detach().full_tensor(), live[n])
+        assert torch.equal(shadow[n].to(ema[n].dtype), ema[n])
 
 
 def test_the_fast_step_trains_like_the_eager_step(tmp_path, make_cfg):
