@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,36 @@ def load_sd3_transformer(
     return load_transformer(pretrained_model_name_or_path, torch_dtype=torch_dtype, variant=variant)
 
 
+def copy_pipeline_components(base: str | Path, out: str | Path, *, how: Literal["hardlink", "copy", "symlink"] = "hardlink",
+                             skip: str = "transformer") -> bool:
+    """Make `out` a pipeline folder with `base`'s components (model_index.json, VAE, text encoders,
+    tokenizers, scheduler, ...) except `skip` (the trained one): "hardlink" links every file (no
+    extra disk, independent of `base` moving; copies where linking fails, e.g. across devices),
+    "copy" copies, "symlink" links the folders to `base`. False when `base` is not a pipeline folder."""
+    base, out = Path(base).expanduser(), Path(out)
+    if not (base / "model_index.json").is_file():
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.name == skip or item.name.startswith("."):
+            continue
+        if how == "symlink":
+            if not (out / item.name).exists():
+                (out / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+            continue
+        for f in [item] if item.is_file() else [f for f in item.rglob("*") if f.is_file()]:
+            target = out / f.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if how == "hardlink":
+                try:
+                    os.link(f, target)
+                    continue
+                except OSError:
+                    pass
+            shutil.copy2(f, target)
+    return True
+
+
 def export_transformer(
     transformer: nn.Module,
     output_dir: str | Path,
@@ -112,16 +143,7 @@ def export_transformer(
         base = Path(base)
         if base.resolve() == out.resolve():
             raise ValueError(f"output_dir {out} is the base folder; export to a new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in base.iterdir():
-            if item.name == "transformer" or item.name.startswith("."):
-                continue
-            if link_components and not (out / item.name).exists():
-                (out / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
-            elif item.is_dir():
-                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, out / item.name)
+        copy_pipeline_components(base, out, how="symlink" if link_components else "copy")
     elif mode != "transformer":
         raise ValueError(f"mode={mode!r}: choose 'pipeline' or 'transformer'")
     handle = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -26,10 +25,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from soar_fast.distributed.env import barrier, is_main_process
 from soar_fast.models.lora import peft_to_lora_layers, save_lora_layers
+from soar_fast.models.pipeline import copy_pipeline_components
 from soar_fast.models.spec import ModelFamily
 from soar_fast.train.ema import EMA
 
-__all__ = ["export_final", "link_pipeline_components", "write_diffusers_folder"]
+__all__ = ["export_final", "write_diffusers_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +46,6 @@ def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tens
     out = folder / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata={"format": "pt"})
     return out
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """`dst` mirrors `src`: every file hard-linked, or copied where linking fails (another device)."""
-    for f in src.rglob("*"):
-        if f.is_file():
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
-
-
-def link_pipeline_components(source: str | Path, final: Path, subfolder: str = "transformer") -> bool:
-    """Make `final` a pipeline folder: `model_index.json` and every component but the trained one
-    from `source` (a diffusers pipeline folder). False when `source` is not a pipeline folder."""
-    src = Path(source).expanduser()
-    index = src / "model_index.json"
-    if not index.is_file():
-        return False
-    shutil.copy2(index, final / "model_index.json")
-    for name, spec in json.loads(index.read_text()).items():
-        if name.startswith("_") or name == subfolder or not isinstance(spec, list) or spec[0] is None:
-            continue
-        if (src / name).is_dir():
-            _link_tree(src / name, final / name)
-    return True
 
 
 def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, lora_rank: int,
@@ -103,7 +75,7 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
                 full = {**full, **{n: v.to(dtype) for n, v in ema_full.items() if n in full}}
                 write_diffusers_folder(tmp / "transformer_online", family, model.config, online)
             write_diffusers_folder(tmp / "transformer", family, model.config, full)
-            if source is not None and link_pipeline_components(source, tmp):
+            if source is not None and copy_pipeline_components(source, tmp, how="hardlink"):
                 log.info("final/ is a %s folder: components linked from %s", family.pipeline_class, source)
         if final.exists():
             shutil.rmtree(final)
