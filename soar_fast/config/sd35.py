@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FLUX2_PIPELINES",
     "FLUX_PIPELINES",
+    "PIPELINE_FAMILIES",
+    "QWENIMAGE_PIPELINES",
+    "ZIMAGE_PIPELINES",
     "NotAPipelineError",
     "SD3_PIPELINES",
     "check_pipeline_folder",
@@ -21,6 +25,14 @@ __all__ = [
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+ZIMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
+QWENIMAGE_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+FLUX2_PIPELINES = ("Flux2Pipeline",)
+#: The pipeline classes `soar-fast cache` / `sample --pipeline` take, by family (soar_fast.models.spec names).
+PIPELINE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "sd3": SD3_PIPELINES, "flux": FLUX_PIPELINES, "zimage": ZIMAGE_PIPELINES, "qwenimage": QWENIMAGE_PIPELINES,
+    "flux2": FLUX2_PIPELINES,
+}
 
 
 class NotAPipelineError(ValueError):
@@ -87,6 +99,7 @@ def check_pipeline_folder(path: str | Path, expect: tuple[str, ...] = SD3_PIPELI
 
 
 def pipeline_family(path: str | Path) -> str:
-    """'sd3' or 'flux' for a local pipeline folder of either family; `NotAPipelineError` otherwise."""
-    name = check_pipeline_folder(path, SD3_PIPELINES + FLUX_PIPELINES)
-    return "sd3" if name in SD3_PIPELINES else "flux"
+    """The family ('sd3', 'flux', 'zimage', 'qwenimage' or 'flux2') of a local pipeline folder of any
+    of them (from its model_index.json `_class_name`); `NotAPipelineError` otherwise."""
+    name = check_pipeline_folder(path, tuple(n for names in PIPELINE_FAMILIES.values() for n in names))
+    return next(fam for fam, names in PIPELINE_FAMILIES.items() if name in names)

@@ -1,12 +1,12 @@
 """`soar-fast cache`: encode an image-caption folder once with a pipeline's VAE and text encoders.
 
-Works for `StableDiffusion3Pipeline` and `FluxPipeline` folders; the transformer is never loaded.
-Latents are `(vae.encode(x) - shift_factor) * scaling_factor`, as both pipelines expect them,
-stored unpacked `[C, h, w]` (Flux's 2x2 packing happens in `FluxVelocityFn`). Captions go through
-the pipeline's own `encode_prompt` (SD3: CLIP-L + CLIP-G + T5 -> prompt_embeds [L, 4096] and
-pooled [2048]; Flux: T5 -> prompt_embeds [L, 4096] and CLIP-L pooled [768]; Flux's text ids are
-zeros and not stored). The empty prompt is encoded once. The result is a shard folder
-(`soar_fast.data.shards`) that training reads with `make_shard_loader`.
+Works for local StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline and
+Flux2Pipeline folders; the transformer is never loaded. Latents and text embeddings are what the
+family's pipeline computes (`soar_fast.data.encoders`: per-family VAE normalisation, text encoder
+and padding), stored per sample as `(latents [C, h, w], prompt_embeds [L, D], pooled [P])`, P = 0
+for the families without a pooled embedding. The empty prompt is encoded once. The result is a
+shard folder (`soar_fast.data.shards`) that training reads with `make_shard_loader`; index.json
+records the family, so `soar-fast train` on another family's model is refused.
 
 Resuming: the plan (which images go to which shard) is a deterministic function of the sorted
 image list and the settings, summarised by a fingerprint stored in index.json. Re-running with
@@ -29,6 +29,14 @@ import torch
 
 from soar_fast.config import ConfigError
 from soar_fast.config.sd35 import pipeline_family
+from soar_fast.data.encoders import (
+    MASKED_FAMILIES,
+    MAX_SEQUENCE_LENGTH,
+    encode_latents,
+    encode_prompts,
+    latent_info,
+    load_encoders,
+)
 from soar_fast.data.images import (
     ImageFolderConfig,
     ImageRecord,
@@ -51,13 +59,16 @@ class CacheConfig:
     """Inputs and settings of `soar-fast cache`."""
 
     pretrained_model_name_or_path: str
-    """Local diffusers StableDiffusion3Pipeline or FluxPipeline folder (read with local_files_only=True)."""
+    """Local diffusers pipeline folder (read with local_files_only=True): StableDiffusion3Pipeline,
+    FluxPipeline, ZImagePipeline, QwenImagePipeline or Flux2Pipeline."""
     data: ImageFolderConfig
     """The image folder, its captions and the target resolution / buckets."""
     output_dir: str
     """Cache folder to write (index.json + shards)."""
     max_sequence_length: int = 256
-    """T5 tokens per caption (the pipeline's max_sequence_length: SD3 samples with 256, Flux-dev 512)."""
+    """Text tokens per caption (the pipeline's max_sequence_length: SD3 samples with 256, Flux-dev and
+    FLUX.2 512). Z-Image and Qwen-Image prompts are zero-padded to it (see soar_fast.data.encoders):
+    keep it near the longest caption there."""
     batch_size: int = 8
     """Images encoded per forward pass."""
     num_workers: int = 4
@@ -89,8 +100,9 @@ class CacheConfig:
         for name in ("max_sequence_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CacheConfig.{name}={getattr(self, name)} is invalid: need >= 1")
-        if self.max_sequence_length > 512:
-            raise ConfigError(f"CacheConfig.max_sequence_length={self.max_sequence_length} is invalid: T5 takes <= 512")
+        if self.max_sequence_length > max(MAX_SEQUENCE_LENGTH.values()):
+            raise ConfigError(f"CacheConfig.max_sequence_length={self.max_sequence_length} is invalid: need <= "
+                              f"{max(MAX_SEQUENCE_LENGTH.values())}")
 
 
 @dataclass
@@ -138,51 +150,14 @@ def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_encoders(cfg: CacheConfig, device: torch.device):  # -> StableDiffusion3Pipeline | FluxPipeline
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    family = pipeline_family(cfg.pretrained_model_name_or_path)
-    cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
-    pipe = cls.from_pretrained(
-        cfg.pretrained_model_name_or_path, transformer=None, local_files_only=True, variant=cfg.variant,
-        torch_dtype=_resolve_dtype(cfg.encoder_dtype, device),
-    )
-    pipe.vae.to(device=device, dtype=_resolve_dtype(cfg.vae_dtype, device))
-    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
-    for m in [pipe.vae, *encoders]:
-        if m is not None:
-            m.to(device).requires_grad_(False).eval()
-    return pipe
-
-
-def _encode_prompts(pipe, captions: list[str], cfg: CacheConfig, device: torch.device):
-    """(prompt_embeds [B, L, D], pooled [B, P]) from the pipeline's own encode_prompt."""
-    if hasattr(pipe, "text_encoder_3"):  # SD3: returns (embeds, neg, pooled, neg_pooled)
-        pe, _, pooled, _ = pipe.encode_prompt(
-            prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-            max_sequence_length=cfg.max_sequence_length,
-        )
-    else:  # Flux: returns (embeds, pooled, text_ids)
-        pe, pooled, _ = pipe.encode_prompt(
-            prompt=captions, prompt_2=None, device=device, max_sequence_length=cfg.max_sequence_length
-        )
-    return pe, pooled
-
-
 @torch.no_grad()
-def _encode_batch(pipe, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig, device: torch.device,
-                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    vae = pipe.vae
-    dist = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
-    lat = dist.sample(generator) if cfg.latent_sampling == "sample" else dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    lat = (lat.float() - shift) * vae.config.scaling_factor
-    if not hasattr(pipe, "text_encoder_3") and (lat.shape[-1] % 2 or lat.shape[-2] % 2):
-        raise ConfigError(f"Flux packs 2x2 latent patches but latents are {tuple(lat.shape[-2:])}: make the "
-                          f"resolution / bucket_step a multiple of {2 * pipe.vae_scale_factor}")
-    pe, pooled = _encode_prompts(pipe, captions, cfg, device)
+def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig,
+                  device: torch.device, generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], list[int]]:
+    lat = encode_latents(pipe, family, pixels, cfg.latent_sampling, generator)
+    pe, pooled, lengths = encode_prompts(pipe, family, captions, cfg.max_sequence_length, device)
     store = getattr(torch, cfg.store_dtype)
-    return {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
+    tensors = {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
+    return tensors, lengths
 
 
 def _load_pixels(r: ImageRecord, center_crop: bool) -> torch.Tensor | BaseException:
@@ -216,12 +191,15 @@ def _load_batches(
 def run_cache(cfg: CacheConfig) -> CacheResult:
     """Encode `cfg.data` into shards at `cfg.output_dir`; resumable. Returns a `CacheResult`.
 
-    Raises `NotAPipelineError` for a folder that is not an SD3 / Flux pipeline, `CaptionError` for a
+    Raises `NotAPipelineError` for a folder that is not a pipeline of a supported family, `CaptionError` for a
     missing caption; corrupt images are skipped and listed in the result and in index.json.
     """
     from tqdm.auto import tqdm
 
     family = pipeline_family(cfg.pretrained_model_name_or_path)
+    if cfg.max_sequence_length > MAX_SEQUENCE_LENGTH[family]:
+        raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
+                          f"pipeline: it takes <= {MAX_SEQUENCE_LENGTH[family]} tokens")
     scan = scan_image_folder(cfg.data)
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
     plan = plan_shards(scan.records, cfg.shard_size)
@@ -242,14 +220,17 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     todo = [i for i in range(len(plan)) if not writer.is_done(i)]
     need_empty = not writer.is_done_empty()
     reused = len(plan) - len(todo)
-    pipe = _load_encoders(cfg, device) if todo or need_empty else None
-    if pipe is not None:
-        vae_cfg = pipe.vae.config
-        writer.index["info"].update(vae_shift_factor=getattr(vae_cfg, "shift_factor", None) or 0.0,
-                                    vae_scaling_factor=vae_cfg.scaling_factor)
+    pipe = None
+    if todo or need_empty:
+        pipe = load_encoders(cfg.pretrained_model_name_or_path, family, device=device, variant=cfg.variant,
+                             encoder_dtype=_resolve_dtype(cfg.encoder_dtype, device),
+                             vae_dtype=_resolve_dtype(cfg.vae_dtype, device))
+        writer.index["info"].update(latent_info(pipe, family))
     if need_empty:
         with torch.no_grad():
-            pe, pooled = _encode_prompts(pipe, [""], cfg, device)
+            pe, pooled, lengths = encode_prompts(pipe, family, [""], cfg.max_sequence_length, device)
+        if family in MASKED_FAMILIES:  # valid tokens of the empty prompt (the rest are zero padding)
+            writer.index["info"]["empty_prompt_length"] = lengths[0]
         store = getattr(torch, cfg.store_dtype)
         writer.write_empty_prompt(pe[0].to(store).cpu(), pooled[0].to(store).cpu())
 
@@ -260,7 +241,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         for i in todo:
             gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
             parts: list[dict[str, torch.Tensor]] = []
-            captions, sources, shard_skipped = [], [], []
+            captions, sources, shard_skipped, lengths = [], [], [], []
             for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool):
                 batch_px, batch_caps = [], []
                 for r, px in batch:
@@ -271,14 +252,18 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                     batch_caps.append(r.caption)
                     sources.append(r.path)
                 if batch_px:
-                    parts.append(_encode_batch(pipe, torch.stack(batch_px), batch_caps, cfg, device, gen))
+                    tensors, batch_lengths = _encode_batch(pipe, family, torch.stack(batch_px), batch_caps, cfg,
+                                                           device, gen)
+                    parts.append(tensors)
                     captions += batch_caps
+                    lengths += batch_lengths
                 bar.update(len(batch))
             if not parts:
                 skipped += shard_skipped
                 continue
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            writer.write_shard(i, tensors, captions, sources, shard_skipped)
+            extra = {"prompt_lengths": lengths} if family in MASKED_FAMILIES else None
+            writer.write_shard(i, tensors, captions, sources, shard_skipped, extra_meta=extra)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -157,14 +157,16 @@ class ShardWriter:
 
     def write_shard(
         self, i: int, tensors: dict[str, torch.Tensor], captions: Sequence[str], sources: Sequence[str],
-        skipped: Sequence[dict[str, str]] = (),
+        skipped: Sequence[dict[str, str]] = (), extra_meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write shard i (`tensors` with the names of TENSOR_NAMES, batched on dim 0) and record it."""
+        """Write shard i (`tensors` with the names of TENSOR_NAMES, batched on dim 0) and record it.
+        `extra_meta`: more per-shard metadata (JSON values), e.g. `prompt_lengths` (one int a sample)."""
         if set(tensors) != set(TENSOR_NAMES) or {v.shape[0] for v in tensors.values()} != {len(captions)}:
             raise ValueError(f"shard {i}: need {TENSOR_NAMES} with one batch size matching captions, got "
                              f"{ {k: tuple(v.shape) for k, v in tensors.items()} } and {len(captions)} captions")
         name = self.shard_name(i)
         meta = {"captions": json.dumps(list(captions)), "sources": json.dumps(list(sources))}
+        meta.update({k: json.dumps(v) for k, v in (extra_meta or {}).items()})
         digest = _save_atomic(tensors, self.dir / name, meta)
         entry = {"id": i, "file": name, "num_samples": len(captions), "tensors": _tensor_info(tensors),
                  "sha256": digest, "skipped": list(skipped)}
@@ -286,6 +288,14 @@ class ShardDataset(torch.utils.data.Dataset):
         """The image file sample i was encoded from."""
         si, r = self.locate[i]
         return self._meta(si, "sources")[r]
+
+    def prompt_length(self, i: int) -> int | None:
+        """Valid tokens of sample i's prompt_embeds (the rest is zero padding), for the caches that
+        record them (Z-Image, Qwen-Image: `soar_fast.data.encoders`); None otherwise."""
+        si, r = self.locate[i]
+        if "prompt_lengths" not in (self._handle(si).metadata() or {}):
+            return None
+        return int(self._meta(si, "prompt_lengths")[r])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         si, r = self.locate[i]

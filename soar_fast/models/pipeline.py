@@ -1,10 +1,11 @@
-"""Local pipeline folders (SD3 / SD3.5, and Flux): load the transformer, export, sample grids.
+"""Local pipeline folders of every image family (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image, FLUX.2):
+load the transformer, export, sample grids.
 
-- `load_sd3_transformer(path)` / `load_transformer(path)`: the `SD3Transformer2DModel` (or, for a
-  FluxPipeline folder, `FluxTransformer2DModel`) of a local pipeline folder.
+- `load_sd3_transformer(path)` / `load_transformer(path)`: the transformer (`SD3Transformer2DModel`,
+  `FluxTransformer2DModel`, ...: the family's class) of a local pipeline folder.
 - `export_transformer(transformer, out, base=...)`: `save_pretrained` of the trained transformer,
   either alone (`out/transformer`) or as a complete pipeline folder (the other components copied
-  from `base`), so `StableDiffusion3Pipeline.from_pretrained(out)` (or FluxPipeline) loads it.
+  from `base`), so the family's pipeline (`StableDiffusion3Pipeline.from_pretrained(out)`, ...) loads it.
 - `SampleConfig` + `run_sample(cfg)`: `soar-fast sample`, prompts -> PNGs + a grid.
 """
 
@@ -24,7 +25,12 @@ from PIL import Image
 from torch import nn
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import SD3_PIPELINES, check_pipeline_folder, pipeline_family
+from soar_fast.config.sd35 import (
+    PIPELINE_FAMILIES,
+    SD3_PIPELINES,
+    check_pipeline_folder,
+    pipeline_family,
+)
 from soar_fast.models.spec import get_family
 
 __all__ = [
@@ -58,7 +64,7 @@ def _device(name: str) -> torch.device:
 def load_transformer(
     pretrained_model_name_or_path: str | Path, *, torch_dtype: torch.dtype = torch.float32, variant: str | None = None
 ) -> nn.Module:
-    """The transformer of a local StableDiffusion3Pipeline or FluxPipeline folder (local files only).
+    """The transformer of a local pipeline folder of any supported family (local files only).
 
     Raises `NotAPipelineError` for any other folder.
     """
@@ -172,8 +178,8 @@ def load_pipeline(
     device: str = "auto",
     dtype: str = "auto",
     variant: str | None = None,
-):  # -> StableDiffusion3Pipeline | FluxPipeline
-    """The pipeline of a local SD3 or Flux folder, optionally with another transformer (a folder
+):  # -> StableDiffusion3Pipeline | FluxPipeline | ZImagePipeline | QwenImagePipeline | Flux2Pipeline
+    """The pipeline of a local folder of any supported family, optionally with another transformer (a folder
     holding `transformer/` or the transformer's own folder) and a LoRA folder or file."""
     family = pipeline_family(pretrained_model_name_or_path)
     dev = _device(device)
@@ -244,7 +250,8 @@ class SampleConfig:
     """Inputs and settings of `soar-fast sample`."""
 
     pretrained_model_name_or_path: str
-    """Local StableDiffusion3Pipeline (or FluxPipeline) folder, a base checkpoint or an exported one."""
+    """Local pipeline folder (StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline or
+    Flux2Pipeline), a base checkpoint or an exported one."""
     output_dir: str
     """Where the PNGs, grid.png and prompts.json go."""
     prompts: list[str] = field(default_factory=list)
@@ -260,8 +267,10 @@ class SampleConfig:
     num_inference_steps: int = 40
     """Sampler steps (the SOAR evaluation setting)."""
     guidance_scale: float = 4.5
-    """Classifier-free guidance (the SOAR evaluation setting). For Flux-dev this is the pipeline's
-    distilled-guidance embedding (3.5 there), not CFG."""
+    """Classifier-free guidance (the SOAR evaluation setting), as the family's pipeline takes it: SD3
+    `guidance_scale`; Qwen-Image `true_cfg_scale` (against `negative_prompt`); Z-Image its
+    `guidance_scale` g, whose `pos + g·(pos - neg)` is SOAR's scale g + 1 (Turbo samples at 0);
+    FLUX.1-dev / FLUX.2-dev the distilled-guidance embedding (3.5 / 4.0 there), not CFG."""
     height: int | None = None
     """Image height; None uses the transformer's default (sample_size x VAE factor)."""
     width: int | None = None
@@ -273,9 +282,9 @@ class SampleConfig:
     seed: int = 0
     """Base seed; image k of prompt i uses seed + i * images_per_prompt + k, whatever the batching."""
     max_sequence_length: int = 256
-    """T5 tokens per prompt."""
+    """Text tokens per prompt."""
     negative_prompt: str = ""
-    """Negative prompt of CFG (SOAR's uncond is the empty prompt); SD3 only."""
+    """Negative prompt of CFG (SOAR's uncond is the empty prompt); SD3, Z-Image and Qwen-Image."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -303,6 +312,17 @@ class SampleResult:
     images: list[Image.Image]
 
 
+def _guidance_kwargs(pipe, cfg: SampleConfig, n: int) -> dict[str, Any]:
+    """The guidance arguments of the pipeline's family for `cfg.guidance_scale` (see its docstring)."""
+    family = next((f for f, names in PIPELINE_FAMILIES.items() if type(pipe).__name__ in names), "sd3")
+    negative = {"negative_prompt": [cfg.negative_prompt] * n}
+    if family == "qwenimage":  # not guidance-distilled: true CFG; guidance_scale is for distilled checkpoints
+        return {"true_cfg_scale": cfg.guidance_scale, "guidance_scale": None, **negative}
+    if family in ("sd3", "zimage"):
+        return {"guidance_scale": cfg.guidance_scale, **negative}
+    return {"guidance_scale": cfg.guidance_scale}
+
+
 def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Image]:
     """Images for `prompts` (prompt-major, `images_per_prompt` each), one generator per image so
     the result does not depend on `batch_size`."""
@@ -313,11 +333,10 @@ def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Ima
         chunk = prompts[s : s + cfg.batch_size]
         gens = [torch.Generator(device=dev).manual_seed(cfg.seed + (s + i) * k + j)
                 for i in range(len(chunk)) for j in range(k)]
-        extra = {"negative_prompt": [cfg.negative_prompt] * len(chunk)} if hasattr(pipe, "text_encoder_3") else {}
         out = pipe(
             prompt=chunk, num_images_per_prompt=k, num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, generator=gens,
-            max_sequence_length=cfg.max_sequence_length, output_type="pil", **extra,
+            height=cfg.height, width=cfg.width, generator=gens, max_sequence_length=cfg.max_sequence_length,
+            output_type="pil", **_guidance_kwargs(pipe, cfg, len(chunk)),
         )
         images += out.images
     return images

@@ -1,0 +1,113 @@
+"""Tiny random pipelines of the newer families (Z-Image, Qwen-Image, FLUX.2), built locally: the
+tokenizers from in-test vocabularies, random text encoders and VAEs (no hub access). Component
+sizes follow diffusers' own pipeline tests (tests/pipelines/{z_image,qwenimage,flux2}), smaller
+where they can be. A module of its own (not conftest) so test modules import it by name."""
+
+from __future__ import annotations
+
+import torch
+
+# A chat template of the Qwen family's form (<|im_start|>role ... <|im_end|>); the pipelines only
+# need apply_chat_template to give a string (Z-Image) or to exist (Qwen-Image formats its own).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's bytes -> printable characters table (the byte-level BPE alphabet of Qwen tokenizers)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer over the 256 byte-level characters (no merges: one token a byte) plus the
+    Qwen special tokens, with a chat template. 259 tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_level_alphabet())}
+    for s in QWEN_SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=QWEN_SPECIALS[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_zimage_pipeline(seed: int = 0):
+    """A tiny random ZImagePipeline: the family's tiny transformer preset (16 latent channels,
+    cap_feat_dim 32), a 2-layer Qwen3 text encoder of width 32, a 4x-downsampling VAE (32 px ->
+    16 x 8 x 8 latents, Z-Image's shift and scaling factors)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    from soar_fast.models.spec import get_family
+
+    tok = qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = get_family("zimage").build("tiny", seed=seed)
+        with torch.no_grad():  # nonzero pad tokens (zeros at init), as diffusers' test does
+            transformer.x_pad_token.normal_()
+            transformer.cap_pad_token.normal_()
+        text_encoder = Qwen3Model(Qwen3Config(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=16, vocab_size=len(tok), max_position_embeddings=512,
+        ))
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1, latent_channels=16, norm_num_groups=1, use_quant_conv=False,
+            use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+        )
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tok, transformer=transformer)
+
+
+def build_tiny_qwenimage_pipeline(seed: int = 0):
+    """A tiny random QwenImagePipeline: a 1-block transformer on 16 latent channels (in_channels 64
+    after 2x2 packing, text width 16), a 2-layer Qwen2.5-VL text encoder of width 16 (vision tower
+    of depth 1, unused by text-only prompts), and an AutoencoderKLQwenImage with z_dim 16, 4x
+    spatial downsampling (32 px -> 16 x 8 x 8) and nontrivial per-channel latents_mean / std."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "num_key_value_heads": 2, "vocab_size": len(tok), "bos_token_id": 256, "eos_token_id": 258,
+                         "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         "rope_theta": 1000000.0},
+            vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                           "out_hidden_size": 16},
+            hidden_size=16, vocab_size=len(tok), bos_token_id=256, eos_token_id=258, vision_start_token_id=len(tok) + 1,
+            vision_end_token_id=len(tok) + 2, vision_token_id=len(tok) + 3, image_token_id=len(tok) + 4,
+            video_token_id=len(tok) + 5,
+        )).eval()
+        g = torch.Generator().manual_seed(seed)
+        vae = AutoencoderKLQwenImage(
+            base_dim=16, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+            latents_mean=(torch.randn(16, generator=g) * 0.1).tolist(),
+            latents_std=(1 + torch.rand(16, generator=g)).tolist(),
+        )
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tok, transformer=transformer)
