@@ -88,18 +88,22 @@ def tiny() -> TrainConfig:
 
 
 #: Families with a `tiny-<family>` recipe (soar_fast.models.spec: each has a "tiny" preset).
-TINY_FAMILIES = ("sd3", "flux", "flux2", "qwenimage", "zimage")
+TINY_FAMILIES = ("sd3", "flux", "flux2", "qwenimage", "zimage", "wan")
+#: Latent frames of a video family's tiny recipe (Wan patches (1, 2, 2): 2 frames of 8x8 = 32 tokens).
+_TINY_FRAMES = {"wan": 2}
 
 
 def tiny_family(family: str) -> Callable[[], TrainConfig]:
     """`tiny-<family>`: the family's tiny real-architecture preset on synthetic latents and text
-    embeddings (sizes from the model), SOAR with 2 auxiliary points, 4 steps: seconds on a CPU."""
+    embeddings (sizes from the model; video latents `[C, 2, 8, 8]` for wan), SOAR with 2 auxiliary
+    points, 4 steps: seconds on a CPU."""
 
     def make() -> TrainConfig:
         return TrainConfig(
             recipe=f"tiny-{family}",
             model=ModelConfig(family=family, preset="tiny"),
-            data=DataConfig(source="synthetic", latent_size=8, prompt_tokens=5, num_samples=16),
+            data=DataConfig(source="synthetic", latent_size=8, latent_frames=_TINY_FRAMES.get(family, 0),
+                            prompt_tokens=5, num_samples=16),
             optim=OptimConfig(learning_rate=1e-3, train_batch_size=2, max_train_steps=4),
             soar=SoarConfig(num_aux=2, rollout_steps=10, cond_dropout=0.1),
             checkpoint=CheckpointConfig(checkpointing_steps=2, checkpoints_total_limit=2),

@@ -136,6 +136,9 @@ class DataConfig:
     pretraining and post-training."""
     latent_size: int = 8
     """Latent height and width of the synthetic source (64 is SD3.5 at 512 px)."""
+    latent_frames: int = 0
+    """Latent frames of the synthetic source: 0 = images `[C, S, S]`, >= 1 = video latents
+    `[C, F, S, S]` (video families, e.g. wan: 21 is Wan's 81 frames). Cached latents carry their own."""
     num_samples: int = 64
     """Rows of the synthetic source."""
     verify_shards: bool = True
@@ -149,6 +152,8 @@ class DataConfig:
         for name in ("latent_size", "num_samples"):
             if not _int(getattr(self, name), 1):
                 _fail(f"data.{name}", getattr(self, name), "need an integer >= 1")
+        if not _int(self.latent_frames, 0):
+            _fail("data.latent_frames", self.latent_frames, "need an integer >= 0 (0 = images, e.g. 2 for video)")
         if self.source == "latents" and not self.data_dir:
             _fail("data.data_dir", self.data_dir, "set --data.data_dir to a folder of cached latents")
         if not _int(self.resolution, 8) or self.resolution % 8:

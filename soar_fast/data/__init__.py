@@ -33,5 +33,6 @@ def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projectio
 
         return SyntheticLatents(num_samples=cfg.num_samples, channels=latent_channels, latent_size=cfg.latent_size,
                                 prompt_tokens=cfg.prompt_tokens, joint_attention_dim=joint_attention_dim,
-                                pooled_projection_dim=pooled_projection_dim, seed=cfg.embedding_seed)
+                                pooled_projection_dim=pooled_projection_dim, seed=cfg.embedding_seed,
+                                frames=cfg.latent_frames)
     raise ConfigError(f"data.source={cfg.source!r} is invalid: choose 'digits', 'latents' or 'synthetic'")

@@ -10,15 +10,16 @@ __all__ = ["SyntheticLatents"]
 
 
 class SyntheticLatents:
-    """Row i: z0 `[C, S, S]`, prompt_embeds `[L, D]`, pooled `[P]`, from a generator seeded by
-    (seed, i); the empty prompt is zeros. The `TrainDataset` protocol of soar_fast.data."""
+    """Row i: z0 `[C, S, S]` (or `[C, F, S, S]` with `frames` >= 1: video), prompt_embeds `[L, D]`,
+    pooled `[P]`, from a generator seeded by (seed, i); the empty prompt is zeros. The
+    `TrainDataset` protocol of soar_fast.data."""
 
     num_classes = 0
 
     def __init__(self, *, num_samples: int, channels: int, latent_size: int, prompt_tokens: int,
-                 joint_attention_dim: int, pooled_projection_dim: int, seed: int):
+                 joint_attention_dim: int, pooled_projection_dim: int, seed: int, frames: int = 0):
         self.n, self.seed = num_samples, seed
-        self.shape = (channels, latent_size, latent_size)
+        self.shape = (channels, *((frames,) if frames else ()), latent_size, latent_size)
         self.text = (prompt_tokens, joint_attention_dim)
         self.pooled = pooled_projection_dim
 

@@ -111,7 +111,8 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_
     base = family.build(preset, seed=seed)
     mc = base.config
     g = torch.Generator().manual_seed(seed)
-    z0 = torch.randn(batch, family.latent_channels(mc), size, size, generator=g).to(dev)
+    frames = (2,) if getattr(family.velocity, "latent_ndim", 4) == 5 else ()  # video families: [B, C, 2, S, S]
+    z0 = torch.randn(batch, family.latent_channels(mc), *frames, size, size, generator=g).to(dev)
     text_dim, pooled_dim = family.text_dims(mc)
     cond = (torch.randn(batch, seq, text_dim, generator=g).to(dev), torch.randn(batch, pooled_dim, generator=g).to(dev))
     uncond = (torch.zeros(seq, text_dim, device=dev), torch.zeros(pooled_dim, device=dev))

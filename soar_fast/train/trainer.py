@@ -124,6 +124,12 @@ class Trainer:
         text_dim, pooled_dim = self.family.text_dims(mc)
         self.dataset = build_dataset(cfg.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
                                      latent_channels=channels)
+        video, want = len(self.dataset.sample_shape) == 4, getattr(self.family.velocity, "latent_ndim", 4) == 5
+        if video != want:  # one latent rank per family: [C, F, H, W] video (wan) or [C, H, W] images
+            raise ConfigError(f"the data holds {'video' if video else 'image'} latents {tuple(self.dataset.sample_shape)} "
+                              f"but model.family={self.family.name!r} takes {'video' if want else 'images'}; "
+                              + ("set --data.latent_frames (e.g. 2) or cache videos" if want else
+                                 "drop --data.latent_frames or pick a video family (wan)"))
         if tuple(self.dataset.sample_shape)[0] != channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{channels}; pick a matching --model.preset or data.source")

@@ -1,0 +1,187 @@
+"""Wan 2.1 / 2.2 text-to-video (diffusers `WanTransformer3DModel`, pipeline `WanPipeline`) as a SOAR
+`velocity_fn`, its FLOP formula, its family spec and the Wan 2.2 two-expert router.
+
+What differs from SD3 (and is handled here), read off diffusers' WanPipeline.__call__:
+- Latents are video: `[N, C, F, H, W]` (16 channels for Wan 2.1 and Wan 2.2 A14B; the VAE is 4x
+  temporal, 8x spatial). The model patchifies them itself with a Conv3d of patch (1, 2, 2), so
+  F, H and W only need to be multiples of the patch; positions are the model's own 3-axis RoPE.
+- The timestep is the scheduler's `t = 1000σ` itself (`t.expand(N)`, fp32): the model's
+  sinusoidal embedding has no scale, so the adapter passes `1000σ`.
+- The flow direction is SD3's: with FlowMatchEulerDiscreteScheduler the pipeline steps
+  `z + (σ' - σ) v`, and the release's UniPCMultistepScheduler (`prediction_type='flow_prediction'`)
+  takes `x0 = z - σ v`; both mean v = z1 - z0 (noise minus data), SOAR's convention.
+- Text: umT5 hidden states `[N, T, 4096]` (T = 512 with zero padding past each prompt, as
+  `_get_t5_prompt_embeds` pads); no pooled embedding, so `text_dims` is (text_dim, 0) and the data's
+  pooled `[N, 0]` is ignored; no attention mask (the pipeline passes none: the pads are zeros).
+- CFG is true CFG against the negative prompt, `u + g (c - u)`, SOAR's rollout combination.
+- Wan 2.2 A14B has two experts (`transformer` for t >= boundary_ratio·1000, `transformer_2` below;
+  boundary_ratio 0.875 in Wan-AI/Wan2.2-T2V-A14B-Diffusers model_index.json): `WanExperts` holds
+  both and `WanExpertsVelocityFn` sends each row of a batched call to the expert owning its σ.
+- Not handled: image-to-video (`image_dim`, `added_kv_proj_dim`: CLIP image tokens in the cross
+  attention) and Wan 2.2 TI2V-5B's per-token timesteps (`expand_timesteps`; for text-to-video they
+  are all equal, which is what the scalar timestep passed here computes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["WAN_PRESETS", "WanExperts", "WanExpertsVelocityFn", "WanVelocityFn", "family", "wan_forward_flops"]
+
+WAN_PRESETS: dict[str, dict[str, Any]] = {
+    # diffusers' own WanTransformer3DModel test config (tests/models/transformers/
+    # test_models_transformer_wan.py): 2 blocks, 2 heads of 12, 4 latent channels, text width 16.
+    "tiny": dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (the release's t2v_1_3B config:
+    # dim 1536 = 12 x 128, ffn 8960, 30 layers), ~1.42B parameters.
+    "wan2.1-t2v-1.3b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json (t2v_14B: dim 5120 = 40 x 128, ffn
+    # 13824, 40 layers; the class defaults), ~14.3B parameters. Each expert of
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers (transformer/, transformer_2/) has this same config.
+    "wan2.1-t2v-14b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+}
+#: Wan-AI/Wan2.2-T2V-A14B-Diffusers model_index.json: the high-noise expert owns t >= 0.875 · 1000.
+WAN22_BOUNDARY_RATIO = 0.875
+
+
+def _check_video(z: torch.Tensor, patch: tuple[int, ...]) -> None:
+    if z.dim() != 5:
+        raise ValueError(f"Wan takes video latents [N, C, F, H, W], got a {z.dim()}-D tensor {tuple(z.shape)}; "
+                         "set --data.latent_frames (synthetic) or cache videos")
+    if any(s % p for s, p in zip(z.shape[2:], patch)):
+        raise ValueError(f"Wan latents need frames, height and width divisible by its patch {tuple(patch)}, "
+                         f"got {tuple(z.shape[2:])}")
+
+
+class WanVelocityFn:
+    """`velocity_fn(z [N, C, F, H, W], sigma [N], (prompt_embeds [N, T, D], pooled [N, 0])) -> v [N, C, F, H, W]`:
+    one WanPipeline transformer call (the conditional branch), v = z1 - z0."""
+
+    latent_ndim = 5  # the latent rank this adapter takes (the trainer and parity read it)
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        prompt_embeds = cond[0]  # cond[1], the pooled [N, 0], has no counterpart in Wan
+        _check_video(z, tuple(self.transformer.config.patch_size))
+        dtype = next(self.transformer.parameters()).dtype
+        return self.transformer(
+            hidden_states=z.to(dtype),
+            timestep=sigma.float() * 1000,  # the scheduler's timestep t = 1000σ, as WanPipeline passes it
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            return_dict=False,
+        )[0]
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2's two experts in one module: `high` (WanPipeline's `transformer`) owns σ >= boundary,
+    `low` (`transformer_2`) owns σ < boundary (the pipeline's `t >= boundary_ratio · 1000`).
+
+    `train` picks which experts learn ('both', 'high' or 'low'); the other is frozen
+    (requires_grad False), so its rows still flow through the step but give no gradient.
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary: float = WAN22_BOUNDARY_RATIO,
+                 train: str = "both"):
+        super().__init__()
+        if not 0.0 < boundary < 1.0:
+            raise ValueError(f"the expert boundary σ must lie in (0, 1), got {boundary}")
+        if train not in ("both", "high", "low"):
+            raise ValueError(f"train={train!r}: choose 'both', 'high' or 'low'")
+        self.high, self.low, self.boundary, self.train_experts = high, low, float(boundary), train
+        for name, expert in (("high", high), ("low", low)):
+            if train not in ("both", name):
+                expert.requires_grad_(False)
+
+    @property
+    def config(self):  # the experts share one architecture (the family's sizes come from it)
+        return self.high.config
+
+
+class WanExpertsVelocityFn:
+    """`velocity_fn` of a `WanExperts`: the rows of one batched call (base, rollout and aux points
+    mixed) are split by σ, each expert runs on its own rows, and the outputs are scattered back."""
+
+    latent_ndim = 5
+
+    def __init__(self, experts: WanExperts):
+        self.experts = experts
+        self.high, self.low = WanVelocityFn(experts.high), WanVelocityFn(experts.low)
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        high = sigma >= self.experts.boundary
+        if bool(high.all()):  # one host sync per call: the row split needs the counts anyway
+            return self.high(z, sigma, cond)
+        if not bool(high.any()):
+            return self.low(z, sigma, cond)
+        idx_h, idx_l = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
+        v_h = self.high(z[idx_h], sigma[idx_h], tuple(c[idx_h] for c in cond))
+        v_l = self.low(z[idx_l], sigma[idx_l], tuple(c[idx_l] for c in cond))
+        out = v_h.new_empty((z.shape[0], *v_h.shape[1:]))
+        return out.index_copy(0, idx_h, v_h).index_copy(0, idx_l, v_l.to(v_h.dtype))
+
+
+def _tokens(name: str, n_img: int, n_txt: int) -> int:
+    """Tokens one Linear of a WanTransformer3DModel sees, from its module name."""
+    parts = name.split(".")
+    if parts[0] == "condition_embedder":
+        return n_txt if parts[1] == "text_embedder" else 1  # time_embedder, time_proj: per sample
+    if len(parts) > 3 and parts[2] == "attn2" and parts[3] in ("to_k", "to_v"):
+        return n_txt  # cross-attention keys and values project the text
+    return n_img  # proj_out, attn1.*, attn2.to_q / to_out.0, ffn.*
+
+
+def wan_forward_flops(model: nn.Module, latent_h: int, latent_w: int, text_len: int, frames: int = 1) -> float:
+    """FLOPs of one forward of one sample whose latent is frames x latent_h x latent_w, with
+    text_len text tokens.
+
+        F = 2·N·C·p·d + Σ_linear 2·in·out·T(linear) + L·4·d·(N² + N·N_txt)
+    with N = (F/p_t)(H/p_h)(W/p_w) video tokens, p = p_t·p_h·p_w, d = heads·head_dim: the first
+    term is the Conv3d patch embedding; T = N (attn1.*, attn2.to_q, attn2.to_out.0, ffn.*,
+    proj_out), N_txt (text_embedder.*, attn2.to_k / to_v) or 1 (time_embedder, time_proj). Each
+    block's self attention costs 4·N²·d (QKᵀ plus PV), its cross attention 4·N·N_txt·d. Norms, RoPE,
+    modulation and activations are not GEMM work (as in models/flops.py). T2V only: the I2V image
+    embedder and added K/V projections are not counted.
+    """
+    cfg = model.config
+    p_t, p_h, p_w = cfg.patch_size
+    n = (frames // p_t) * (latent_h // p_h) * (latent_w // p_w)
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    flops = 2.0 * n * cfg.in_channels * math.prod(cfg.patch_size) * d
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            flops += 2.0 * mod.in_features * mod.out_features * _tokens(name, n, text_len)
+    return flops + len(model.blocks) * 4.0 * d * (n * n + n * text_len)
+
+
+def family():  # -> ModelFamily (imported here: spec.py imports this module when registering)
+    """The Wan family spec (registered by soar_fast.models.spec when this module exists)."""
+    from soar_fast.models.spec import ModelFamily
+
+    return ModelFamily(
+        name="wan", transformer_class="WanTransformer3DModel", presets=WAN_PRESETS,
+        velocity=WanVelocityFn, block_attrs=("blocks",),
+        forward_flops=wan_forward_flops, latent_channels=lambda c: c.in_channels,
+        pipeline_class="WanPipeline",
+        # self- and cross-attention projections of every block (attn1.*, attn2.*): the targets of
+        # diffusers' Wan LoRA examples; WanPipeline.load_lora_weights reads them back
+        lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+        text_dims=lambda c: (c.text_dim, 0),
+    )
