@@ -26,7 +26,7 @@ What differs from SD3 (and is handled here), read off diffusers' QwenImagePipeli
   `[B, 3, 1, H, W]`): latents are normalised per channel, `z = (vae.encode(x).latent_dist - mean) /
   std` with `vae.config.latents_mean` / `latents_std` (16 values each), and decoded as
   `z * std + mean` (the pipeline's `latents / (1 / std) + mean`); there is no scaling/shift factor.
-  `soar-fast cache` does not support Qwen-Image yet.
+  `latents_from_vae` / `latents_to_vae` (used by `soar-fast cache`) are exactly the pipelines' forms.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch import nn
 
 from soar_fast.models.flux import pack_latents, unpack_latents
 
-__all__ = ["QWENIMAGE_PRESETS", "QwenImageVelocityFn", "family", "img_shapes", "qwenimage_forward_flops"]
+__all__ = ["QWENIMAGE_PRESETS", "QwenImageVelocityFn", "family", "img_shapes", "latents_from_vae", "latents_to_vae",
+           "qwenimage_forward_flops"]
 
 QWENIMAGE_PRESETS: dict[str, dict[str, Any]] = {
     # diffusers' own QwenImageTransformer2DModel test config (tests/models/transformers/
@@ -93,6 +94,29 @@ class QwenImageVelocityFn:
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+
+def _vae_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents_mean, 1 / latents_std), each `[1, C, 1, 1, 1]`, as the pipelines build them."""
+    c = vae.config
+    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    return mean, inv_std
+
+
+def latents_from_vae(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`AutoencoderKLQwenImage` latents of one frame `[N, C, 1, H, W]` -> the model's normalised
+    latents `[N, C, H, W]`: `(x - mean) * (1 / std)` per channel (QwenImageImg2ImgPipeline._encode_vae_image)."""
+    mean, inv_std = _vae_stats(vae, latents)
+    return ((latents - mean) * inv_std)[:, :, 0]
+
+
+def latents_to_vae(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Inverse of `latents_from_vae`: `[N, C, H, W]` -> `[N, C, 1, H, W]` for `vae.decode`
+    (QwenImagePipeline's `latents / latents_std + latents_mean` with its latents_std = 1 / std)."""
+    z5 = z.unsqueeze(2)
+    mean, inv_std = _vae_stats(vae, z5)
+    return z5 / inv_std + mean
 
 
 def _tokens(name: str, n_img: int, n_txt: int) -> int:
