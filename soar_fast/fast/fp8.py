@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soar_fast.ops.fp8_quant import fp8_quantize_many
+from soar_fast.ops.fp8_quant.reference import EPS, FP8_DTYPE, FP8_MAX
+from soar_fast.ops.fp8_quant.reference import quantize_fp8_reference as quantize_fp8
+
 __all__ = [
     "FP8_DTYPE",
     "Fp8RolloutLinear",
@@ -36,22 +40,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-EPS = 1e-12
-
 
 def has_scaled_mm(device: torch.device) -> bool:
     """True where `torch._scaled_mm` runs FP8 on this device (CUDA compute capability >= 8.9)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def quantize_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] -> (x_fp8 [R, K], scale) with x ≈ x_fp8 · scale; scale is [] or [R, 1], fp32."""
-    x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True) if rowwise else x32.abs().amax()
-    scale = amax.clamp_min(EPS) / FP8_MAX
-    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 class Fp8RolloutLinear(nn.Linear):
@@ -132,47 +124,36 @@ def enable_fp8_rollout(model: nn.Module, rowwise: bool = False) -> int:
 
 
 @torch.no_grad()
-def refresh_fp8_weights(model: nn.Module, group: int = 32) -> None:
-    """Re-quantise every FP8 weight copy from the live weights (once per optimizer step).
+def refresh_fp8_weights(model: nn.Module, backend: str = "auto") -> str:
+    """Re-quantise every FP8 weight copy from the live weights (once per optimizer step), in place
+    (a captured CUDA graph keeps reading the same buffers).
 
-    Per-tensor scales go through multi-tensor (`_foreach`) kernels, `group` weights at a time:
-    one amax pass, then scale, clamp and cast, each one launch per group, with the scaled copy in
-    the weights' own dtype (bounded by `group` weights). For fp32 weights this equals the per-layer
-    `quantize_fp8` bitwise; for bf16 weights the scaling rounds to bf16 before the cast to e4m3, so
-    an element can land one e4m3 step from the fp32 path (a double rounding). On an H200
-    (SD3.5-Medium, 337 layers, 2026-11-26) it took 41.9 ms timed alone, launch-bound like the
-    per-layer version (40.5 ms), but added 18.5 ms to a step against the per-layer 81 ms."""
+    All layers go through `soar_fast.ops.fp8_quant.fp8_quantize_many`: on CUDA (and under
+    TRITON_INTERPRET) 3 Triton launches for every per-tensor-scaled weight of the model, 1 for
+    per-row scales, instead of ~4 per layer (337 layers in SD3.5-Medium, launch-bound: 41.9 ms on
+    an H200, 2026-11-26); elsewhere the reference, layer by layer. Both equal `quantize_fp8` per
+    layer bitwise. Returns the backend that ran."""
     layers = [m for m in model.modules() if isinstance(m, Fp8RolloutLinear)]
-    fused, single = [], []
+    ready = [m for m in layers if m.w_fp8 is not None and m.w_fp8.shape == m.weight.shape
+             and m.w_fp8.device == m.weight.device and m.weight.is_contiguous()]
     for m in layers:
-        grouped = (not m.rowwise and m.w_fp8 is not None and m.w_fp8.shape == m.weight.shape
-                   and m.w_fp8.device == m.weight.device)
-        (fused if grouped else single).append(m)
-    for m in single:
-        m.refresh()  # row-wise scales, or no FP8 copy yet: the per-layer path
-    for i in range(0, len(fused), group):
-        chunk = fused[i : i + group]
-        for dtype in {m.weight.dtype for m in chunk}:
-            same = [m for m in chunk if m.weight.dtype == dtype]
-            try:
-                _refresh_group(same)
-            except RuntimeError as err:  # a multi-tensor op this torch build lacks: per layer
-                log.warning("FP8 refresh: grouped path failed (%s); quantising per layer", str(err).splitlines()[0][:160])
-                for m in same:
-                    m.refresh()
-
-
-def _refresh_group(layers: list[Fp8RolloutLinear]) -> None:
-    weights = [m.weight.detach() for m in layers]
-    amax = torch._foreach_norm(weights, float("inf"))  # fp32 for fp32 weights, else weight dtype
-    scales = [a.float().clamp_min(EPS) / FP8_MAX for a in amax]
-    scaled = torch._foreach_div(weights, [s.to(w.dtype) for s, w in zip(scales, weights)])
-    torch._foreach_clamp_min_(scaled, -FP8_MAX)
-    torch._foreach_clamp_max_(scaled, FP8_MAX)
-    torch._foreach_copy_([m.w_fp8 for m in layers], scaled)  # the cast to e4m3, in place (CUDA graphs)
-    torch._foreach_copy_([m.w_scale for m in layers], scales)
-    for m in layers:
-        m.use_scaled_mm = has_scaled_mm(m.weight.device)
+        if m not in ready:
+            m.refresh()  # no FP8 copy yet (or a new shape): allocates it
+    ran = "reference"
+    for rowwise in (False, True):
+        group = [m for m in ready if m.rowwise == rowwise]
+        if not group:
+            continue
+        try:
+            ran = fp8_quantize_many([m.weight.detach() for m in group], [m.w_fp8 for m in group],
+                                    [m.w_scale for m in group], rowwise=rowwise, backend=backend)
+        except (RuntimeError, ValueError) as err:  # a kernel that does not build here: per layer
+            log.warning("FP8 refresh: fused path failed (%s); quantising per layer", str(err).splitlines()[0][:160])
+            for m in group:
+                m.refresh()
+        for m in group:
+            m.use_scaled_mm = has_scaled_mm(m.weight.device)
+    return ran
 
 
 @contextlib.contextmanager

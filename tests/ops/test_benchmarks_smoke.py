@@ -70,6 +70,9 @@ def test_micro_benchmarks_smoke(tmp_path, native_lib):
     ]:
         for provider in ("torch_eager", "triton", "native"):
             assert (op, provider, mode) in seen, (op, provider, mode)
+    for provider in ("per_layer", "fused"):  # the FP8 rollout's weight refresh
+        for mode in ("tensorwise", "rowwise"):
+            assert ("fp8_refresh", provider, mode) in seen, (provider, mode)
     metrics = {r["metric"] for r in rows}
     assert {
         "time_ms_p20",
