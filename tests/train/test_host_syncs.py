@@ -37,3 +37,19 @@ def test_one_host_sync_per_optimizer_step(tmp_path, make_cfg, step):
     assert result.applied
     assert len(mode.calls) <= 1, mode.calls
     assert all(v.dim() == 0 and isinstance(v, torch.Tensor) for v in result.stats.values())  # not floats
+
+
+@pytest.mark.compile
+def test_the_compiled_micro_step_reads_the_device_zero_times(tmp_path, make_cfg):
+    """The compiled fast step (per-block compile, fused ops, batched (1+M)B pass): a micro-step's
+    forward and backward never read the device; the step's one read is the decision after them."""
+    t = Trainer(make_cfg(tmp_path / "c", steps=3, runtime__step="fast", fast__compile="per_block"))
+    t.train_step()  # compiles, creates AdamW's state
+    from soar_fast.loss import keyed_draws
+
+    z0, cond, idx = t.micro_batches()[0]
+    draws = keyed_draws(z0, t.cfg.soar, seed=0, step=t.step, indices=idx)
+    with _CountSyncs(set()) as mode:
+        out = t.step_fn.micro_step(z0, cond, t.uncond, draws)
+    assert mode.calls == [], mode.calls
+    assert out.loss.dim() == 0 and all(v.dim() == 0 for v in out.stats.values())
