@@ -9,7 +9,8 @@ so this function performs the backward pass itself when `backward=True`.
 
 Several rollout paths (`num_rollout_paths` P) make it (1+P·M)B rows, a fixed count: the points of
 samples at u1 = 0 are computed with row coefficient 0 (`point_mask`), so shapes never change with
-the draws. Path 0 goes through the fused aux-state op; paths 1..P-1 are re-noised in torch (fp32).
+the draws. Path 0 goes through the fused aux-state op, paths 1..P-1 through the fused path-state
+op (their stochastic steps and re-noising in one launch).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from soar_fast.config import ConfigError, SoarConfig
 from soar_fast.fast.profiling import nvtx_range
 from soar_fast.fast.rollout import RolloutEngine
 from soar_fast.loss.cond import Cond, as_tuple, broadcast_uncond, like, repeat_cond, where_cond
-from soar_fast.loss.paths import aux_model_sigma, point_mask, points_per_path, sde_path_states
+from soar_fast.loss.paths import aux_model_sigma, point_mask, points_per_path, sigma_max_value
 from soar_fast.loss.schedule import loss_weight
 from soar_fast.loss.soar import SoarDraws, SoarOutput, VelocityFn, loss_metrics, rollout_metrics
-from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad
+from soar_fast.ops import soar_aux_z, soar_fused_mse, soar_fused_mse_and_grad, soar_path_states
 
 __all__ = ["batched_soar_step", "row_coefficients"]
 
@@ -95,12 +96,13 @@ def batched_soar_step(
         with nvtx_range("soar/aux_states"):
             z_aux = soar_aux_z(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[:mp], config.guidance_scale,
                                backend=ops_backend)
-            if m > mp:  # paths 1..P-1: one stochastic step each, re-noised in torch (fp32)
+            if m > mp:  # paths 1..P-1: one stochastic step each and its points, one fused launch
                 if draws.sde_noise is None:
                     raise ValueError(f"draws have {m} point rows for num_aux={mp} but no sde_noise: "
                                      "draw them with the same SoarConfig (num_rollout_paths)")
-                v_cfg = v_u.to(compute) + config.guidance_scale * (v_c.to(compute) - v_u.to(compute))
-                z_sde = sde_path_states(z_t, v_cfg, z1, sigma0, sigma1, sigma_aux[mp:], draws.sde_noise, config)
+                z_sde = soar_path_states(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[mp:], draws.sde_noise,
+                                         config.guidance_scale, config.sde_rollout_type, config.sde_noise_scale,
+                                         sigma_max_value(config.shift), backend=ops_backend)
                 z_aux = torch.cat([z_aux, z_sde.to(z_aux.dtype)])
         metrics = rollout_metrics(z0, z1, v_u, v_c, sigma0, sigma1, sigma_aux[:mp], config.guidance_scale)
     else:

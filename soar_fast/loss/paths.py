@@ -1,6 +1,7 @@
 """Several rollout paths and the release's aux timestep (SOAR.md, "What the public reference
 release does"): the stochastic one-step rollouts of paths 1..P-1, the re-noising of any path's ẑ,
-which aux points exist, and the sigma the model sees at an aux point.
+which aux points exist, and the sigma the model sees at an aux point. The step formulas
+(`sde_step_moments`) are the spec of the fused path-state op (soar_fast/ops/soar_path_states).
 
 Layout of P paths of M points: `sigma_aux` is `[P·M, B]`, path-major (row p·M + m is point m of
 path p); z' is `[P·M·B, ...]` (row (p·M + m)·B + b), so P = 1 is the contract's point-major layout.
@@ -8,12 +9,11 @@ path p); z' is `[P·M·B, ...]` (row (p·M + m)·B + b), so P = 1 is the contrac
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from soar_fast.config import SoarConfig
 from soar_fast.loss.schedule import release_table_sigma, sigma_table
+from soar_fast.ops.soar_path_states import sde_step_moments, stochastic_step  # the formulas, once
 
 __all__ = ["aux_model_sigma", "lowp_aux_states", "point_count", "point_mask", "points_per_path", "renoise",
            "rollout_paths", "sde_path_states", "sde_step_moments", "sigma_max_value", "stochastic_step", "v_corr_of"]
@@ -26,39 +26,6 @@ def _col(s: torch.Tensor, ndim: int) -> torch.Tensor:
 def sigma_max_value(shift: float) -> float:
     """σ used in place of σ0 = 1 in flow_sde's 1/(1 − σ0): the scheduler table's second entry."""
     return float(sigma_table(shift)[1])
-
-
-def sde_step_moments(z: torch.Tensor, v: torch.Tensor, sigma_curr: torch.Tensor, sigma_next: torch.Tensor,
-                     kind: str, scale: float, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean `[B, ...]`, noise coefficient `[B, 1, ...]`) of one stochastic step from z (at σ_curr)
-    with velocity v to σ_next, in fp32: the step is mean + coefficient·ε, ε ~ N(0, I) per element,
-    so its per-element variance is coefficient². `kind` is SoarConfig.sde_rollout_type."""
-    z, v = z.float(), v.float()
-    sc, sn = _col(sigma_curr.float(), z.dim()), _col(sigma_next.float(), z.dim())
-    dt = sn - sc
-    if kind == "simple":  # Euler step plus additive noise of variance scale²·|dt|
-        return z + v * dt, scale * dt.abs().sqrt()
-    if kind == "sde":  # predicted x0, re-noised with fresh noise at σ_next
-        return (1.0 - sn) * (z - sc * v), sn
-    if kind == "flow_sde":  # flow-GRPO reverse SDE, std_t = scale·sqrt(σ/(1 − σ)) (σ = 1 read as σ_max)
-        safe = torch.where(sc == 1, torch.full_like(sc, sigma_max), sc)
-        std = (sc / (1 - safe)).sqrt() * scale
-        mean = z * (1 + (std.square() / (2 * sc)) * dt)
-        mean = mean + v * (1 + (std.square() * (1 - sc) / (2 * sc))) * dt
-        return mean, std * (-dt).clamp_min(0.0).sqrt()
-    if kind == "cps":  # coefficients-preserving: x0 and the noise estimate, std = σ_next·sin(scale·π/2)
-        std = sn * math.sin(scale * math.pi / 2)
-        x0, eps = z - sc * v, z + v * (1 - sc)
-        mean = x0 * (1 - sn) + eps * (sn.square() - std.square()).clamp_min(0.0).sqrt()
-        return mean, std
-    raise ValueError(f"unknown sde_rollout_type {kind!r}: choose simple, sde, flow_sde or cps")
-
-
-def stochastic_step(z: torch.Tensor, v: torch.Tensor, sigma_curr: torch.Tensor, sigma_next: torch.Tensor,
-                    noise: torch.Tensor, kind: str, scale: float, sigma_max: float) -> torch.Tensor:
-    """One stochastic step `[B, ...]` fp32 on the given noise ε `[B, ...]` (see `sde_step_moments`)."""
-    mean, coef = sde_step_moments(z, v, sigma_curr, sigma_next, kind, scale, sigma_max)
-    return mean + coef * noise.float()
 
 
 def rollout_paths(z_t: torch.Tensor, v_cfg: torch.Tensor, sigma0: torch.Tensor, sigma1: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Public API: `soar_aux_states` (z', v_corr), `soar_aux_z` (z' only), `soar_fused_mse` (per-row
 SOAR losses with a fused backward), `soar_fused_mse_and_grad` (loss and grad in one pass),
-`resolve_backend`, `SoarFusedMSEFunction`.
+`soar_path_states` (z' of the stochastic rollout paths), `resolve_backend`, `SoarFusedMSEFunction`.
 """
 
 from soar_fast.ops.dispatch import (
@@ -12,6 +12,7 @@ from soar_fast.ops.dispatch import (
     soar_aux_z,
     soar_fused_mse,
     soar_fused_mse_and_grad,
+    soar_path_states,
 )
 from soar_fast.ops.soar_mse.op import SoarFusedMSEFunction
 
@@ -23,4 +24,5 @@ __all__ = [
     "soar_aux_z",
     "soar_fused_mse",
     "soar_fused_mse_and_grad",
+    "soar_path_states",
 ]

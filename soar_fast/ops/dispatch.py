@@ -24,6 +24,8 @@ from soar_fast.ops.soar_mse.reference import (
     soar_fused_mse_and_grad_reference,
     soar_fused_mse_reference,
 )
+from soar_fast.ops.soar_path_states.op import path_states_op
+from soar_fast.ops.soar_path_states.reference import SDE_KINDS, soar_path_states_reference
 
 __all__ = [
     "BACKENDS",
@@ -33,6 +35,7 @@ __all__ = [
     "soar_aux_z",
     "soar_fused_mse",
     "soar_fused_mse_and_grad",
+    "soar_path_states",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,44 @@ def soar_aux_z(
     if chosen == "native":
         return torch.ops.soar_fast_native.aux_states_z(*args)
     return soar_aux_states_reference(*args)[0]
+
+
+def soar_path_states(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_cond: torch.Tensor,
+    sigma0: torch.Tensor,
+    sigma1: torch.Tensor,
+    sigma_aux: torch.Tensor,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    kind: str,
+    noise_scale: float,
+    sigma_max: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """z' of the stochastic rollout paths 1..P-1 `[(P-1)*M*B, ...]` (row (p*M + m)*B + b), in one
+    launch: each path's one stochastic step from z_t with v_cfg on its noise, then its M points
+    re-noised toward z1 (soar_fast/ops/soar_path_states/reference.py). z0, z1, v_* `[B, ...]`;
+    sigma0, sigma1 `[B]`; sigma_aux `[(P-1)*M, B]`; noise `[P-1, B, ...]`; `kind` one of simple,
+    sde, flow_sde, cps. In z0's dtype, computed in fp32. No native kernel: "native" runs Triton."""
+    _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux)
+    if kind not in SDE_KINDS:
+        raise ValueError(f"soar_path_states: unknown kind {kind!r}; choose one of {', '.join(SDE_KINDS)}")
+    if noise.shape[1:] != z0.shape or (noise.shape[0] and sigma_aux.shape[0] % noise.shape[0]):
+        raise ValueError(f"soar_path_states: noise has shape {tuple(noise.shape)} for sigma_aux "
+                         f"{tuple(sigma_aux.shape)}, expected (P-1, {', '.join(map(str, z0.shape))}) with "
+                         "(P-1)*M rows of sigma_aux")
+    chosen = resolve_backend("soar_path_states", backend, z0.device, z0.dtype)
+    if chosen == "native":  # this op has no native kernel
+        chosen = "triton" if triton_available() and z0.is_cuda else "reference"
+        _log_once("soar_path_states", chosen, "no native kernel for this op")
+    args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, noise, float(guidance_scale), kind,
+            float(noise_scale), float(sigma_max))
+    if chosen == "triton":
+        return path_states_op(*args)
+    return soar_path_states_reference(*args)
 
 
 def soar_fused_mse(
