@@ -148,3 +148,25 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_flux")
     build_tiny_flux_pipeline().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_dir(tmp_path_factory) -> Path:
+    """A saved tiny ZImagePipeline folder (tests/sd35/family_pipelines.py)."""
+    from family_pipelines import build_tiny_zimage_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_zimage")
+    build_tiny_zimage_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_cache(tiny_zimage_dir, caption_folder, tmp_path_factory) -> Path:
+    """The caption folder cached with `soar-fast cache` and the tiny Z-Image pipeline (32 tokens)."""
+    from soar_fast.cli import main
+
+    out = tmp_path_factory.mktemp("zimage_cache") / "cache"
+    assert main(["cache", "--pretrained_model_name_or_path", str(tiny_zimage_dir), "--data.root", str(caption_folder),
+                 "--data.resolution", "32", "--output_dir", str(out), "--max_sequence_length", "32", "--batch_size",
+                 "4", "--shard_size", "4", "--num_workers", "0", "--no-progress", "--store_dtype", "float32"]) == 0
+    return out

@@ -111,3 +111,65 @@ def build_tiny_qwenimage_pipeline(seed: int = 0):
         )
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                              tokenizer=tok, transformer=transformer)
+
+
+# Mistral's chat form ([SYSTEM_PROMPT] ... [INST] ... [/INST]) over Flux2Pipeline's messages, whose
+# content is a list of {"type": "text", "text": ...} parts.
+MISTRAL_SPECIALS = ["<pad>", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for m in messages %}{% set text = m['content'] | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}[INST]{{ text }}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """A byte-level BPE tokenizer (the Qwen2Tokenizer class, no merges) with Mistral's special tokens
+    and a Mistral-form chat template: what Flux2Pipeline's `tokenizer.apply_chat_template` needs."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_level_alphabet())}
+    for s in MISTRAL_SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<pad>", bos_token="<s>", eos_token="</s>",
+                         pad_token="<pad>", additional_special_tokens=MISTRAL_SPECIALS[3:])
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_flux2_pipeline(seed: int = 0):
+    """A tiny random Flux2Pipeline: the family's tiny transformer preset (16 channels = 4 VAE channels
+    x 2x2 patches, guidance-distilled) with text width 48, a Mistral-3 text encoder of width 16 and
+    30 layers (the pipeline stacks hidden states 10, 20 and 30: 3 x 16 = 48), and an
+    AutoencoderKLFlux2 with 4x downsampling (32 px -> 4 x 8 x 8 -> 16 x 4 x 4) whose batch-norm
+    statistics are set to nontrivial values."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from soar_fast.models.spec import get_family
+
+    tok = mistral_tokenizer()
+    pad, bos, eos = (tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = get_family("flux2").build("tiny", seed=seed, joint_attention_dim=48)
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 37,
+                         "max_position_embeddings": 512, "num_attention_heads": 4, "num_hidden_layers": 30,
+                         "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
+                         "sliding_window": None, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad},
+            vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                           "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, image_seq_length=4, vision_feature_layer=-1,
+            image_token_index=len(tok),
+        ))
+        vae = AutoencoderKLFlux2(
+            sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 4, 4), layers_per_block=1,
+            latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        )
+        with torch.no_grad():
+            vae.bn.running_mean.normal_(0, 0.1)
+            vae.bn.running_var.uniform_(0.5, 2.0)
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                         tokenizer=tok, transformer=transformer)

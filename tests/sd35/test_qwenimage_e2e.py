@@ -121,19 +121,12 @@ def test_full_and_lora_train_export_sample(qwen_dir, qwen_cache, tmp_path):
     assert len(list((tmp_path / "s3").glob("0000*_0.png"))) == 2
 
 
-def test_a_cache_of_another_family_is_one_line(qwen_dir, tmp_path_factory, caption_folder, tmp_path, capsys):
+def test_a_cache_of_another_family_is_one_line(qwen_dir, tiny_zimage_cache, tmp_path, capsys):
     """A Z-Image cache (16 channels as Qwen-Image's here, Qwen3 width 32 vs Qwen2.5-VL 16) under the
-    Qwen-Image folder: one line, naming the fix (and the cache is left as it was)."""
-    from family_pipelines import build_tiny_zimage_pipeline
-
-    zdir = tmp_path_factory.mktemp("zimage_for_qwen")
-    build_tiny_zimage_pipeline().save_pretrained(zdir)
-    zcache = tmp_path / "zcache"
-    _ok(["cache", "--pretrained_model_name_or_path", str(zdir), "--data.root", str(caption_folder),
-         "--data.resolution", "32", "--output_dir", str(zcache), "--max_sequence_length", "32", "--num_workers", "0",
-         "--no-progress"])
+    Qwen-Image folder: one line, naming the fix."""
     rc = main(["train", "--recipe", "tiny-qwenimage", "--pretrained_model_name_or_path", str(qwen_dir),
-               "--data.source", "latents", "--data.data_dir", str(zcache), "--output_dir", str(tmp_path / "r"), *FAST])
+               "--data.source", "latents", "--data.data_dir", str(tiny_zimage_cache), "--output_dir",
+               str(tmp_path / "r"), *FAST])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
     assert rc == 2 and len(err) == 1 and "text embeddings are 32 wide" in err[0]
     assert "cache the data with this model's pipeline" in err[0]

@@ -14,7 +14,6 @@ pytest.importorskip("peft")
 import json
 
 import torch
-from family_pipelines import build_tiny_zimage_pipeline
 from PIL import Image
 
 from soar_fast.cli import main
@@ -34,19 +33,13 @@ def _ok(argv):
 
 
 @pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_zimage")
-    build_tiny_zimage_pipeline().save_pretrained(path)
-    return path
+def zimage_dir(tiny_zimage_dir):
+    return tiny_zimage_dir
 
 
 @pytest.fixture(scope="module")
-def zimage_cache(zimage_dir, caption_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zimage_cache") / "cache"
-    _ok(["cache", "--pretrained_model_name_or_path", str(zimage_dir), "--data.root", str(caption_folder),
-         "--data.resolution", "32", "--output_dir", str(out), "--max_sequence_length", str(L), "--batch_size", "4",
-         "--shard_size", "4", "--num_workers", "0", "--no-progress", "--store_dtype", "float32"])
-    return out
+def zimage_cache(tiny_zimage_cache):  # `soar-fast cache ... --max_sequence_length 32` (conftest.py)
+    return tiny_zimage_cache
 
 
 def _probe(transformer):
