@@ -27,10 +27,12 @@ from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: soar-fast {cache,train,sample,eval,demo,parity,recipes} [flags]
+USAGE = """usage: soar-fast {cache,train,plan,sample,eval,demo,parity,recipes} [flags]
 
   cache    encode an image-caption folder with a local SD3/Flux pipeline into a latent cache
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
+  plan     the peak GPU memory per rank of `train`'s flags, predicted on a CPU (parts, phases);
+           `--gpu_memory 24` (GiB) or `auto` adds the cheapest options that make it fit
   sample   write a grid of samples of a trained run
            (`sample --pipeline <folder> [--transformer DIR] [--lora PATH] --prompts FILE`: SD3 pipeline)
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
@@ -149,7 +151,9 @@ def _parse_train(argv: Sequence[str]):
     if known.resume:
         rest = [*rest, "--resume_from_checkpoint", "latest"]
     desc = "Train with SFT (--soar.num_aux 0) or SOAR.\n\n" + TRAIN_EXTRA.format(recipes=", ".join(recipe_names()))
-    cfg = _tyro_parse(TrainConfig, rest, "soar-fast train", desc, default=cfg)
+    from soar_fast.config.argv import normalize_train_argv
+
+    cfg = _tyro_parse(TrainConfig, normalize_train_argv(rest, TrainConfig), "soar-fast train", desc, default=cfg)
     from soar_fast.config.recipes import check_recipe_requirements
 
     check_recipe_requirements(cfg)
@@ -170,6 +174,60 @@ def _cmd_train(argv: Sequence[str]) -> int:
         return 0
     print(f"done: {result.step} steps in {result.wall_time_s:.1f} s ({result.steps_per_s:.2f} steps/s), "
           f"{result.nan_skipped} skipped; run folder {out}")
+    return 0
+
+
+def _cmd_plan(argv: Sequence[str]) -> int:
+    """`soar-fast plan [train flags] [--gpu_memory GiB|auto] [--world_size N]`: one table."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--gpu_memory")
+    pre.add_argument("--world_size")
+    known, rest = pre.parse_known_args(list(argv))
+    world = known.world_size or os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise UsageError(f"--world_size {world!r} is invalid: pass the number of ranks, e.g. 8")
+    gpu = None
+    if known.gpu_memory == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--gpu_memory auto needs a visible CUDA GPU; pass the card's GiB instead, e.g. --gpu_memory 24")
+        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    elif known.gpu_memory is not None:
+        try:
+            gpu = float(known.gpu_memory)
+        except ValueError:
+            gpu = -1.0
+        if not gpu > 0:
+            raise UsageError(f"--gpu_memory {known.gpu_memory!r} is invalid: pass GiB per GPU (e.g. 24) or auto")
+    cfg = _parse_train(rest)
+    from soar_fast.train.plan import GIB, MARGIN, fit_to_memory, plan_memory
+
+    plan = plan_memory(cfg, int(world))
+    s, mc = plan.stats, cfg.model
+    model = mc.pretrained_model_name_or_path or f"{mc.family}/{mc.preset}"
+    fast = cfg.fast
+    title = (f"soar-fast plan: {model} ({s.total / 1e9:.2f} B params, {s.trainable / 1e6:.1f} M trained), "
+             f"{s.tokens} tokens per sample, B={cfg.optim.train_batch_size}, M={cfg.soar.num_aux}, "
+             f"step {cfg.runtime.step}, rollout {fast.rollout}, compile {fast.compile}, weights "
+             f"{cfg.runtime.weight_dtype}, mixed_precision {cfg.runtime.mixed_precision}")
+    print(plan.table(title))
+    if gpu is None:
+        return 0
+    choice = fit_to_memory(cfg, gpu, int(world))
+    budget = choice.budget / GIB
+    if plan.peak <= choice.budget:
+        print(f"fits {gpu:g} GiB: {plan.peak_gib:.2f} of {budget:.2f} GiB usable (the rest: CUDA context, "
+              "workspaces, fragmentation)")
+        return 0
+    for note in choice.notes:
+        print(f"not an option today: {note}" if note.startswith(("FP8 storage", "8-bit")) else f"note: {note}")
+    if not choice.fits:
+        need = choice.plan.peak_gib
+        return _fail(f"--gpu_memory {gpu:g} is too small for any choice: with {' '.join(choice.flags)} the step "
+                     f"needs {need:.2f} GiB, so a GPU of about {(need + MARGIN[1]) / (1 - MARGIN[0]):.0f} GiB at the least")
+    print(f"choice for {gpu:g} GiB: add {' '.join(choice.flags)} -> predicted peak {choice.plan.peak_gib:.2f} GiB "
+          f"of {budget:.2f} usable")
     return 0
 
 
@@ -322,7 +380,7 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
+COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "plan": _cmd_plan, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
             "parity": _cmd_parity, "recipes": _cmd_recipes}
 
 

@@ -197,3 +197,18 @@ def test_yaml_config_and_the_saved_json_round_trip(tmp_path):
     assert cfg.soar.num_aux == get_recipe("digits-soar").soar.num_aux  # untouched fields keep the recipe's
     save_config_json(cfg, tmp_path / "config.json")
     assert load_config_json(tmp_path / "config.json") == cfg
+
+
+def test_natural_values_are_read():
+    """What users of diffusers' scripts type: boolean words, integral floats, commas, fp32."""
+    from soar_fast.cli import _parse_train
+
+    cfg = _parse_train(["--recipe", "tiny", "--use_ema", "true", "--logging.progress_bar", "false",
+                        "--max_train_steps", "1e3", "--train_batch_size", "8.0", "--mixed_precision", "fp32",
+                        "--model.lora_rank", "4", "--model.lora_target_modules", "to_q,to_k"])
+    assert cfg.optim.use_ema is True and cfg.logging.progress_bar is False
+    assert (cfg.optim.max_train_steps, cfg.optim.train_batch_size) == (1000, 8)
+    assert cfg.runtime.mixed_precision == "no" and cfg.model.lora_target_modules == ("to_q", "to_k")
+    assert _parse_train(["--recipe", "tiny", "--use_ema", "no"]).optim.use_ema is False
+    with pytest.raises(Exception, match="max_train_steps"):  # 2.5 steps stays an error
+        _parse_train(["--recipe", "tiny", "--max_train_steps", "2.5"])
