@@ -24,13 +24,16 @@ What differs from SD3 (and is handled here), read off diffusers' WanPipeline.__c
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["WAN_PRESETS", "WanExperts", "WanExpertsVelocityFn", "WanVelocityFn", "family", "wan_forward_flops"]
+__all__ = ["WAN22_BOUNDARY_RATIO", "WAN_PRESETS", "WanExperts", "WanExpertsVelocityFn", "WanVelocityFn", "experts_family",
+           "family", "wan_forward_flops"]
 
 WAN_PRESETS: dict[str, dict[str, Any]] = {
     # diffusers' own WanTransformer3DModel test config (tests/models/transformers/
@@ -114,28 +117,53 @@ class WanExperts(nn.Module):
     def config(self):  # the experts share one architecture (the family's sizes come from it)
         return self.high.config
 
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """v [N, C, F, H, W] of the rows of one batched call (base, rollout and aux points mixed):
+        split by σ, each expert on its own rows, scattered back in order."""
+        high = sigma >= self.boundary
+        n_high = int(high.sum())  # one host sync per call: the split needs the counts
+        if n_high in (0, z.shape[0]):
+            return WanVelocityFn(self.high if n_high else self.low)(z, sigma, cond)
+        idx_h, idx_l = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
+        v_h = WanVelocityFn(self.high)(z[idx_h], sigma[idx_h], tuple(c[idx_h] for c in cond))
+        v_l = WanVelocityFn(self.low)(z[idx_l], sigma[idx_l], tuple(c[idx_l] for c in cond))
+        out = v_h.new_empty((z.shape[0], *v_h.shape[1:]))
+        return out.index_copy(0, idx_h, v_h).index_copy(0, idx_l, v_l.to(v_h.dtype))
+
+    # the experts' own block lists (not copies): checkpointing, compile and FSDP wrap them in place
+    @property
+    def high_blocks(self) -> nn.ModuleList:
+        return self.high.blocks
+
+    @property
+    def low_blocks(self) -> nn.ModuleList:
+        return self.low.blocks
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, train: str = "both", **kwargs: Any) -> WanExperts:
+        """Both experts of a local Wan 2.2 pipeline folder (`transformer/` high noise, `transformer_2/`
+        low noise) and its model_index.json `boundary_ratio` (local files only)."""
+        from diffusers import WanTransformer3DModel
+
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        if index.get("boundary_ratio") is None or index.get("transformer_2", [None])[0] is None:
+            raise ValueError(f"{str(path)!r} is not a two-expert Wan 2.2 folder (no transformer_2 / boundary_ratio)")
+        load = lambda sub: WanTransformer3DModel.from_pretrained(  # noqa: E731
+            str(path), subfolder=sub, local_files_only=True, **kwargs)
+        return cls(load("transformer"), load("transformer_2"), boundary=index["boundary_ratio"], train=train)
+
 
 class WanExpertsVelocityFn:
-    """`velocity_fn` of a `WanExperts`: the rows of one batched call (base, rollout and aux points
-    mixed) are split by σ, each expert runs on its own rows, and the outputs are scattered back."""
+    """`velocity_fn` of a `WanExperts`: one call of the module (`WanExperts.forward` routes the
+    rows), so FSDP's root unit gathers both experts' non-block weights around it."""
 
     latent_ndim = 5
 
     def __init__(self, experts: WanExperts):
         self.experts = experts
-        self.high, self.low = WanVelocityFn(experts.high), WanVelocityFn(experts.low)
 
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        high = sigma >= self.experts.boundary
-        if bool(high.all()):  # one host sync per call: the row split needs the counts anyway
-            return self.high(z, sigma, cond)
-        if not bool(high.any()):
-            return self.low(z, sigma, cond)
-        idx_h, idx_l = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
-        v_h = self.high(z[idx_h], sigma[idx_h], tuple(c[idx_h] for c in cond))
-        v_l = self.low(z[idx_l], sigma[idx_l], tuple(c[idx_l] for c in cond))
-        out = v_h.new_empty((z.shape[0], *v_h.shape[1:]))
-        return out.index_copy(0, idx_h, v_h).index_copy(0, idx_l, v_l.to(v_h.dtype))
+        return self.experts(z, sigma, tuple(cond))
 
 
 def _tokens(name: str, n_img: int, n_txt: int) -> int:
@@ -169,6 +197,14 @@ def wan_forward_flops(model: nn.Module, latent_h: int, latent_w: int, text_len: 
         if isinstance(mod, nn.Linear):
             flops += 2.0 * mod.in_features * mod.out_features * _tokens(name, n, text_len)
     return flops + len(model.blocks) * 4.0 * d * (n * n + n * text_len)
+
+
+def experts_family():  # -> ModelFamily
+    """The Wan family for a `WanExperts` model: `build_train_step(experts_family(), experts, ...)`
+    runs SOAR (eager or fast step) with every model call routed by σ, over both experts' blocks."""
+    import dataclasses
+
+    return dataclasses.replace(family(), velocity=WanExpertsVelocityFn, block_attrs=("high_blocks", "low_blocks"))
 
 
 def family():  # -> ModelFamily (imported here: spec.py imports this module when registering)

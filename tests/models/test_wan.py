@@ -119,6 +119,50 @@ def test_soar_step_through_two_experts(train):
     assert grads == {"high": True, "low": train == "both"}
 
 
+@pytest.mark.parametrize("step,train", [("eager", "both"), ("fast", "low")])
+def test_train_step_through_two_experts(tmp_path, step, train):
+    """A Wan 2.2 folder's two experts (WanExperts.from_pretrained) through build_train_step: the
+    eager and the batched step (Triton ops) route every call by σ and equal the eager loss and
+    gradients on the router; a frozen expert is left out of the optimizer."""
+    import copy
+    import dataclasses
+
+    from soar_fast.config import TrainConfig
+    from soar_fast.distributed import init_distributed, unwrap_name
+    from soar_fast.models.wan import experts_family
+    from soar_fast.train.step import build_train_step
+
+    FAMILY.build("tiny", seed=0).save_pretrained(tmp_path / "transformer")
+    FAMILY.build("tiny", seed=1).save_pretrained(tmp_path / "transformer_2")
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "boundary_ratio": 0.5, "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    base = WanExperts.from_pretrained(tmp_path, train=train)
+    assert base.boundary == 0.5 and all(p.requires_grad == (train == "both") for p in base.high.parameters())
+    z0, cond = _inputs(n=2, h=4, w=4)
+    uncond = (torch.zeros(5, 16), torch.zeros(0))
+    cfg = TrainConfig()
+    cfg.runtime = dataclasses.replace(cfg.runtime, step=step, device="cpu")
+    if step == "fast":  # the Triton kernels (TRITON_INTERPRET=1 on a CPU) on 5-D latents too
+        cfg.fast = dataclasses.replace(cfg.fast, ops_backend="triton")
+    cfg.soar = soar = sf.SoarConfig(num_aux=2, rollout_steps=3)
+    draws = sf.sample_draws(z0, soar, torch.Generator().manual_seed(0))
+    draws.sigma0.copy_(torch.tensor([0.9, 0.3]))
+    ref = copy.deepcopy(base)
+    ref_loss = sf.soar_loss_from_draws(WanExpertsVelocityFn(ref), z0, cond, uncond, soar, draws).loss
+    ref_loss.backward()
+    ts = build_train_step(experts_family(), copy.deepcopy(base), cfg, init_distributed(cfg.parallel, "cpu"))
+    assert len(ts.params) == sum(p.requires_grad for p in base.parameters())
+    loss = ts.micro_step(z0, cond, uncond, draws).loss
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-7)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    grads = {unwrap_name(n): p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for n, p in ts.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("low.") for n in grads)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides,frames,height,width,text_len", [
     pytest.param(dict(), 2, 8, 8, 5, id="2-blocks-2x8x8-text5"),
     pytest.param(dict(num_layers=1, patch_size=(2, 2, 2)), 4, 4, 6, 7, id="1-block-patch222-4x4x6-text7"),
@@ -138,6 +182,14 @@ def _probe(model):
         return FAMILY.velocity(model)(z, torch.tensor([0.5]), cond)
 
 
+def _sample(pipe):
+    """Two latent-space denoising steps of WanPipeline (CFG against a zero negative prompt)."""
+    z, (pe, _) = _inputs(n=1, h=8, w=8, seed=4)
+    with torch.no_grad():
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=torch.zeros_like(pe), latents=z, height=64, width=64,
+                    num_frames=5, num_inference_steps=2, guidance_scale=4.0, output_type="latent").frames
+
+
 @pytest.mark.parametrize("extra", [pytest.param([], id="full"), pytest.param(["--model.lora_rank", "4"], id="lora"),
                                    pytest.param(["--runtime.step", "fast"], id="fast-step")])
 def test_tiny_wan_trains_and_exports(tmp_path, extra):
@@ -154,6 +206,7 @@ def test_tiny_wan_trains_and_exports(tmp_path, extra):
         trained = WanTransformer3DModel.from_pretrained(out / "final" / "transformer")
         assert tuple(trained.config.patch_size) == (1, 2, 2)
         assert (_probe(trained) - _probe(base)).abs().max() > 1e-5
+        assert torch.isfinite(_sample(_pipeline(trained.eval()))).all()
         return
     saved = load_file(out / "final" / "pytorch_lora_weights.safetensors")
     state, meta = WanPipeline.lora_state_dict(out / "final", return_lora_metadata=True)
@@ -164,6 +217,11 @@ def test_tiny_wan_trains_and_exports(tmp_path, extra):
     torch.testing.assert_close(loaded["blocks.1.attn2.to_k.lora_B.default_0.weight"],
                                saved["transformer.blocks.1.attn2.to_k.lora_B.weight"])
     assert (_probe(base) - _probe(FAMILY.build("tiny", seed=0))).abs().max() > 1e-6
+    pipe = _pipeline(FAMILY.build("tiny", seed=0).eval())  # the pipeline's own loader, then sampling
+    before = _sample(pipe)
+    pipe.load_lora_weights(out / "final")
+    after = _sample(pipe)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
 def test_parity_eager_and_batched():
