@@ -36,6 +36,7 @@ from soar_fast.data.encoders import (
     encode_prompts,
     latent_info,
     load_encoders,
+    text_length,
 )
 from soar_fast.data.images import (
     ImageFolderConfig,
@@ -45,7 +46,14 @@ from soar_fast.data.images import (
     resize_center_crop,
     scan_image_folder,
 )
-from soar_fast.data.shards import EMPTY_PROMPT_FILE, INDEX_FILE, ShardWriter, verify_cache
+from soar_fast.data.shards import (
+    EMPTY_PROMPT_FILE,
+    INDEX_FILE,
+    ShardError,
+    ShardWriter,
+    read_index,
+    verify_cache,
+)
 
 __all__ = ["CacheConfig", "CacheResult", "plan_shards", "run_cache"]
 
@@ -67,8 +75,8 @@ class CacheConfig:
     """Cache folder to write (index.json + shards)."""
     max_sequence_length: int = 256
     """Text tokens per caption (the pipeline's max_sequence_length: SD3 samples with 256, Flux-dev and
-    FLUX.2 512). Z-Image and Qwen-Image prompts are zero-padded to it (see soar_fast.data.encoders):
-    keep it near the longest caption there."""
+    FLUX.2 512). Z-Image and Qwen-Image prompts are truncated to it and zero-padded to the cache's
+    longest prompt (see soar_fast.data.encoders)."""
     batch_size: int = 8
     """Images encoded per forward pass."""
     num_workers: int = 4
@@ -151,10 +159,10 @@ def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
 
 
 @torch.no_grad()
-def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig,
+def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig, text_len: int,
                   device: torch.device, generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], list[int]]:
     lat = encode_latents(pipe, family, pixels, cfg.latent_sampling, generator)
-    pe, pooled, lengths = encode_prompts(pipe, family, captions, cfg.max_sequence_length, device)
+    pe, pooled, lengths = encode_prompts(pipe, family, captions, cfg.max_sequence_length, device, text_len)
     store = getattr(torch, cfg.store_dtype)
     tensors = {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
     return tensors, lengths
@@ -216,19 +224,27 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         "buckets": scan.buckets,
         "latent_sampling": cfg.latent_sampling,
     }
+    if cfg.resume and (out / INDEX_FILE).is_file():  # a cache of another family: say so (not just "other settings")
+        prev = read_index(out).get("info", {}).get("family")
+        if prev not in (None, family):
+            raise ShardError(f"{out} holds a cache made by a {prev} pipeline but {cfg.pretrained_model_name_or_path} "
+                             f"is a {family} pipeline; pass another --output_dir (or --no-resume to rebuild it)")
     writer = ShardWriter(out, _fingerprint(cfg, plan), info)
     todo = [i for i in range(len(plan)) if not writer.is_done(i)]
     need_empty = not writer.is_done_empty()
     reused = len(plan) - len(todo)
-    pipe = None
+    pipe, text_len = None, cfg.max_sequence_length
     if todo or need_empty:
         pipe = load_encoders(cfg.pretrained_model_name_or_path, family, device=device, variant=cfg.variant,
                              encoder_dtype=_resolve_dtype(cfg.encoder_dtype, device),
                              vae_dtype=_resolve_dtype(cfg.vae_dtype, device))
         writer.index["info"].update(latent_info(pipe, family))
+        # the stored prompt length: a function of the captions and settings, so equal on a resume
+        text_len = text_length(pipe, family, [r.caption for r in scan.records] + [""], cfg.max_sequence_length)
+        writer.index["info"]["text_length"] = text_len
     if need_empty:
         with torch.no_grad():
-            pe, pooled, lengths = encode_prompts(pipe, family, [""], cfg.max_sequence_length, device)
+            pe, pooled, lengths = encode_prompts(pipe, family, [""], cfg.max_sequence_length, device, text_len)
         if family in MASKED_FAMILIES:  # valid tokens of the empty prompt (the rest are zero padding)
             writer.index["info"]["empty_prompt_length"] = lengths[0]
         store = getattr(torch, cfg.store_dtype)
@@ -253,7 +269,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                     sources.append(r.path)
                 if batch_px:
                     tensors, batch_lengths = _encode_batch(pipe, family, torch.stack(batch_px), batch_caps, cfg,
-                                                           device, gen)
+                                                           text_len, device, gen)
                     parts.append(tensors)
                     captions += batch_caps
                     lengths += batch_lengths

@@ -12,11 +12,12 @@ diffusers pipeline computes them (the transformer is never loaded).
 Padding. SD3, FLUX.1 and FLUX.2 pipelines themselves feed `max_sequence_length` tokens, the pad
 tokens' own encoder states included, with no mask: the cache stores exactly that. ZImagePipeline
 feeds each prompt's valid tokens only and QwenImagePipeline a mask over zero-padded tokens; the
-cache pads their prompts to `max_sequence_length` with zeros (Qwen-Image's own pad value) and
-records each prompt's valid length (`prompt_lengths` in the shard metadata, `empty_prompt_length`
-in index.json), because the trainer's condition is `(prompt_embeds [N, L, D], pooled [N, 0])`
-today: training sees the zero rows as tokens (unmasked) where the pipeline would drop or mask
-them. Keep `max_sequence_length` near the longest caption's token count for these two families.
+trainer's condition is `(prompt_embeds [N, L, D], pooled [N, 0])` today, so for these two families
+the cache zero-pads every prompt (Qwen-Image's own pad value) to L = the longest prompt of the
+cache, empty prompt included (counted by the pipeline's tokenizer beforehand: `text_length`; at
+most `max_sequence_length`), and records each prompt's valid length (`prompt_lengths` in the shard
+metadata, `empty_prompt_length` and `text_length` in index.json). Training sees the zero rows as
+tokens (unmasked) where the pipeline would drop or mask them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from soar_fast.config import ConfigError
 
 __all__ = ["MASKED_FAMILIES", "MAX_SEQUENCE_LENGTH", "encode_latents", "encode_prompts", "latent_info",
-           "load_encoders"]
+           "load_encoders", "text_length"]
 
 #: Families whose pipeline drops (Z-Image) or masks (Qwen-Image) padded prompt tokens.
 MASKED_FAMILIES = ("zimage", "qwenimage")
@@ -55,16 +56,41 @@ def load_encoders(path: str, family: str, *, device: torch.device, encoder_dtype
 
 def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     """Per-prompt `[l_i, D]` -> `[B, length, D]`, zeros after each prompt's l_i valid rows."""
+    if max(r.shape[0] for r in rows) > length:  # text_length counted fewer tokens than the encoder gave
+        raise RuntimeError(f"a prompt encodes to {max(r.shape[0] for r in rows)} tokens, more than the {length} "
+                           "the cache planned from the tokenizer; re-run with --no-resume")
     out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
     for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r[:length]
+        out[i, : r.shape[0]] = r
     return out
 
 
-def encode_prompts(pipe, family: str, captions: list[str], max_sequence_length: int, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def text_length(pipe, family: str, captions: list[str], max_sequence_length: int, chunk: int = 1024) -> int:
+    """The L the cache stores: `max_sequence_length`, or for MASKED_FAMILIES the most valid tokens any
+    of `captions` gets from the pipeline's own tokenisation (tokenizer only, no encoder run)."""
+    if family not in MASKED_FAMILIES:
+        return max_sequence_length
+    tok, longest = pipe.tokenizer, 0
+    for s in range(0, len(captions), chunk):
+        part = captions[s : s + chunk]
+        if family == "zimage":  # ZImagePipeline._encode_prompt: the chat template, then <= msl tokens
+            texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True) for c in part]
+            ids = tok(texts, max_length=max_sequence_length, truncation=True).input_ids
+            longest = max(longest, *(len(i) for i in ids))
+        else:  # QwenImagePipeline._get_qwen_prompt_embeds: the template, its first drop_idx tokens dropped
+            drop = pipe.prompt_template_encode_start_idx
+            texts = [pipe.prompt_template_encode.format(c) for c in part]
+            ids = tok(texts, max_length=pipe.tokenizer_max_length + drop, truncation=True).input_ids
+            longest = max(longest, *(min(len(i) - drop, max_sequence_length) for i in ids))
+    return max(longest, 1)
+
+
+def encode_prompts(pipe, family: str, captions: list[str], max_sequence_length: int, device: torch.device,
+                   pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`(prompt_embeds [B, L, D], pooled [B, P], valid lengths)` from the pipeline's own prompt
-    encoder, L = max_sequence_length (P = 0 for families without a pooled embedding)."""
+    encoder (P = 0 for families without a pooled embedding). L = max_sequence_length, or `pad_to`
+    (`text_length`) for the zero-padded MASKED_FAMILIES."""
     n, msl = len(captions), max_sequence_length
     if family == "sd3":  # returns (embeds, neg, pooled, neg_pooled)
         pe, _, pooled, _ = pipe.encode_prompt(
@@ -75,12 +101,12 @@ def encode_prompts(pipe, family: str, captions: list[str], max_sequence_length: 
         pe, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device, max_sequence_length=msl)
     elif family == "zimage":  # a list of each prompt's valid rows of hidden_states[-2]
         rows = pipe._encode_prompt(prompt=list(captions), device=device, max_sequence_length=msl)
-        pe = _pad_rows(rows, msl)
+        pe = _pad_rows(rows, pad_to or msl)
         return pe, pe.new_zeros(n, 0), [int(r.shape[0]) for r in rows]
     elif family == "qwenimage":  # (embeds [B, l, D] zero-padded to the batch's longest, mask or None)
         pe, mask = pipe.encode_prompt(prompt=list(captions), device=device, max_sequence_length=msl)
         lengths = [int(v) for v in mask.sum(1)] if mask is not None else [pe.shape[1]] * n
-        pe = _pad_rows([pe[i, :k] for i, k in enumerate(lengths)], msl)
+        pe = _pad_rows([pe[i, :k] for i, k in enumerate(lengths)], pad_to or msl)
         return pe, pe.new_zeros(n, 0), lengths
     elif family == "flux2":  # (embeds [B, L, D], text_ids): the ids are arange(L) and not stored
         pe, _ = pipe.encode_prompt(prompt=list(captions), device=device, max_sequence_length=msl)

@@ -66,7 +66,10 @@ def test_cache_is_what_qwenimage_pipeline_feeds(qwen_cache, qwen_dir):
     assert index["info"]["family"] == "qwenimage" and index["num_samples"] == 6
     ds = ShardDataset(qwen_cache)
     lat, pe, pooled = ds[0]
-    assert lat.shape == (16, 8, 8) and pe.shape == (L, 16) and pooled.shape == (0,)
+    # zero-padded to the longest prompt of the cache (counted by the tokenizer), not to L
+    longest = max(ds.prompt_length(i) for i in range(len(ds)))
+    assert index["info"]["text_length"] == longest < L and len({ds.prompt_length(i) for i in range(len(ds))}) > 1
+    assert lat.shape == (16, 8, 8) and pe.shape == (longest, 16) and pooled.shape == (0,)
     pipe = QwenImagePipeline.from_pretrained(qwen_dir, local_files_only=True)
     with torch.no_grad():
         ref_pe, ref_mask = pipe.encode_prompt([ds.caption(0), ""], max_sequence_length=L)
@@ -77,7 +80,7 @@ def test_cache_is_what_qwenimage_pipeline_feeds(qwen_cache, qwen_dir):
         ref = ((dist - mean) / std)[:, :, 0]
         decoded = latents_to_vae(pipe.vae, lat[None])
     n = ds.prompt_length(0)
-    assert n == int(ref_mask[0].sum()) < L  # a padded batch: the pipeline masks the shorter prompt
+    assert n == int(ref_mask[0].sum()) < longest  # a padded batch: the pipeline masks the shorter prompt
     torch.testing.assert_close(pe[:n], ref_pe[0, :n])
     assert not pe[n:].any()
     torch.testing.assert_close(lat, ref[0])
@@ -130,3 +133,15 @@ def test_a_cache_of_another_family_is_one_line(qwen_dir, tiny_zimage_cache, tmp_
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
     assert rc == 2 and len(err) == 1 and "text embeddings are 32 wide" in err[0]
     assert "cache the data with this model's pipeline" in err[0]
+
+
+def test_cache_into_another_familys_cache_is_one_line(qwen_dir, tiny_zimage_cache, caption_folder, capsys):
+    """`soar-fast cache` of the Qwen-Image folder into the Z-Image cache's folder: one line, naming both
+    families and the fix; the Z-Image cache is left as it was."""
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_zimage_cache.iterdir()}
+    rc = main(["cache", "--pretrained_model_name_or_path", str(qwen_dir), "--data.root", str(caption_folder),
+               "--data.resolution", "32", "--output_dir", str(tiny_zimage_cache), "--num_workers", "0", "--no-progress"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
+    assert rc == 2 and len(err) == 1, err
+    assert "made by a zimage pipeline" in err[0] and "is a qwenimage pipeline" in err[0] and "--output_dir" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_zimage_cache.iterdir()} == before

@@ -58,6 +58,7 @@ def test_cache_is_what_zimage_pipeline_feeds(zimage_cache, zimage_dir, caption_f
     assert index["info"]["family"] == "zimage" and index["num_samples"] == 6
     ds = ShardDataset(zimage_cache)
     lat, pe, pooled = ds[0]
+    assert index["info"]["text_length"] == L  # the longest caption is L = 32 tokens (truncated to L if longer)
     assert lat.shape == (16, 8, 8) and pe.shape == (L, 32) and pooled.shape == (0,)
     pipe = ZImagePipeline.from_pretrained(zimage_dir, local_files_only=True)
     with torch.no_grad():
