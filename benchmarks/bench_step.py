@@ -318,6 +318,10 @@ def parser() -> argparse.ArgumentParser:
                    "eager,cuda_graph,fp8,cuda_graph_fp8 (uncompiled; before the variants)")
     p.add_argument("--time_budget", type=float, default=0, help="seconds; variants starting later are skipped")
     p.add_argument("--out", default=None, help="write the JSON rows here (rewritten after each variant)")
+    p.add_argument("--plan_only", action="store_true", help="no step runs: one predicted_peak_gib row per variant "
+                   "from soar_fast.train.plan (a CPU is enough)")
+    p.add_argument("--plan_harness", default="trainer", choices=list(lib.PLAN_HARNESSES),
+                   help="--plan_only: the step as built today, or as the 2026-11-26 H200 rows ran (plain module)")
     return p
 
 
@@ -343,6 +347,14 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = lib.Results(args.out)
+    if args.plan_only:  # the planner's prediction per variant, keyed like the measured rows
+        shape = lib.Shape(family=args.family, preset=args.preset, batch=args.batch, num_aux=args.num_aux,
+                          latent=args.latent, text_len=args.text_len, micro_chunks=args.micro_chunks)
+        rows = lib.plan_rows(args.variants, args.precision, shape, lib.env_info(torch.device("cpu")), args.plan_harness)
+        for r in rows:
+            print(f"{r['provider']:>12} {r['variant_desc']:<42} predicted peak {r['value']:7.2f} GiB ({r['phase']})")
+        results.add(rows)
+        return 0
     run(args, results)
     results.add([])  # writes the file even when nothing ran
     return 0 if not any(r["metric"] == "error" for r in results.rows) else 1

@@ -169,3 +169,58 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# --- the memory planner's rows (`bench_step.py --plan_only`) ------------------------------------
+#: Variants that ran after (f) on the one module the 2026-11-26 benchmark reused: f's FP8 rollout
+#: copies stayed attached (run 1: a b c sft_eager d e f g sft; run 2: a b c d e f sft).
+_AFTER_F = ("g", "sft")
+PLAN_HARNESSES = ("trainer", "2026-11-26")
+
+
+def plan_harness(name: str, harness: str = "trainer"):
+    """The `soar_fast.train.plan.Harness` of variant `name`: the step as the code of today builds it
+    (`trainer`: build_train_step's FSDP2, foreach AdamW, rollout replica; (a) is the plain-module
+    release structure of `bench_step.release_style_step`), or as the benchmark that wrote the
+    2026-11-26 H200 rows ran it (`2026-11-26`, commit e2e6267: one plain bf16 module reused by every
+    variant, fused AdamW, the rollout engine on the training module)."""
+    from soar_fast.train.plan import Harness
+
+    if harness == "2026-11-26":
+        return Harness(fsdp=False, fused_adamw=True, replica=False, recorded_rollout=name == "a",
+                       carried_fp8=name in _AFTER_F, name="bench@e2e6267")
+    if harness != "trainer":
+        raise ValueError(f"unknown plan harness {harness!r}; choose from {', '.join(PLAN_HARNESSES)}")
+    if name == "a":
+        return Harness(fsdp=False, replica=False, recorded_rollout=True, name="release_structure")
+    return Harness()
+
+
+def plan_rows(specs: list[str], default_precision: str, shape: Shape, info: dict, harness: str = "trainer",
+              world_size: int = 1) -> list[dict]:
+    """One `predicted_peak_gib` row per variant spec, keyed like the measured rows."""
+    from soar_fast.train.plan import GIB, plan_memory
+    from soar_fast.train.step import precision_dtypes
+
+    rows = []
+    for spec in specs:
+        name, precision = parse_variant(spec, default_precision)
+        cfg = variant_config(name, precision, shape, "cpu")
+        plan = plan_memory(cfg, world_size, harness=plan_harness(name, harness))
+        weight, compute, reduce = (str(d).removeprefix("torch.") for d in precision_dtypes(cfg))
+        fast = cfg.fast
+        config = {"step": "release_structure" if name == "a" else cfg.runtime.step, "rollout": fast.rollout,
+                  "compile": fast.compile, "precision": precision, "weight_dtype": weight, "compute_dtype": compute,
+                  "reduce_dtype": reduce, "fp8_training": fast.fp8_training,
+                  "activation_checkpointing": fast.activation_checkpointing, "micro_chunks": fast.micro_chunks,
+                  "world_size": world_size, "harness": plan_harness(name, harness).name}
+        s = plan.stats
+        rows.append({"bench": "soar_step", "provider": spec, "variant": name, "variant_desc": VARIANTS[name][0],
+                     "model": f"{shape.family}/{shape.preset}",
+                     "shape": f"B{shape.batch}x{(s.latent_channels, shape.latent, shape.latent)}+txt{shape.text_len}",
+                     "num_aux": cfg.soar.num_aux, "precision": precision,
+                     "dtype": "fp32" if precision == "fp32" else "bf16", "metric": "predicted_peak_gib",
+                     "value": plan.peak_gib, "unit": "GiB", "phase": plan.phase,
+                     "parts_gib": {k: v / GIB for k, v in plan.parts.items()}, "config": config,
+                     "note": "soar_fast.train.plan on a CPU (meta-device measurement + fitted constants)", **info})
+    return rows
