@@ -145,3 +145,27 @@ def test_cache_into_another_familys_cache_is_one_line(qwen_dir, tiny_zimage_cach
     assert rc == 2 and len(err) == 1, err
     assert "made by a zimage pipeline" in err[0] and "is a qwenimage pipeline" in err[0] and "--output_dir" in err[0]
     assert {p.name: p.stat().st_mtime_ns for p in tiny_zimage_cache.iterdir()} == before
+
+
+def test_a_resumed_cache_pads_to_the_same_length(qwen_dir, qwen_cache, caption_folder, tmp_path):
+    """Deleting one shard of the Qwen-Image cache and re-running the same command rewrites only it, padded to the same
+    text_length (counted again from the captions), so the cache verifies and the shard is unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from soar_fast.data.cache import CacheConfig, run_cache
+    from soar_fast.data.images import ImageFolderConfig
+
+    out = tmp_path / "cache"
+    shutil.copytree(qwen_cache, out)
+    want = load_file(out / "shard-00001.safetensors")
+    (out / "shard-00001.safetensors").unlink()
+    res = run_cache(CacheConfig(pretrained_model_name_or_path=str(qwen_dir), output_dir=str(out),
+                                data=ImageFolderConfig(root=str(caption_folder), resolution=32), max_sequence_length=L,
+                                batch_size=4, shard_size=4, num_workers=0, progress=False, store_dtype="float32"))
+    assert (res.shards_written, res.shards_reused, res.num_samples) == (1, 1, 6)
+    got = load_file(out / "shard-00001.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    assert got["prompt_embeds"].shape[1] == json.loads((out / "index.json").read_text())["info"]["text_length"] < L
