@@ -9,6 +9,8 @@ path p); z' is `[P·M·B, ...]` (row (p·M + m)·B + b), so P = 1 is the contrac
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from soar_fast.config import SoarConfig
@@ -23,8 +25,10 @@ def _col(s: torch.Tensor, ndim: int) -> torch.Tensor:
     return s.reshape(-1, *([1] * (ndim - 1)))
 
 
+@functools.cache
 def sigma_max_value(shift: float) -> float:
-    """σ used in place of σ0 = 1 in flow_sde's 1/(1 − σ0): the scheduler table's second entry."""
+    """σ used in place of σ0 = 1 in flow_sde's 1/(1 − σ0): the scheduler table's second entry
+    (a host float of a CPU table, computed once per shift: no device read per step)."""
     return float(sigma_table(shift)[1])
 
 

@@ -150,3 +150,28 @@ def test_compiled_step_with_paths_never_recompiles_as_the_point_count_changes():
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], f"recompiled across steps: {graphs}"
     assert len(counters["graph_break"]) == 0
+
+
+def test_step_with_paths_and_table_timestep_never_reads_the_device():
+    """Counted on CPU through the Tensor methods that force a device-to-host copy on a GPU."""
+    from torch.overrides import TorchFunctionMode
+
+    syncs = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    class Count(TorchFunctionMode):
+        calls: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in syncs:
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, z0, cond, uncond, config, draws = _setup(3, 2, 3, aux_timestep="table", timestep_quantization=True,
+                                                    cond_dropout=0.5, cond_dropout_per="batch")
+    vf = SD3VelocityFn(model)
+    batched_soar_step(vf, z0, cond, uncond, config, draws, micro_chunks=2)  # warm-up (host-side caches)
+    with Count() as mode:
+        out = batched_soar_step(vf, z0, cond, uncond, config, draws, micro_chunks=2)
+    assert mode.calls == [], mode.calls
+    assert all(v.dim() == 0 for v in out.stats.values())
