@@ -249,9 +249,7 @@ def fit_to_memory(cfg: TrainConfig, gpu_gib: float, world_size: int = 1, *, lora
     budget = usable_bytes(gpu_gib)
     notes = list(MISSING)
     stages: list[tuple[list[str], dict]] = [([], {})]
-    if cfg.runtime.step == "fast" and not cfg.fast.activation_checkpointing:
-        stages.append((["--fast.activation_checkpointing"], {"fast__activation_checkpointing": True}))
-    elif cfg.runtime.step != "fast":
+    if not cfg.fast.activation_checkpointing:
         stages.append((["--fast.activation_checkpointing"], {"fast__activation_checkpointing": True}))
     if not cfg.model.lora_rank:
         stages.append((stages[-1][0] + [f"--model.lora_rank {lora_rank}"],

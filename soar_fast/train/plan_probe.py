@@ -66,7 +66,7 @@ class ModelStats:
     latent_channels: int
     assumed: str = ""
     """What the measurement had to assume (no latent cache to read the shape from)."""
-    """Tokens per sample (image + text) of the measured shape."""
+    """The longest sequence attention saw per sample (image + text tokens of a joint block)."""
 
 
 class _FlashLike(torch.autograd.Function):
@@ -84,11 +84,19 @@ class _FlashLike(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _sdpa_shim(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if k.shape[-3] != q.shape[-3]:  # grouped-query attention: the kernels read k, v un-repeated
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    return _FlashLike.apply(q, k, v) if torch.is_grad_enabled() else torch.empty_like(q)
+def _sdpa_shim(seen: list[int]):
+    """`F.scaled_dot_product_attention` on meta tensors with the fused kernels' footprint; records
+    the sequence lengths it sees in `seen`."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value
+        seen.append(int(q.shape[-2]))
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention: the kernels read k, v un-repeated
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        return _FlashLike.apply(q, k, v) if torch.is_grad_enabled() else torch.empty_like(q)
+
+    return sdpa
 
 
 class _LivePeak(TorchDispatchMode):
@@ -221,11 +229,8 @@ def _measure(cfg: TrainConfig, compute: torch.dtype) -> ModelStats:
     eligible = sum(m.weight.numel() for name, m in model.named_modules() if _eligible(name, m)
                    or type(m).__name__ == "Fp8TrainLinear")
     runs = [_profile(family, model, blocks, *_inputs(cfg, family, model, n, compute)) for n in (1, 2)]
-    (b1, o1, i1, p1), (b2, o2, i2, p2) = runs
-    z0, _, cond = _inputs(cfg, family, model, 1, compute)
-    text = cond[0] if isinstance(cond, tuple) else cond
-    patch = getattr(model.config, "patch_size", 1) or 1
-    tokens = z0[0, 0].numel() // patch**2 + (int(text.shape[1]) if text.dim() >= 3 else 0)
+    (b1, o1, i1, _p1, _t1), (b2, o2, i2, p2, tokens) = runs
+    z0 = _inputs(cfg, family, model, 1, compute)[0]
     width = int(getattr(model.config, "num_attention_heads", 1) * getattr(model.config, "attention_head_dim", 1))
     return ModelStats(
         family=family.name, total=total, trainable=trainable, fp8_eligible=eligible, units=units,
@@ -243,7 +248,8 @@ def _assumed(cfg: TrainConfig) -> str:
 
 
 def _profile(family: ModelFamily, model: nn.Module, blocks, z, sigma, cond):
-    """(saved bytes per block, saved bytes outside, block input bytes, no-grad peak live bytes)."""
+    """(saved bytes per block, saved bytes outside, block input bytes, no-grad peak live bytes,
+    longest attention sequence)."""
     skip = {id(t) for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, torch.Tensor] = {}
     per_block = [0.0] * len(blocks)
@@ -277,7 +283,8 @@ def _profile(family: ModelFamily, model: nn.Module, blocks, z, sigma, cond):
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
     vf = family.velocity(model)
     orig = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _sdpa_shim
+    seqs: list[int] = []
+    F.scaled_dot_product_attention = _sdpa_shim(seqs)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             vf(z, sigma, cond)
@@ -292,4 +299,4 @@ def _profile(family: ModelFamily, model: nn.Module, blocks, z, sigma, cond):
         for h in handles:
             h.remove()
     in_bytes = float(sum(t.untyped_storage().nbytes() for t in inputs.values()))
-    return per_block, outside[0], in_bytes, float(live.peak)
+    return per_block, outside[0], in_bytes, float(live.peak), max(seqs, default=0)

@@ -86,6 +86,15 @@ def test_parts_add_up_and_the_peak_is_the_largest_phase(lib):
         assert plan.phases[plan.phase] == plan.parts
 
 
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-wan", "tiny-zimage"])
+def test_every_family_plans(recipe):
+    from soar_fast.config import get_recipe
+
+    plan = plan_memory(get_recipe(recipe))
+    assert plan.peak > 0 and plan.stats.tokens > 0 and sum(plan.stats.blocks_saved) > 0
+    assert sum(plan.parts.values()) == pytest.approx(plan.peak)
+
+
 def test_fsdp_over_8_ranks_divides_the_sharded_parts(lib):
     cfg = _sd35m(lib, "e")
     cfg.optim = dataclasses.replace(cfg.optim, use_ema=True)
@@ -96,6 +105,7 @@ def test_fsdp_over_8_ranks_divides_the_sharded_parts(lib):
         for part in ("activations", "rollout_replica", "compute_copies", "cuda_graph_pools"):
             assert eight.phases[phase][part] == pytest.approx(one.phases[phase][part])
     assert eight.phases["optimizer step"]["gradients"] == pytest.approx(one.phases["optimizer step"]["gradients"] / 8)
+    assert one.stats.total == 2_243_171_520  # docs/sd35.md "Sizes and memory"
     assert one.phases["optimizer step"]["weights"] == pytest.approx(one.stats.total * 4)  # fp32 master
     assert one.parts["rollout_replica"] == pytest.approx(one.stats.total * 2)  # bf16, unsharded
 
