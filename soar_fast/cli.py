@@ -183,6 +183,9 @@ def _cmd_plan(argv: Sequence[str]) -> int:
     pre.add_argument("--gpu_memory")
     pre.add_argument("--world_size")
     known, rest = pre.parse_known_args(list(argv))
+    if "-h" in rest or "--help" in rest:
+        print("soar-fast plan: the flags of `soar-fast train` (below) plus --gpu_memory GiB|auto (choose options "
+              "until the step fits) and --world_size N (FSDP2 ranks; default $WORLD_SIZE or 1)\n")
     world = known.world_size or os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit() or int(world) < 1:
         raise UsageError(f"--world_size {world!r} is invalid: pass the number of ranks, e.g. 8")

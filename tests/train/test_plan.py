@@ -152,6 +152,12 @@ def test_soar_fast_plan_prints_one_table(capsys):
         assert re.search(rf"^{part}\s+\d+\.\d\d$", out, re.M), part
 
 
+def test_soar_fast_plan_help(capsys):
+    assert main(["plan", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--gpu_memory" in out and "--world_size" in out and "--train_batch_size" in out
+
+
 def test_soar_fast_plan_recipe_on_24_gib(tmp_path, capsys):
     """The sd35m-soar recipe (the folder's config.json is all the planner reads) on a 24 GiB card."""
     from soar_fast.models.sd3 import SD3_PRESETS
