@@ -52,6 +52,17 @@ def row_coefficients(b: int, m: int, config: SoarConfig, device: torch.device,
     return torch.cat([torch.full((b,), base), torch.full((m * b,), aux)]).to(device=device, dtype=torch.float32)
 
 
+def _scale_grad(grad_v: torch.Tensor, scale: float | torch.Tensor | tuple, nb: int) -> torch.Tensor:
+    """grad_v of a chunk's rows (nb base rows, then the point rows) times the gradient scale."""
+    if isinstance(scale, tuple):
+        base, aux = (torch.as_tensor(s, device=grad_v.device, dtype=torch.float32) for s in scale)
+        rows = torch.cat([base.expand(nb), aux.expand(grad_v.shape[0] - nb)])
+        return grad_v * rows.view(-1, *([1] * (grad_v.dim() - 1))).to(grad_v.dtype)
+    if isinstance(scale, torch.Tensor):
+        return grad_v * scale.to(grad_v.dtype)
+    return grad_v * scale if scale != 1.0 else grad_v
+
+
 def batched_soar_step(
     velocity_fn: VelocityFn,
     z0: torch.Tensor,
@@ -64,12 +75,13 @@ def batched_soar_step(
     ops_backend: str = "auto",
     micro_chunks: int = 1,
     backward: bool = True,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor | tuple[torch.Tensor, torch.Tensor] = 1.0,
 ) -> SoarOutput:
     """One SOAR step with the given draws. With `backward=True` gradients are accumulated into
     the parameters and `.loss` is detached; with `backward=False` (needs micro_chunks=1) `.loss`
     keeps its graph, like `soar_loss`. `grad_scale` multiplies the gradient only (e.g. 1/k for k
-    accumulated micro-batches); `.loss` stays the unscaled SOAR loss."""
+    accumulated micro-batches; a 0-d device tensor; or a pair scaling the base rows and the
+    auxiliary rows apart, for global point counts); `.loss` stays the unscaled SOAR loss."""
     if not backward and micro_chunks != 1:
         raise ValueError("batched_soar_step: micro_chunks > 1 runs backward per chunk; pass backward=True")
     if config.target_dtype == "model" and z0.dtype in (torch.float16, torch.bfloat16):
@@ -129,8 +141,7 @@ def batched_soar_step(
                 c = coeff[rows]
                 losses_c, grad_v = soar_fused_mse_and_grad(v, z0[idx], z1[idx], z_in[idx.numel():], sa, w * c,
                                                            backend=ops_backend)
-                if grad_scale != 1.0:
-                    grad_v = grad_v * grad_scale
+                grad_v = _scale_grad(grad_v, grad_scale, idx.numel())
                 c = c.to(losses_c.dtype)
                 losses = torch.where(c > 0, losses_c / c.clamp_min(1e-30), torch.zeros_like(losses_c))
                 chunk_loss = losses_c.sum()

@@ -44,6 +44,9 @@ class SoarOutput:
     stats: dict[str, torch.Tensor]
     base_losses: torch.Tensor  # [B] L_base_i (with graph)
     aux_losses: torch.Tensor  # [M, B] L_aux_i,m (with graph)
+    parts: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(base term, auxiliary term) of `loss` (their sum, up to rounding): a trainer that weights
+    them apart (global point counts over micro-batches and ranks) backpropagates through these."""
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -132,13 +135,16 @@ def soar_loss_from_draws(
     lam, n = config.lambda_aux, point_count(mask, pm, b)
     if config.normalization == "points":
         loss = (base_losses.sum() + lam * aux_losses.sum()) / (b + lam * n)
+        parts = (base_losses.sum() / (b + lam * n), lam * aux_losses.sum() / (b + lam * n))
     elif mask is None:
         loss = base_losses.mean() + (lam * aux_losses.mean() if pm > 0 else 0.0)
+        parts = (base_losses.mean(), lam * aux_losses.mean() if pm > 0 else base_losses.new_zeros(()))
     else:
         loss = base_losses.mean() + lam * aux_losses.sum() / n
+        parts = (base_losses.mean(), lam * aux_losses.sum() / n)
 
     metrics = {**loss_metrics(loss, base_losses, aux_losses, sigma0, mask), **metrics}
-    return SoarOutput(loss=loss, stats=metrics, base_losses=base_losses, aux_losses=aux_losses)
+    return SoarOutput(loss=loss, stats=metrics, base_losses=base_losses, aux_losses=aux_losses, parts=parts)
 
 
 def _aux_states(z0, z1, z_t, v_u, v_c, sigma0, sigma1, sigma_aux, m: int, draws: SoarDraws, config: SoarConfig,

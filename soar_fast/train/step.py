@@ -40,6 +40,7 @@ from soar_fast.fast.attention import attention_context
 from soar_fast.fast.compile import compile_model
 from soar_fast.fast.fp8 import enable_fp8_training
 from soar_fast.loss import SoarDraws, SoarOutput, keyed_draws, soar_loss_from_draws
+from soar_fast.loss.paths import point_mask
 from soar_fast.models.spec import ModelFamily
 from soar_fast.train.ema import EMA
 
@@ -91,15 +92,19 @@ class TrainStep:
 
     # --- one micro-batch ---------------------------------------------------------------------
     def micro_step(self, z0: torch.Tensor, cond: Any, uncond: Any, draws: SoarDraws,
-                   grad_scale: float = 1.0) -> SoarOutput:
-        """Forward and backward of one micro-batch on given draws; gradients (times `grad_scale`)
-        accumulate into the parameters. `.loss` is the unscaled local SOAR loss (detached)."""
+                   grad_scale: float | torch.Tensor | tuple = 1.0) -> SoarOutput:
+        """Forward and backward of one micro-batch on given draws; gradients (times `grad_scale`:
+        a number, a 0-d tensor, or a (base, auxiliary) pair) accumulate into the parameters.
+        `.loss` is the unscaled local SOAR loss (detached)."""
         soar, fast = self.cfg.soar, self.cfg.fast
         z0 = z0.float()
         with attention_context(fast.attention_backend):
             if self.cfg.runtime.step == "eager":
                 out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws)
-                (out.loss * grad_scale).backward()
+                if isinstance(grad_scale, tuple):
+                    (out.parts[0] * grad_scale[0] + out.parts[1] * grad_scale[1]).backward()
+                else:
+                    (out.loss * grad_scale).backward()
                 out.loss = out.loss.detach()
                 return out
             return batched_soar_step(self.velocity_fn, z0, cond, uncond, soar, draws, rollout=self.rollout,
@@ -120,9 +125,11 @@ class TrainStep:
         sums: dict[str, torch.Tensor] = {}
         bad = torch.zeros((), device=self.env.device)
         k = len(batches)
-        for z0, cond, indices in batches:
-            draws = keyed_draws(z0, self.cfg.soar, seed=self.cfg.runtime.seed, step=step, indices=indices)
-            out = self.micro_step(z0, cond, uncond, draws, grad_scale=1.0 / k)
+        all_draws = [keyed_draws(z0, self.cfg.soar, seed=self.cfg.runtime.seed, step=step, indices=indices)
+                     for z0, _, indices in batches]
+        scales = self.grad_scales(all_draws)
+        for (z0, cond, _), draws, scale in zip(batches, all_draws, scales):
+            out = self.micro_step(z0, cond, uncond, draws, grad_scale=scale)
             bad = bad + (~torch.isfinite(out.loss)).float()
             for name, v in out.stats.items():
                 sums[name] = sums[name] + v / k if name in sums else v / k
@@ -159,6 +166,29 @@ class TrainStep:
                 "compute_dtype": compute, "reduce_dtype": reduce, "fp8_training": fast.fp8_training,
                 "activation_checkpointing": fast.activation_checkpointing, "micro_chunks": fast.micro_chunks,
                 "world_size": self.env.world_size}
+
+    def grad_scales(self, draws: Sequence[SoarDraws]) -> list:
+        """The gradient scale of each micro-batch, so that the step's gradient is that of the loss
+        over the whole global batch (every micro-batch of every rank), normalised by the global
+        counts. With every auxiliary point present (one rollout path) the counts are the same in
+        every micro-batch: 1/k each (FSDP averages the ranks). With several paths, points where
+        u1 = 0 do not exist and the counts vary: the local-to-global count ratios (0-d device
+        tensors, one all-reduce of two numbers, no host sync), times W for FSDP's average. The
+        logged loss stays the mean of the micro-batch losses."""
+        soar, k, w = self.cfg.soar, len(draws), self.env.world_size
+        masks = [point_mask(d.u0, soar) if d.sigma_aux.shape[0] > 0 else None for d in draws]
+        if all(m is None for m in masks):
+            return [1.0 / k] * k
+        dev = draws[0].u0.device
+        b = torch.tensor([float(d.u0.shape[0]) for d in draws], device=dev)
+        n = torch.stack([m.sum().float() for m in masks])
+        total = torch.stack([b.sum(), n.sum()])
+        if w > 1:
+            dist.all_reduce(total)
+        lam = soar.lambda_aux
+        if soar.normalization == "points":
+            return list(w * (b + lam * n) / (total[0] + lam * total[1]))
+        return list(zip(w * b / total[0], w * n / total[1]))
 
     def refresh_rollout(self) -> None:
         """Bring the rollout's own weights (replica, FP8 copies) to the current weights."""
