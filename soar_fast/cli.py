@@ -29,12 +29,12 @@ __all__ = ["main"]
 
 USAGE = """usage: soar-fast {cache,train,plan,sample,eval,demo,parity,recipes} [flags]
 
-  cache    encode an image-caption folder with a local SD3/Flux pipeline into a latent cache
+  cache    encode an image-caption folder with a local pipeline (SD3, FLUX.1/2, Qwen-Image, Z-Image) into a latent cache
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
   plan     the peak GPU memory per rank of `train`'s flags, predicted on a CPU (parts, phases);
            `--gpu_memory 24` (GiB) or `auto` adds the cheapest options that make it fit
   sample   write a grid of samples of a trained run
-           (`sample --pipeline <folder> [--transformer DIR] [--lora PATH] --prompts FILE`: SD3 pipeline)
+           (`sample --pipeline <folder> [--transformer DIR] [--lora PATH] --prompts FILE`: the family's pipeline)
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
            (`eval --prompts --help`: a prompt file through an SD3 pipeline, external scorers)
   demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
