@@ -48,7 +48,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # the tests build tiny SD3/Flux pipelines (CLIP, T5) and LoRA adapters locally: transformers, peft
     "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.8.0; platform_system=='Linux'",
-             "transformers>=4.44", "peft>=0.12"],
+             "transformers>=4.44", "peft>=0.12", "ruff"],
     "diffusers": ["transformers>=4.44", "peft>=0.12", "sentencepiece", "accelerate"],
     "gpu": ["triton>=3.2", "nvtx"],
 }
