@@ -82,17 +82,17 @@ def _compare(variant, loss, grads, ref_loss, ref_grads, config) -> list[ParityRo
             row("grad_max_rel", mrel, mrel <= TOL["grad_max_rel"])]
 
 
-def _train_config(step: str, fast: dict, num_aux: int, device: str) -> TrainConfig:
+def _train_config(step: str, fast: dict, soar: sf.SoarConfig, device: str) -> TrainConfig:
     cfg = TrainConfig()
     cfg.runtime = dataclasses.replace(cfg.runtime, step=step, device=device)
     cfg.fast = dataclasses.replace(cfg.fast, **fast)
-    cfg.soar = sf.SoarConfig(num_aux=num_aux)
+    cfg.soar = soar
     return cfg
 
 
 def run_parity(preset: str = "tiny", batch: int = 2, num_aux: int = 3, size: int = 8, seq: int = 5, seed: int = 0,
                variants: tuple[str, ...] = tuple(VARIANTS), device: str = "cpu", family: str = "sd3",
-               fp8_scaling: str = "tensorwise") -> list[ParityRow]:
+               fp8_scaling: str = "tensorwise", soar: dict | None = None) -> list[ParityRow]:
     """The parity table on a randomly initialised `preset` (fp32; on CUDA with TF32 off, so the
     tolerances measure our code, not cuBLAS's reduced-precision mode)."""
     unknown = set(variants) - set(VARIANTS)
@@ -101,12 +101,13 @@ def run_parity(preset: str = "tiny", batch: int = 2, num_aux: int = 3, size: int
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run(get_family(family), preset, batch, num_aux, size, seq, seed, variants, device, fp8_scaling)
+        soar_cfg = sf.SoarConfig(num_aux=num_aux, **(soar or {}))
+        return _run(get_family(family), preset, batch, soar_cfg, size, seq, seed, variants, device, fp8_scaling)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_scaling) -> list[ParityRow]:
+def _run(family, preset, batch, soar, size, seq, seed, variants, device, fp8_scaling) -> list[ParityRow]:
     dev = torch.device(device)
     base = family.build(preset, seed=seed)
     mc = base.config
@@ -116,7 +117,6 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_
     text_dim, pooled_dim = family.text_dims(mc)
     cond = (torch.randn(batch, seq, text_dim, generator=g).to(dev), torch.randn(batch, pooled_dim, generator=g).to(dev))
     uncond = (torch.zeros(seq, text_dim, device=dev), torch.zeros(pooled_dim, device=dev))
-    soar = sf.SoarConfig(num_aux=num_aux)
     draws = sf.sample_draws(z0, soar, torch.Generator(device=dev).manual_seed(seed + 1))
 
     ref_model = copy.deepcopy(base).to(dev)
@@ -136,7 +136,7 @@ def _run(family, preset, batch, num_aux, size, seq, seed, variants, device, fp8_
         if variant == "graphed_rollout" and dev.type != "cuda":
             rows.append(ParityRow(variant, "graph_vs_eager_max_abs", None, 0.0, "skipped", "needs CUDA"))
             continue
-        cfg = _train_config(step_kind, {**fast, "fp8_scaling": fp8_scaling}, num_aux, device)
+        cfg = _train_config(step_kind, {**fast, "fp8_scaling": fp8_scaling}, soar, device)
         env = init_distributed(cfg.parallel, device)
         step = build_train_step(family, copy.deepcopy(base), cfg, env)
         config = step.describe()
@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="architecture preset of the family (random weights)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--num_aux", type=int, default=3)
+    p.add_argument("--num_rollout_paths", type=int, default=1, help="stochastic rollout paths (SoarConfig)")
+    p.add_argument("--sde_rollout_type", default="flow_sde", choices=["simple", "sde", "flow_sde", "cps"])
+    p.add_argument("--rollout_steps", type=int, default=40, help="N of the rollout step (u1 = u0 - 1/N)")
+    p.add_argument("--aux_timestep", default="sigma", choices=["sigma", "table"])
     p.add_argument("--size", type=int, default=8, help="latent height and width")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     variants = tuple(v for v in a.variants.split(",") if v)
+    soar = {"num_rollout_paths": a.num_rollout_paths, "sde_rollout_type": a.sde_rollout_type,
+            "rollout_steps": a.rollout_steps, "aux_timestep": a.aux_timestep}
     rows = run_parity(a.preset, a.batch, a.num_aux, a.size, variants=variants, device=a.device, family=a.family,
-                      fp8_scaling=a.fp8_scaling)
+                      fp8_scaling=a.fp8_scaling, soar=soar)
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:
