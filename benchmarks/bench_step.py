@@ -120,7 +120,7 @@ class Bench:
         cfg = lib.variant_config(name, precision, self.shape, a.device, compile_off=a.no_compile)
         lib.free_memory(self.device)
         model = self.family.build(a.preset, seed=0, device=self.device)
-        flops = self.family.step_flops(model, a.batch, cfg.soar.num_aux, a.latent, a.latent, a.text_len)
+        flops = self.family.step_flops(model, a.batch, cfg.soar.num_points, a.latent, a.latent, a.text_len)
         if name == "a":
             fn, step, config = self._release_step(model, cfg), None, self._release_config(cfg, precision)
         else:

@@ -97,7 +97,9 @@ class ModelFamily:
 
     def step_flops(self, model: nn.Module, batch: int, num_aux: int, height: int, width: int, text_len: int) -> float:
         """FLOPs of one SOAR step (num_aux=0: SFT): 3F(1+M)B for forward+backward of the (1+M)B
-        rows plus 2BF for the no-grad CFG rollout (M > 0)."""
+        rows plus 2BF for the no-grad CFG rollout (M > 0). With several rollout paths pass the
+        point rows P·M (`SoarConfig.num_points`): the batched step runs all of them (a missing
+        point is a zero-weight row, not a skipped one) and still one rollout."""
         f = self.forward_flops(model, height, width, text_len)
         rollout = 2 * batch * f if num_aux > 0 else 0.0
         return 3.0 * f * (1 + num_aux) * batch + rollout

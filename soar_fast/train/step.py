@@ -97,7 +97,8 @@ class TrainStep:
         a number, a 0-d tensor, or a (base, auxiliary) pair) accumulate into the parameters.
         `.loss` is the unscaled local SOAR loss (detached)."""
         soar, fast = self.cfg.soar, self.cfg.fast
-        z0 = z0.float()
+        # targets in the model's compute dtype (the release's bf16 arithmetic) or in fp32
+        z0 = z0.to(precision_dtypes(self.cfg)[1]) if soar.target_dtype == "model" else z0.float()
         with attention_context(fast.attention_backend):
             if self.cfg.runtime.step == "eager":
                 out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws)
