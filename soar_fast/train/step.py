@@ -248,8 +248,9 @@ def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, en
     if not params:
         raise ConfigError("the model has no trainable parameter; check --model.lora_target_modules")
     oc = cfg.optim
+    # foreach (multi-tensor) AdamW on every device: torch's CPU default is the per-parameter loop
     optimizer = torch.optim.AdamW(params, lr=oc.learning_rate, betas=(oc.adam_beta1, oc.adam_beta2),
-                                  weight_decay=oc.adam_weight_decay, eps=oc.adam_epsilon)
+                                  weight_decay=oc.adam_weight_decay, eps=oc.adam_epsilon, foreach=True)
     ema = EMA(model, oc.ema_decay) if oc.use_ema else None
     rollout = None
     if cfg.runtime.step == "fast":
