@@ -186,51 +186,10 @@ def _cmd_plan(argv: Sequence[str]) -> int:
     if "-h" in rest or "--help" in rest:
         print("soar-fast plan: the flags of `soar-fast train` (below) plus --gpu_memory GiB|auto (choose options "
               "until the step fits) and --world_size N (FSDP2 ranks; default $WORLD_SIZE or 1)\n")
-    world = known.world_size or os.environ.get("WORLD_SIZE", "1")
-    if not world.isdigit() or int(world) < 1:
-        raise UsageError(f"--world_size {world!r} is invalid: pass the number of ranks, e.g. 8")
-    gpu = None
-    if known.gpu_memory == "auto":
-        import torch
+    from soar_fast.train.plan import plan_target, print_plan
 
-        if not torch.cuda.is_available():
-            raise UsageError("--gpu_memory auto needs a visible CUDA GPU; pass the card's GiB instead, e.g. --gpu_memory 24")
-        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
-    elif known.gpu_memory is not None:
-        try:
-            gpu = float(known.gpu_memory)
-        except ValueError:
-            gpu = -1.0
-        if not gpu > 0:
-            raise UsageError(f"--gpu_memory {known.gpu_memory!r} is invalid: pass GiB per GPU (e.g. 24) or auto")
-    cfg = _parse_train(rest)
-    from soar_fast.train.plan import GIB, MARGIN, fit_to_memory, plan_memory
-
-    plan = plan_memory(cfg, int(world))
-    s, mc = plan.stats, cfg.model
-    model = mc.pretrained_model_name_or_path or f"{mc.family}/{mc.preset}"
-    fast = cfg.fast
-    title = (f"soar-fast plan: {model} ({s.total / 1e9:.2f} B params, {s.trainable / 1e6:.1f} M trained), "
-             f"{s.tokens} tokens per sample, B={cfg.optim.train_batch_size}, M={cfg.soar.num_aux}, "
-             f"step {cfg.runtime.step}, rollout {fast.rollout}, compile {fast.compile}, weights "
-             f"{cfg.runtime.weight_dtype}, mixed_precision {cfg.runtime.mixed_precision}")
-    print(plan.table(title))
-    if gpu is None:
-        return 0
-    choice = fit_to_memory(cfg, gpu, int(world))
-    budget = choice.budget / GIB
-    if plan.peak <= choice.budget:
-        print(f"fits {gpu:g} GiB: {plan.peak_gib:.2f} of {budget:.2f} GiB usable (the rest: CUDA context, "
-              "workspaces, fragmentation)")
-        return 0
-    for note in choice.notes:
-        print(f"not an option today: {note}" if note.startswith(("FP8 storage", "8-bit")) else f"note: {note}")
-    if not choice.fits:
-        need = choice.plan.peak_gib
-        return _fail(f"--gpu_memory {gpu:g} is too small for any choice: with {' '.join(choice.flags)} the step "
-                     f"needs {need:.2f} GiB, so a GPU of about {(need + MARGIN[1]) / (1 - MARGIN[0]):.0f} GiB at the least")
-    print(f"choice for {gpu:g} GiB: add {' '.join(choice.flags)} -> predicted peak {choice.plan.peak_gib:.2f} GiB "
-          f"of {budget:.2f} usable")
+    world, gpu = plan_target(known.world_size, known.gpu_memory)
+    print_plan(_parse_train(rest), world, gpu)
     return 0
 
 

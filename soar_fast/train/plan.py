@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from soar_fast.config import TrainConfig
+from soar_fast.config import ConfigError, TrainConfig
 from soar_fast.train.plan_probe import ModelStats, measure_model
 from soar_fast.train.step import precision_dtypes
 
-__all__ = ["FIT", "Harness", "MemoryPlan", "PARTS", "TRAINER", "Choice", "fit_to_memory", "plan_memory"]
+__all__ = ["FIT", "Harness", "MemoryPlan", "PARTS", "TRAINER", "Choice", "fit_to_memory", "plan_memory", "plan_target", "print_plan"]
 
 GIB = 2**30
 _REPLICA_MODES = ("cuda_graph", "fp8", "cuda_graph_fp8", "te_fp8")
@@ -281,3 +282,55 @@ def fit_to_memory(cfg: TrainConfig, gpu_gib: float, world_size: int = 1, *, lora
                          "the last choice would fit: sharding divides weights, gradients and AdamW states")
             break
     return last
+
+
+def print_plan(cfg: TrainConfig, world: int, gpu: float | None) -> None:
+    """`soar-fast plan`: the table of `cfg` at `world` ranks; with `gpu` (GiB) whether it fits, or
+    the cheapest flags that make it fit (a ConfigError when none does, naming the smallest GPU)."""
+    plan = plan_memory(cfg, world)
+    s, mc = plan.stats, cfg.model
+    model = mc.pretrained_model_name_or_path or f"{mc.family}/{mc.preset}"
+    fast = cfg.fast
+    title = (f"soar-fast plan: {model} ({s.total / 1e9:.2f} B params, {s.trainable / 1e6:.1f} M trained), "
+             f"{s.tokens} tokens per sample, B={cfg.optim.train_batch_size}, M={cfg.soar.num_aux}, "
+             f"step {cfg.runtime.step}, rollout {fast.rollout}, compile {fast.compile}, weights "
+             f"{cfg.runtime.weight_dtype}, mixed_precision {cfg.runtime.mixed_precision}")
+    print(plan.table(title))
+    if gpu is None:
+        return
+    choice = fit_to_memory(cfg, gpu, world)
+    budget = choice.budget / GIB
+    if plan.peak <= choice.budget:
+        print(f"fits {gpu:g} GiB: {plan.peak_gib:.2f} of {budget:.2f} GiB usable (the rest: CUDA context, "
+              "workspaces, fragmentation)")
+        return
+    for note in choice.notes:
+        print(f"not an option today: {note}" if note.startswith(("FP8 storage", "8-bit")) else f"note: {note}")
+    if not choice.fits:
+        need = choice.plan.peak_gib
+        raise ConfigError(f"--gpu_memory {gpu:g} is too small for any choice: with {' '.join(choice.flags)} the step "
+                          f"needs {need:.2f} GiB, so a GPU of about {(need + MARGIN[1]) / (1 - MARGIN[0]):.0f} GiB at "
+                          "the least")
+    print(f"choice for {gpu:g} GiB: add {' '.join(choice.flags)} -> predicted peak {choice.plan.peak_gib:.2f} GiB "
+          f"of {budget:.2f} usable")
+
+
+def plan_target(world_size: str | None, gpu_memory: str | None) -> tuple[int, float | None]:
+    """(ranks, GiB per GPU or None) of `soar-fast plan --world_size N --gpu_memory GiB|auto`;
+    the world size defaults to $WORLD_SIZE or 1, `auto` reads the visible GPU."""
+    world = world_size or os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise ConfigError(f"--world_size {world!r} is invalid: pass the number of ranks, e.g. 8")
+    gpu = None
+    if gpu_memory == "auto":
+        if not torch.cuda.is_available():
+            raise ConfigError("--gpu_memory auto needs a visible CUDA GPU; pass the card's GiB instead, e.g. --gpu_memory 24")
+        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    elif gpu_memory is not None:
+        try:
+            gpu = float(gpu_memory)
+        except ValueError:
+            gpu = -1.0
+        if not gpu > 0:
+            raise ConfigError(f"--gpu_memory {gpu_memory!r} is invalid: pass GiB per GPU (e.g. 24) or auto")
+    return int(world), gpu
