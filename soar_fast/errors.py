@@ -19,7 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["SHARED", "debug_requested", "explain", "format_error"]
+__all__ = ["SHARED", "debug_requested", "explain", "format_error", "is_disk_full"]
 
 DEBUG_ENV = "SOAR_FAST_DEBUG"
 
@@ -28,6 +28,14 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     """(`--debug` given or SOAR_FAST_DEBUG set, argv without `--debug`)."""
     on = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     return on, [a for a in argv if a != "--debug"]
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An ENOSPC, or torch's words for one (`unexpected pos`), also inside DCP's per-rank wrapper."""
+    failures = getattr(err, "failures", None)
+    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else [err]
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e)
+               or "No space left" in str(e) for e in inner)
 
 
 def _size(n: float) -> str:
@@ -77,7 +85,7 @@ _SIZE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (tor
 def _runtime_error(err: BaseException) -> str | None:
     text = str(err)
     first = text.splitlines()[0] if text else ""
-    if "PytorchStreamWriter failed" in text or "unexpected pos" in text or "No space left" in text:
+    if "PytorchStreamWriter failed" in text or is_disk_full(err):
         return (f"writing a file failed, most likely no space left on the device{_free(None)}; free space or "
                 "choose another --output_dir, then rerun with --resume")
     m = _SIZE.search(text)

@@ -42,6 +42,7 @@ from soar_fast.config import ConfigError
 from soar_fast.distributed.env import barrier as _barrier
 from soar_fast.distributed.env import get_rank as _rank
 from soar_fast.distributed.env import get_world_size as _world
+from soar_fast.errors import is_disk_full
 from soar_fast.train.ema import EMA
 
 __all__ = ["CheckpointError", "checkpoint_step", "clean_partial_checkpoints", "find_checkpoints", "legacy_checkpoints",
@@ -197,13 +198,6 @@ class DiskFullError(OSError):
         self.needed_bytes = needed_bytes
 
 
-def _disk_full(err: BaseException) -> bool:
-    failures = getattr(err, "failures", None)
-    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else [err]
-    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e)
-               or "No space left" in str(e) for e in inner)
-
-
 def _nbytes(obj: Any) -> int:
     """Bytes of every tensor in a nested state dict (a DTensor counts its global size)."""
     if isinstance(obj, torch.Tensor):
@@ -231,7 +225,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model: nn.Module, optim
     try:
         dcp.save(state_dict, checkpoint_id=str(tmp))
     except BaseException as err:  # DCP wraps each rank's error in a BaseException
-        if _disk_full(err):
+        if is_disk_full(err):
             raise DiskFullError(str(tmp), _nbytes(state_dict)) from None
         raise
     _barrier()
