@@ -14,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("family_pipelines")  # its shared e2e checks report as a test's asserts do
+
 import torch  # noqa: E402
 from sd35_helpers import CAPTIONS, CHARS, make_caption_folder, tiny_vocabs, write_image  # noqa: E402,F401
 
@@ -163,10 +166,6 @@ def tiny_zimage_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zimage_cache(tiny_zimage_dir, caption_folder, tmp_path_factory) -> Path:
     """The caption folder cached with `soar-fast cache` and the tiny Z-Image pipeline (32 tokens)."""
-    from soar_fast.cli import main
+    from family_pipelines import cache_with_cli
 
-    out = tmp_path_factory.mktemp("zimage_cache") / "cache"
-    assert main(["cache", "--pretrained_model_name_or_path", str(tiny_zimage_dir), "--data.root", str(caption_folder),
-                 "--data.resolution", "32", "--output_dir", str(out), "--max_sequence_length", "32", "--batch_size",
-                 "4", "--shard_size", "4", "--num_workers", "0", "--no-progress", "--store_dtype", "float32"]) == 0
-    return out
+    return cache_with_cli(tiny_zimage_dir, caption_folder, tmp_path_factory.mktemp("zimage_cache") / "cache", 32)

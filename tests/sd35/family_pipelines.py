@@ -1,7 +1,12 @@
 """Tiny random pipelines of the newer families (Z-Image, Qwen-Image, FLUX.2), built locally: the
 tokenizers from in-test vocabularies, random text encoders and VAEs (no hub access). Component
 sizes follow diffusers' own pipeline tests (tests/pipelines/{z_image,qwenimage,flux2}), smaller
-where they can be. A module of its own (not conftest) so test modules import it by name."""
+where they can be. A module of its own (not conftest) so test modules import it by name.
+
+Also the end-to-end skeleton the three family tests (test_{zimage,qwenimage,flux2}_e2e.py) share:
+`soar-fast cache` of a pipeline folder, the full + LoRA train -> export -> sample run, and the
+error lines of a train on another family's cache (conftest.py registers this module for pytest's
+assertion rewriting, so its asserts report as a test module's do)."""
 
 from __future__ import annotations
 
@@ -173,3 +178,91 @@ def build_tiny_flux2_pipeline(seed: int = 0):
             vae.bn.running_var.uniform_(0.5, 2.0)
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                          tokenizer=tok, transformer=transformer)
+
+
+# --- the end-to-end skeleton of the family tests -----------------------------------------------
+
+# `soar-fast train` flags of the tiny runs: 2 SOAR steps on CPU in fp32, no logging or checkpoints.
+FAST_TRAIN = ["--train_batch_size", "2", "--soar.num_aux", "1", "--soar.rollout_steps", "2", "--report_to", "none",
+              "--logging.no-progress_bar", "--runtime.device", "cpu", "--mixed_precision", "no", "--max_train_steps",
+              "2", "--checkpointing_steps", "0", "--learning_rate", "1e-3"]
+
+
+def sample_flags(max_sequence_length: int, guidance_scale: float) -> list[str]:
+    """`soar-fast sample` flags of the tiny runs: 2 steps of 32 px on CPU."""
+    return ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--device", "cpu",
+            "--max_sequence_length", str(max_sequence_length), "--guidance_scale", str(guidance_scale)]
+
+
+def run_ok(argv: list[str]) -> None:
+    """A `soar-fast` command that must succeed."""
+    from soar_fast.cli import main
+
+    assert main(argv) == 0, argv
+
+
+def cache_with_cli(pipe_dir, caption_folder, out, max_sequence_length: int):
+    """`soar-fast cache` of the caption folder with the pipeline folder into `out` (fp32 shards of 4)."""
+    run_ok(["cache", "--pretrained_model_name_or_path", str(pipe_dir), "--data.root", str(caption_folder),
+            "--data.resolution", "32", "--output_dir", str(out), "--max_sequence_length", str(max_sequence_length),
+            "--batch_size", "4", "--shard_size", "4", "--num_workers", "0", "--no-progress", "--store_dtype", "float32"])
+    return out
+
+
+def probe_velocity(velocity_fn_cls, transformer, latent_shape, text_shape):
+    """The family's velocity function of `transformer` on fixed random latents (t = 0.6) and text,
+    no pooled embedding: equal outputs mean equal weights, for comparing an export with its model."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return velocity_fn_cls(transformer)(torch.randn(*latent_shape, generator=g), torch.tensor([0.6]),
+                                            (torch.randn(*text_shape, generator=g), torch.zeros(1, 0)))
+
+
+def check_full_and_lora_train_export_sample(recipe: str, pipe_dir, cache_dir, tmp_path, pipeline_cls, transformer_cls,
+                                            probe, sample: list[str]) -> None:
+    """Train `recipe` 2 steps on the cache (full, then LoRA rank 4) and check the exports: the trained
+    transformer moved; `pipeline_cls` loads final/ as a pipeline folder with the trained weights;
+    `sample --pipeline final` and `sample --pipeline <base> --transformer final/transformer` write the
+    same two 32 px images and a grid; the LoRA adapters load with `load_lora_weights`, change the
+    output, and `sample --lora` writes two images. `probe(transformer)` is the family's velocity probe."""
+    from PIL import Image
+
+    folder = ["--recipe", recipe, "--pretrained_model_name_or_path", str(pipe_dir),
+              "--data.source", "latents", "--data.data_dir", str(cache_dir)]
+    run_ok(["train", *folder, "--output_dir", str(tmp_path / "full"), *FAST_TRAIN])
+    final = tmp_path / "full" / "final"
+    trained = transformer_cls.from_pretrained(final / "transformer")
+    base = transformer_cls.from_pretrained(pipe_dir, subfolder="transformer")
+    assert (probe(trained) - probe(base)).abs().max() > 1e-5
+    pipe = pipeline_cls.from_pretrained(final, local_files_only=True)  # the export is a pipeline folder
+    torch.testing.assert_close(probe(pipe.transformer), probe(trained))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue sky\n", encoding="utf-8")
+    run_ok(["sample", "--pipeline", str(final), "--prompts", str(prompts), "--output_dir", str(tmp_path / "s1"), *sample])
+    run_ok(["sample", "--pipeline", str(pipe_dir), "--transformer", str(final / "transformer"), "--prompts",
+            str(prompts), "--output_dir", str(tmp_path / "s2"), *sample])
+    for s in ("s1", "s2"):
+        ims = sorted((tmp_path / s).glob("0000*_0.png"))
+        assert len(ims) == 2 and Image.open(ims[0]).size == (32, 32) and (tmp_path / s / "grid.png").is_file()
+    assert (Image.open(tmp_path / "s1" / "00000_0.png").tobytes() == Image.open(tmp_path / "s2" / "00000_0.png").tobytes())
+
+    run_ok(["train", *folder, "--model.lora_rank", "4", "--output_dir", str(tmp_path / "lora"), *FAST_TRAIN])
+    lora = pipeline_cls.from_pretrained(pipe_dir, local_files_only=True)
+    lora.load_lora_weights(tmp_path / "lora" / "final")
+    assert any("lora" in n for n, _ in lora.transformer.named_parameters())
+    assert (probe(lora.transformer) - probe(base)).abs().max() > 1e-6
+    run_ok(["sample", "--pipeline", str(pipe_dir), "--lora", str(tmp_path / "lora" / "final"), "--prompts",
+            str(prompts), "--output_dir", str(tmp_path / "s3"), *sample])
+    assert len(list((tmp_path / "s3").glob("0000*_0.png"))) == 2
+
+
+def train_on_cache_errors(recipe: str, pipe_dir, cache_dir, tmp_path, capsys) -> tuple[int, list[str]]:
+    """`soar-fast train` of `recipe` on `cache_dir` (a cache of another family): its exit status and
+    the `soar-fast: error:` lines it wrote to stderr."""
+    from soar_fast.cli import main
+
+    rc = main(["train", "--recipe", recipe, "--pretrained_model_name_or_path", str(pipe_dir),
+               "--data.source", "latents", "--data.data_dir", str(cache_dir), "--output_dir",
+               str(tmp_path / "r"), *FAST_TRAIN])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
+    return rc, err
