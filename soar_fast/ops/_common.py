@@ -1,4 +1,5 @@
-"""Helpers shared by the fused ops: optional-triton probe, [rows, N] views with a row stride."""
+"""Helpers shared by the fused ops: optional-triton probe, the kernels' dtypes, [rows, N] views with a
+row stride, fp32 copies of the per-sample scalars."""
 
 from __future__ import annotations
 
@@ -11,9 +12,20 @@ import warnings
 
 import torch
 
-__all__ = ["POISON_ENV", "as_rows", "empty_output", "interpreting", "triton_available"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "POISON_ENV",
+    "as_rows",
+    "check_kernel_dtype",
+    "empty_output",
+    "fp32_contiguous",
+    "interpreting",
+    "state_rows",
+    "triton_available",
+]
 
 POISON_ENV = "SOAR_FAST_POISON_OUTPUTS"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -54,6 +66,24 @@ def as_rows(t: torch.Tensor, op: str, name: str) -> tuple[torch.Tensor, int]:
         t = t.contiguous()
     stride = t.stride(0) if t.shape[0] > 1 else math.prod(t.shape[1:])
     return t, stride
+
+
+def check_kernel_dtype(op: str, dtype: torch.dtype) -> None:
+    """Raise TypeError unless a kernel serves `dtype` (fp32, fp16, bf16)."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: dtype {dtype} is not supported (fp32, fp16, bf16)")
+
+
+def state_rows(op: str, z0, z1, v_uncond, v_cond) -> tuple[tuple[torch.Tensor, int], ...]:
+    """`as_rows` of the four `[B, ...]` state inputs of the aux- and path-state kernels, in order:
+    ((z0, stride), (z1, stride), (v_uncond, stride), (v_cond, stride))."""
+    named = (("z0", z0), ("z1", z1), ("v_uncond", v_uncond), ("v_cond", v_cond))
+    return tuple(as_rows(t, op, name) for name, t in named)
+
+
+def fp32_contiguous(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor as a contiguous fp32 tensor on `device` (the kernels' sigma and noise inputs)."""
+    return tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in tensors)
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,13 @@ import triton.language as tl
 
 from soar_fast.ops._common import interpreting
 
-__all__ = ["needs_rne_fix", "round_bf16_rne"]
+__all__ = ["interp_block", "needs_rne_fix", "round_bf16_rne"]
+
+
+def interp_block(n: int) -> int:
+    """The interpreter's one BLOCK for rows of n elements: large (its cost is per program), a power
+    of two in [16, 16384]."""
+    return min(16384, max(16, triton.next_power_of_2(n)))
 
 
 def needs_rne_fix(dtype: torch.dtype) -> bool:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from soar_fast.ops._common import interpreting, triton_available
+from soar_fast.ops._common import KERNEL_DTYPES, interpreting, triton_available
 from soar_fast.ops.native import load_native, native_cuda_ready
 from soar_fast.ops.soar_aux_states.op import aux_states_op, aux_states_z_op
 from soar_fast.ops.soar_aux_states.reference import soar_aux_states_reference
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton", "native")
 ENV_VAR = "SOAR_FAST_OPS_BACKEND"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
 
@@ -70,12 +69,12 @@ def resolve_backend(
                     f"{ENV_VAR}={forced!r} is invalid; set it to reference, triton or native"
                 )
             backend, why = forced, f"forced by {ENV_VAR}"
-        elif device.type == "cuda" and (dtype is None or dtype in _KERNEL_DTYPES) and native_cuda_ready():
+        elif device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES) and native_cuda_ready():
             backend, why = "native", "auto: CUDA device, native extension built with CUDA kernels"
         elif (
             device.type == "cuda"
             and triton_available()
-            and (dtype is None or dtype in _KERNEL_DTYPES)
+            and (dtype is None or dtype in KERNEL_DTYPES)
         ):
             backend, why = "triton", "auto: CUDA device with triton"
         else:
@@ -93,6 +92,16 @@ def resolve_backend(
         load_native()
     _log_once(op, backend, why)
     return backend
+
+
+def _run(chosen: str, args: tuple, triton_op, native_op, reference):
+    """Call the chosen backend's implementation of an op on `args`. `native_op` looks the native
+    op up when called (torch.ops.soar_fast_native exists only once the extension is loaded)."""
+    if chosen == "triton":
+        return triton_op(*args)
+    if chosen == "native":
+        return native_op(*args)
+    return reference(*args)
 
 
 def soar_aux_states(
@@ -113,11 +122,8 @@ def soar_aux_states(
     _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux)
     chosen = resolve_backend("soar_aux_states", backend, z0.device, z0.dtype)
     args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, float(guidance_scale))
-    if chosen == "triton":
-        return aux_states_op(*args)
-    if chosen == "native":
-        return torch.ops.soar_fast_native.aux_states(*args)
-    return soar_aux_states_reference(*args)
+    return _run(chosen, args, aux_states_op, lambda *a: torch.ops.soar_fast_native.aux_states(*a),
+                soar_aux_states_reference)
 
 
 def soar_aux_z(
@@ -136,11 +142,8 @@ def soar_aux_z(
     _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux)
     chosen = resolve_backend("soar_aux_z", backend, z0.device, z0.dtype)
     args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, float(guidance_scale))
-    if chosen == "triton":
-        return aux_states_z_op(*args)
-    if chosen == "native":
-        return torch.ops.soar_fast_native.aux_states_z(*args)
-    return soar_aux_states_reference(*args)[0]
+    return _run(chosen, args, aux_states_z_op, lambda *a: torch.ops.soar_fast_native.aux_states_z(*a),
+                lambda *a: soar_aux_states_reference(*a)[0])
 
 
 def soar_path_states(
@@ -176,9 +179,7 @@ def soar_path_states(
         _log_once("soar_path_states", chosen, "no native kernel for this op")
     args = (z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, noise, float(guidance_scale), kind,
             float(noise_scale), float(sigma_max))
-    if chosen == "triton":
-        return path_states_op(*args)
-    return soar_path_states_reference(*args)
+    return _run(chosen, args, path_states_op, None, soar_path_states_reference)  # chosen is not native here
 
 
 def soar_fused_mse(
@@ -201,11 +202,8 @@ def soar_fused_mse(
         "soar_fused_mse", backend, v.device, v.dtype if z0.dtype != torch.float64 else z0.dtype
     )
     args = (v, z0, z1, z_aux, sigma_aux, weights)
-    if chosen == "triton":
-        return fused_mse_op(*args)
-    if chosen == "native":
-        return torch.ops.soar_fast_native.fused_mse(*args)
-    return soar_fused_mse_reference(*args)
+    return _run(chosen, args, fused_mse_op, lambda *a: torch.ops.soar_fast_native.fused_mse(*a),
+                soar_fused_mse_reference)
 
 
 def soar_fused_mse_and_grad(
@@ -229,11 +227,8 @@ def soar_fused_mse_and_grad(
         v.dtype if z0.dtype != torch.float64 else z0.dtype,
     )
     args = (v.detach(), z0, z1, z_aux, sigma_aux, weights)
-    if chosen == "triton":
-        return fused_mse_and_grad_op(*args)
-    if chosen == "native":
-        return torch.ops.soar_fast_native.fused_mse_and_grad(*args)
-    return soar_fused_mse_and_grad_reference(*args)
+    return _run(chosen, args, fused_mse_and_grad_op,
+                lambda *a: torch.ops.soar_fast_native.fused_mse_and_grad(*a), soar_fused_mse_and_grad_reference)
 
 
 def _check_aux_inputs(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from soar_fast.ops.soar_aux_states.reference import aux_rows_shape
+
 __all__ = ["aux_states_op", "aux_states_z_op"]
 
 
 def _out(z0: Tensor, sigma_aux: Tensor) -> Tensor:
-    return z0.new_empty((sigma_aux.shape[0] * z0.shape[0], *z0.shape[1:]))
+    return z0.new_empty(aux_rows_shape(z0, sigma_aux))
 
 
 @torch.library.custom_op("soar_fast::aux_states", mutates_args=())

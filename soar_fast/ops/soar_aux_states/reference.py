@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["soar_aux_states_reference"]
+__all__ = ["aux_rows_shape", "soar_aux_states_reference"]
 
 
 def _bcast(s: torch.Tensor, ndim: int) -> torch.Tensor:
     """[..., B] -> [..., B, 1, ...] with ndim - 1 trailing ones, to broadcast over a sample."""
     return s.reshape(*s.shape, *([1] * (ndim - 1)))
+
+
+def aux_rows_shape(z0: torch.Tensor, sigma_aux: torch.Tensor) -> tuple[int, ...]:
+    """The outputs' shape `[M*B, ...]` for z0 `[B, ...]` and sigma_aux `[M, B]`."""
+    return (sigma_aux.shape[0] * z0.shape[0], *z0.shape[1:])
 
 
 def soar_aux_states_reference(
@@ -41,5 +46,5 @@ def soar_aux_states_reference(
     alpha = ((sa - s1) / (1 - s1).clamp_min(1e-8)).clamp(0.0, 1.0)  # fraction of the way to z1
     z_aux = (1 - alpha) * z_hat + alpha * z1_  # re-noise toward the same z1, [M, B, ...]
     v_corr = (z_aux - z0_) / sa  # one Euler step of v_corr from z' over σ' lands on z0
-    out_shape = (sigma_aux.shape[0] * z0.shape[0], *z0.shape[1:])
+    out_shape = aux_rows_shape(z0, sigma_aux)
     return z_aux.reshape(out_shape).to(z0.dtype), v_corr.reshape(out_shape).to(z0.dtype)

@@ -16,8 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from soar_fast.ops._common import as_rows, empty_output, interpreting
-from soar_fast.ops._triton_utils import needs_rne_fix, round_bf16_rne
+from soar_fast.ops._common import (
+    check_kernel_dtype,
+    empty_output,
+    fp32_contiguous,
+    interpreting,
+    state_rows,
+)
+from soar_fast.ops._triton_utils import interp_block, needs_rne_fix, round_bf16_rne
+from soar_fast.ops.soar_aux_states.reference import aux_rows_shape
 
 __all__ = ["aux_states_triton"]
 
@@ -100,21 +107,16 @@ def aux_states_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher. Shapes as `soar_aux_states`; returns (z_aux, v_corr or None) `[M*B, ...]` in z0's dtype."""
     op = "soar_aux_states[triton]"
-    if z0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: dtype {z0.dtype} is not supported (fp32, fp16, bf16)")
+    check_kernel_dtype(op, z0.dtype)
     b, m = z0.shape[0], sigma_aux.shape[0]
-    out_shape = (m * b, *z0.shape[1:])
+    out_shape = aux_rows_shape(z0, sigma_aux)
     z_aux = empty_output(out_shape, z0.dtype, z0.device)
     v_corr = empty_output(out_shape, z0.dtype, z0.device) if write_v_corr else None
     n = z0[0].numel() if b > 0 else 0
     if z_aux.numel() == 0:
         return z_aux, v_corr
-    (z0r, sz0), (z1r, sz1) = as_rows(z0, op, "z0"), as_rows(z1, op, "z1")
-    (vur, svu), (vcr, svc) = as_rows(v_uncond, op, "v_uncond"), as_rows(v_cond, op, "v_cond")
-    dev = z0.device
-    s0 = sigma0.to(device=dev, dtype=torch.float32).contiguous()
-    s1 = sigma1.to(device=dev, dtype=torch.float32).contiguous()
-    sa = sigma_aux.to(device=dev, dtype=torch.float32).contiguous()
+    (z0r, sz0), (z1r, sz1), (vur, svu), (vcr, svc) = state_rows(op, z0, z1, v_uncond, v_cond)
+    s0, s1, sa = fp32_contiguous(z0.device, sigma0, sigma1, sigma_aux)
     args = (
         z0r,
         z1r,
@@ -135,7 +137,7 @@ def aux_states_triton(
         float(guidance_scale),
     )
     if interpreting():
-        block = min(16384, max(16, triton.next_power_of_2(n)))
+        block = interp_block(n)
         _aux_states_kernel[(triton.cdiv(n, block), b)](
             *args,
             WRITE_VCORR=write_v_corr,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from soar_fast.ops._common import as_rows, empty_output, interpreting
-from soar_fast.ops._triton_utils import needs_rne_fix, round_bf16_rne
+from soar_fast.ops._triton_utils import interp_block, needs_rne_fix, round_bf16_rne
 
 __all__ = ["fused_mse_and_grad_triton", "fused_mse_backward_triton", "fused_mse_forward_triton"]
 
@@ -125,10 +125,6 @@ _MIN_CUDA_BLOCK = min(c.kwargs["BLOCK"] for c in _CUDA_CONFIGS)
 _fused_mse_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["N", "M"])(_fused_mse_kernel)
 
 
-def _interp_block(n: int) -> int:
-    return min(16384, max(16, triton.next_power_of_2(n)))
-
-
 def _prepare(v, z0, z1, z_aux, sigma_aux):
     op = "soar_fused_mse[triton]"
     for name, t in (("v", v), ("z0", z0), ("z1", z1), ("z_aux", z_aux)):
@@ -162,7 +158,7 @@ def _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, write_loss: bool, write_
     if not (write_loss or write_grad):
         return losses, grad_v
     interp = interpreting()
-    nblk = triton.cdiv(n, _interp_block(n) if interp else _MIN_CUDA_BLOCK)
+    nblk = triton.cdiv(n, interp_block(n) if interp else _MIN_CUDA_BLOCK)
     if not write_loss:
         partials = w  # unused
     elif interp:
@@ -192,7 +188,7 @@ def _launch(v, z0, z1, z_aux, sigma_aux, weights, grad, write_loss: bool, write_
         sza,
     )
     if interp:
-        block = _interp_block(n)
+        block = interp_block(n)
         _fused_mse_kernel[(triton.cdiv(n, block), b)](
             *args,
             WRITE_LOSS=write_loss,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from soar_fast.ops.soar_path_states.reference import path_counts
+
 __all__ = ["path_states_op"]
 
 
@@ -38,6 +40,5 @@ def path_states_op(
 
 @path_states_op.register_fake
 def _(z0, z1, v_uncond, v_cond, sigma0, sigma1, sigma_aux, noise, guidance_scale, kind, noise_scale, sigma_max):
-    p1 = noise.shape[0]
-    rows = (sigma_aux.shape[0] // p1 if p1 > 0 else 0) * p1 * z0.shape[0]
-    return z0.new_empty((rows, *z0.shape[1:]))
+    p1, m = path_counts(noise, sigma_aux)
+    return z0.new_empty((p1 * m * z0.shape[0], *z0.shape[1:]))

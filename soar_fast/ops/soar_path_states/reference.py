@@ -16,9 +16,16 @@ import math
 
 import torch
 
-__all__ = ["SDE_KINDS", "sde_step_moments", "soar_path_states_reference", "stochastic_step"]
+__all__ = ["SDE_KINDS", "path_counts", "sde_step_moments", "soar_path_states_reference", "stochastic_step"]
 
 SDE_KINDS = ("simple", "sde", "flow_sde", "cps")
+
+
+def path_counts(noise: torch.Tensor, sigma_aux: torch.Tensor) -> tuple[int, int]:
+    """(P-1, M): the stochastic paths (noise `[P-1, B, ...]`) and the points of each (sigma_aux
+    `[(P-1)*M, B]`); M = 0 when there are no paths."""
+    p1 = noise.shape[0]
+    return p1, (sigma_aux.shape[0] // p1 if p1 > 0 else 0)
 
 
 def _col(s: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -73,8 +80,7 @@ def soar_path_states_reference(
     sigma_max: float,
 ) -> torch.Tensor:
     """z' of the stochastic paths, `[(P-1)*M*B, ...]` in z0's dtype (module docstring)."""
-    p1, b = noise.shape[0], z0.shape[0]
-    m = sigma_aux.shape[0] // p1 if p1 > 0 else 0
+    (p1, m), b = path_counts(noise, sigma_aux), z0.shape[0]
     z0_, z1_ = z0.float(), z1.float()
     s0, s1 = _col(sigma0.float(), z0.dim()), _col(sigma1.float(), z0.dim())
     z_t = (1 - s0) * z0_ + s0 * z1_

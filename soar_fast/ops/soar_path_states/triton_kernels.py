@@ -13,9 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from soar_fast.ops._common import as_rows, empty_output, interpreting
-from soar_fast.ops._triton_utils import needs_rne_fix, round_bf16_rne
-from soar_fast.ops.soar_path_states.reference import SDE_KINDS
+from soar_fast.ops._common import (
+    check_kernel_dtype,
+    empty_output,
+    fp32_contiguous,
+    interpreting,
+    state_rows,
+)
+from soar_fast.ops._triton_utils import interp_block, needs_rne_fix, round_bf16_rne
+from soar_fast.ops.soar_path_states.reference import SDE_KINDS, path_counts
 
 __all__ = ["path_states_triton"]
 
@@ -88,26 +94,19 @@ def path_states_triton(z0: torch.Tensor, z1: torch.Tensor, v_uncond: torch.Tenso
     import math
 
     op = "soar_path_states[triton]"
-    if z0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: dtype {z0.dtype} is not supported (fp32, fp16, bf16)")
-    b, p1 = z0.shape[0], noise.shape[0]
-    m = sigma_aux.shape[0] // p1 if p1 > 0 else 0
+    check_kernel_dtype(op, z0.dtype)
+    b, (p1, m) = z0.shape[0], path_counts(noise, sigma_aux)
     z_aux = empty_output((p1 * m * b, *z0.shape[1:]), z0.dtype, z0.device)
     n = z0[0].numel() if b > 0 else 0
     if z_aux.numel() == 0:
         return z_aux
-    (z0r, sz0), (z1r, sz1) = as_rows(z0, op, "z0"), as_rows(z1, op, "z1")
-    (vur, svu), (vcr, svc) = as_rows(v_uncond, op, "v_uncond"), as_rows(v_cond, op, "v_cond")
-    dev = z0.device
-    eps = noise.to(device=dev, dtype=torch.float32).contiguous()
-    s0 = sigma0.to(device=dev, dtype=torch.float32).contiguous()
-    s1 = sigma1.to(device=dev, dtype=torch.float32).contiguous()
-    sa = sigma_aux.to(device=dev, dtype=torch.float32).contiguous()
+    (z0r, sz0), (z1r, sz1), (vur, svu), (vcr, svc) = state_rows(op, z0, z1, v_uncond, v_cond)
+    eps, s0, s1, sa = fp32_contiguous(z0.device, noise, sigma0, sigma1, sigma_aux)
     args = (z0r, z1r, vur, vcr, eps, s0, s1, sa, z_aux, b, n, m, p1, sz0, sz1, svu, svc,
             float(guidance_scale), float(noise_scale), float(sigma_max), math.sin(noise_scale * math.pi / 2))
     kind_id = SDE_KINDS.index(kind)
     if interpreting():
-        block = min(16384, max(16, triton.next_power_of_2(n)))
+        block = interp_block(n)
         _path_states_kernel[(triton.cdiv(n, block), b)](
             *args, KIND=kind_id, RNE_FIX=needs_rne_fix(z0.dtype), BLOCK=block, num_warps=4)
     else:
