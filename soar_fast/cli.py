@@ -1,4 +1,4 @@
-"""`soar-fast`: cache | train | sample | eval | demo | parity | recipes. Thin: parse -> build -> run.
+"""`soar-fast`: cache | train | sample | eval | demo | study | parity | recipes. Thin: parse -> build -> run.
 
     soar-fast cache --pretrained_model_name_or_path /models/sd35m --data.root /data/pets --output_dir /cache/pets
     soar-fast train --recipe sd35m-soar --pretrained_model_name_or_path /models/sd35m --data.data_dir /cache/pets
@@ -27,7 +27,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: soar-fast {cache,train,plan,sample,eval,demo,parity,recipes} [flags]
+USAGE = """usage: soar-fast {cache,train,plan,sample,eval,demo,study,parity,recipes} [flags]
 
   cache    encode an image-caption folder with a local pipeline (SD3, FLUX.1/2, Qwen-Image, Z-Image) into a latent cache
   train    train with SFT or SOAR from a recipe and/or a TOML/YAML file plus --flags
@@ -38,6 +38,7 @@ USAGE = """usage: soar-fast {cache,train,plan,sample,eval,demo,parity,recipes} [
   eval     accuracy, Frechet distance and exposure bias of a trained digits run
            (`eval --prompts --help`: a prompt file through an SD3 pipeline, external scorers)
   demo     pretrain a digits base, post-train it with SFT and SOAR, evaluate, write a report
+  study    the demo over seeds and guidance scales: mean ± std, paired SOAR − SFT, report + JSON (resumable)
   parity   the same SOAR step through every fast variant vs the eager reference (exit 1 on a failure)
   recipes  list the recipes
 
@@ -307,12 +308,17 @@ def _cmd_cache(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cmd_demo(argv: Sequence[str]) -> int:
-    from soar_fast.config import DemoConfig
-    from soar_fast.train.demo import run_demo
+def _cmd_demo(argv: Sequence[str], study: bool = False) -> int:
+    from soar_fast.config import DemoConfig, StudyConfig
+    from soar_fast.train.study import run_study
 
-    cfg = _tyro_parse(DemoConfig, argv, "soar-fast demo", DemoConfig.__doc__ or "")
-    run_demo(cfg)
+    cls, name = (StudyConfig, "study") if study else (DemoConfig, "demo")
+    cfg = _tyro_parse(cls, argv, f"soar-fast {name}", cls.__doc__ or "")
+    try:
+        run_study(cfg, title=name)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume the {name} in {cfg.output_dir}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -343,6 +349,7 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "plan": _cmd_plan, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
+            "study": lambda argv: _cmd_demo(argv, study=True),
             "parity": _cmd_parity, "recipes": _cmd_recipes}
 
 

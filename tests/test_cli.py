@@ -153,7 +153,7 @@ def test_missing_model_folder_and_bad_sampling_arguments(run_dir, capsys, tmp_pa
         _bad(capsys, [cmd, "--run_dir", str(run_dir), "--num_samples", "0"], "num_samples=0", ">= 1")
         _bad(capsys, [cmd, "--run_dir", str(run_dir), "--guidance_scale", "-1"], "guidance_scale=-1.0", ">= 0")
     _bad(capsys, ["demo", "--num_samples", "0"], "num_samples=0")
-    _bad(capsys, ["demo", "--guidance_scale", "-0.5"], "guidance_scale")
+    _bad(capsys, ["demo", "--guidance_scales", "-0.5"], "guidance_scale")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

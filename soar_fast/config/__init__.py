@@ -1,6 +1,6 @@
 """Typed configuration. The lowest room: imports nothing else of soar_fast."""
 
-from soar_fast.config.commands import DemoConfig, EvalConfig, SampleConfig
+from soar_fast.config.commands import DemoConfig, EvalConfig, SampleConfig, StudyConfig
 from soar_fast.config.errors import ConfigError
 from soar_fast.config.io import (
     config_from_dict,
@@ -36,6 +36,7 @@ __all__ = [
     "RuntimeConfig",
     "SampleConfig",
     "SoarConfig",
+    "StudyConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",

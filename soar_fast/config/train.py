@@ -141,6 +141,12 @@ class DataConfig:
     `[C, F, S, S]` (video families, e.g. wan: 21 is Wan's 81 frames). Cached latents carry their own."""
     num_samples: int = 64
     """Rows of the synthetic source."""
+    label_noise: float = 0.0
+    """source='digits': fraction of rows whose class label is replaced by another class (fixed per row,
+    seeded by embedding_seed): the noisy captions of a web-scale pretraining set (digits-pretrain)."""
+    pixel_noise: float = 0.0
+    """source='digits': std of fixed Gaussian noise added to every digit (clamped to [-1, 1]): the
+    lower image quality of a web-scale pretraining set. 0 = the curated real digits."""
     verify_shards: bool = True
     """source='latents': check every shard's sha256 against the cache's index.json when the run
     opens the cache (once per run, threaded, split over ranks); a shard that fails is refused.
@@ -156,6 +162,13 @@ class DataConfig:
             _fail("data.latent_frames", self.latent_frames, "need an integer >= 0 (0 = images, e.g. 2 for video)")
         if self.source == "latents" and not self.data_dir:
             _fail("data.data_dir", self.data_dir, "set --data.data_dir to a folder of cached latents")
+        if not _num(self.label_noise, 0) or self.label_noise > 1:
+            _fail("data.label_noise", self.label_noise, "need a fraction in [0, 1], e.g. 0.3")
+        if not _num(self.pixel_noise, 0):
+            _fail("data.pixel_noise", self.pixel_noise, "need a std >= 0 in [-1, 1] pixel units, e.g. 0.3")
+        if (self.label_noise or self.pixel_noise) and self.source != "digits":
+            _fail("data.source", self.source, "label_noise / pixel_noise corrupt the embedded digits only; "
+                  "use --data.source digits or drop them")
         if not _int(self.resolution, 8) or self.resolution % 8:
             _fail("data.resolution", self.resolution, "need 8 or a multiple of 8, e.g. 16")
         if not _int(self.prompt_tokens, 1):

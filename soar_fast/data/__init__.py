@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from soar_fast.config import ConfigError, DataConfig
-from soar_fast.data.digits import NUM_CLASSES, DigitsDataset, load_digits_tensors
+from soar_fast.data.digits import NUM_CLASSES, DigitsDataset, corrupt_digits, load_digits_tensors
 from soar_fast.data.loader import ResumableSampler
 
-__all__ = ["NUM_CLASSES", "DigitsDataset", "ResumableSampler", "build_dataset", "load_digits_tensors"]
+__all__ = ["NUM_CLASSES", "DigitsDataset", "ResumableSampler", "build_dataset", "corrupt_digits", "load_digits_tensors"]
 
 
 def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projection_dim: int,
@@ -23,7 +23,8 @@ def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projectio
     if cfg.source == "digits":
         return DigitsDataset(resolution=cfg.resolution, prompt_tokens=cfg.prompt_tokens,
                              joint_attention_dim=joint_attention_dim,
-                             pooled_projection_dim=pooled_projection_dim, embedding_seed=cfg.embedding_seed)
+                             pooled_projection_dim=pooled_projection_dim, embedding_seed=cfg.embedding_seed,
+                             label_noise=cfg.label_noise, pixel_noise=cfg.pixel_noise)
     if cfg.source == "latents":
         from soar_fast.data.latents import LatentsDataset
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NUM_CLASSES", "DigitsDataset", "load_digits_tensors"]
+__all__ = ["NUM_CLASSES", "DigitsDataset", "corrupt_digits", "load_digits_tensors"]
 
 NUM_CLASSES = 10
 
@@ -28,12 +28,28 @@ def load_digits_tensors(resolution: int = 8) -> tuple[torch.Tensor, torch.Tensor
     return x.contiguous(), torch.from_numpy(d.target.astype(np.int64))
 
 
+def corrupt_digits(images: torch.Tensor, labels: torch.Tensor, label_noise: float, pixel_noise: float, *,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed "web" copy of the digits: a `label_noise` fraction of rows relabelled to a uniformly
+    drawn other class, and Gaussian noise of std `pixel_noise` on every pixel, clamped to [-1, 1].
+    The same seed gives the same copy (a dataset, not an augmentation)."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(labels.shape, generator=g) < label_noise
+    other = (labels + torch.randint(1, NUM_CLASSES, labels.shape, generator=g)) % NUM_CLASSES
+    noise = torch.randn(images.shape, generator=g) * pixel_noise
+    return (images + noise).clamp(-1, 1), torch.where(flip, other, labels)
+
+
 class DigitsDataset:
     """Digits with fixed class prompt embeddings; the `TrainDataset` protocol of soar_fast.data."""
 
     def __init__(self, *, resolution: int, prompt_tokens: int, joint_attention_dim: int,
-                 pooled_projection_dim: int, embedding_seed: int):
+                 pooled_projection_dim: int, embedding_seed: int, label_noise: float = 0.0,
+                 pixel_noise: float = 0.0):
         self.images, self.labels = load_digits_tensors(resolution)
+        if label_noise or pixel_noise:
+            self.images, self.labels = corrupt_digits(self.images, self.labels, label_noise, pixel_noise,
+                                                      seed=embedding_seed + 1)
         g = torch.Generator().manual_seed(embedding_seed)
         # Unit-variance entries, like normalised text-encoder features; row NUM_CLASSES = empty prompt.
         self.prompt_table = torch.randn(NUM_CLASSES + 1, prompt_tokens, joint_attention_dim, generator=g)

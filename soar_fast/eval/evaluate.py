@@ -14,11 +14,16 @@ from soar_fast.config import ConfigError, EvalConfig, SampleConfig, TrainConfig,
 from soar_fast.data import DigitsDataset, build_dataset, load_digits_tensors
 from soar_fast.eval.classifier import load_or_train_classifier
 from soar_fast.eval.grid import make_grid, save_png
-from soar_fast.eval.metrics import conditional_accuracy, exposure_bias, frechet_distance
+from soar_fast.eval.metrics import (
+    conditional_accuracy,
+    exposure_bias,
+    frechet_distance,
+    precision_recall_coverage,
+)
 from soar_fast.eval.sampler import generate_digits
 from soar_fast.models import SD3VelocityFn
 
-__all__ = ["evaluate_model", "evaluate_run", "load_run", "sample_run"]
+__all__ = ["evaluate_model", "evaluate_run", "exposure_metrics", "load_run", "sample_run"]
 
 
 def load_run(run_dir: str | Path, weights: str = "final") -> tuple[torch.nn.Module, TrainConfig, Any]:
@@ -64,8 +69,8 @@ def sample_run(cfg: SampleConfig) -> Path:
 
 def evaluate_model(model: torch.nn.Module, dataset: DigitsDataset, cfg: EvalConfig, *, shift: float,
                    classifier_dir: str | Path, generate=None) -> dict[str, Any]:
-    """Accuracy, Frechet distance and exposure bias of `model` (or of `generate(labels) -> images`,
-    which replaces the sampler: the hook tests use to score a perfect sampler)."""
+    """Accuracy, Frechet distance, precision / recall / coverage and exposure bias of `model` (or of
+    `generate(labels) -> images`, which replaces the sampler: the hook tests use to score a perfect sampler)."""
     t0 = time.perf_counter()
     clf, meta = load_or_train_classifier(classifier_dir, resolution=dataset.sample_shape[-1])
     labels = torch.arange(cfg.num_samples) % dataset.num_classes
@@ -78,8 +83,8 @@ def evaluate_model(model: torch.nn.Module, dataset: DigitsDataset, cfg: EvalConf
         imgs = generate(labels)
     real_x, _ = load_digits_tensors(dataset.sample_shape[-1])
     with torch.no_grad():
-        real_f = clf.features(real_x).numpy()
-        fd = frechet_distance(real_f, clf.features(imgs).numpy())
+        real_f, fake_f = clf.features(real_x).numpy(), clf.features(imgs).numpy()
+        fd = frechet_distance(real_f, fake_f)
         # The floor: as many real digits as generated ones, against all of them (sampling noise of FD).
         pick = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.num_samples]
         fd_floor = frechet_distance(real_f, real_f[pick.numpy()])
@@ -91,21 +96,28 @@ def evaluate_model(model: torch.nn.Module, dataset: DigitsDataset, cfg: EvalConf
         "num_samples": cfg.num_samples,
         "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale,
+        **precision_recall_coverage(real_f, fake_f),
     }
     if cfg.exposure_samples and vf is not None:
-        rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.exposure_samples]
-        z0, cond, _ = dataset.batch(rows)
-        eb = exposure_bias(vf, z0, cond, dataset.uncond(), num_steps=cfg.num_inference_steps,
-                           guidance_scale=cfg.guidance_scale, shift=shift, window=cfg.exposure_window,
-                           num_sigmas=cfg.exposure_sigmas, seed=cfg.seed + 2)
-        # The scalar: mean over sigmas of the gap in σ²-scaled (clean-image) units, so that no single
-        # small sigma dominates; the per-sigma velocity errors are kept for the plot.
-        gap = np.asarray(eb["x0_own"]) - np.asarray(eb["x0_true"])
-        res.update(exposure=eb, exposure_bias=float(gap.mean()), x0_own_mean=float(np.mean(eb["x0_own"])),
-                   x0_true_mean=float(np.mean(eb["x0_true"])), drift_mean=float(np.mean(eb["drift"])))
+        res.update(exposure_metrics(model, dataset, cfg, shift=shift))
     res["eval_time_s"] = time.perf_counter() - t0
     res["_images"] = imgs
     return res
+
+
+def exposure_metrics(model: torch.nn.Module, dataset: DigitsDataset, cfg: EvalConfig, *, shift: float) -> dict[str, Any]:
+    """Exposure bias of `model` on `cfg.exposure_samples` real digits, its sampler at `cfg.guidance_scale`:
+    the per-sigma lists (`exposure`) and their means."""
+    rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.exposure_samples]
+    z0, cond, _ = dataset.batch(rows)
+    eb = exposure_bias(SD3VelocityFn(model), z0, cond, dataset.uncond(), num_steps=cfg.num_inference_steps,
+                       guidance_scale=cfg.guidance_scale, shift=shift, window=cfg.exposure_window,
+                       num_sigmas=cfg.exposure_sigmas, seed=cfg.seed + 2)
+    # The scalar: mean over sigmas of the gap in σ²-scaled (clean-image) units, so that no single
+    # small sigma dominates; the per-sigma velocity errors are kept for the plot.
+    gap = np.asarray(eb["x0_own"]) - np.asarray(eb["x0_true"])
+    return dict(exposure=eb, exposure_bias=float(gap.mean()), x0_own_mean=float(np.mean(eb["x0_own"])),
+                x0_true_mean=float(np.mean(eb["x0_true"])), drift_mean=float(np.mean(eb["drift"])))
 
 
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:

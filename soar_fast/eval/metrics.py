@@ -9,7 +9,7 @@ import torch
 
 from soar_fast.eval.sampler import _expand, cfg_velocity, sampler_sigmas
 
-__all__ = ["conditional_accuracy", "exposure_bias", "frechet_distance", "gaussian_stats"]
+__all__ = ["conditional_accuracy", "exposure_bias", "frechet_distance", "gaussian_stats", "precision_recall_coverage"]
 
 
 @torch.no_grad()
@@ -32,6 +32,28 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     sa_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(sa_half @ s_b @ sa_half), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+def precision_recall_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Manifold metrics of features `[N, D]` with k-nearest-neighbour balls (k excludes the point).
+
+    precision: fraction of fake samples inside some real sample's k-NN ball (fidelity);
+    recall: fraction of real samples inside some fake sample's k-NN ball (diversity), both from
+    Kynkaanniemi et al. 2019; coverage: fraction of real samples whose own k-NN ball holds at least
+    one fake sample (Naeem et al. 2020: diversity that outliers among the fakes cannot inflate).
+    """
+    r, f = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0, None))
+
+    def radii(a: np.ndarray) -> np.ndarray:  # distance to the k-th neighbour other than itself
+        return np.sort(dist(a, a), axis=1)[:, k]
+
+    r_rad, f_rad, rf = radii(r), radii(f), dist(r, f)  # rf: [real, fake]
+    return {"precision": float((rf <= r_rad[:, None]).any(0).mean()),
+            "recall": float((rf <= f_rad[None, :]).any(1).mean()),
+            "coverage": float((rf.min(1) <= r_rad).mean())}
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,9 @@ class Trainer:
         win[:] = [now, 0]
         return metrics
 
-    def train(self) -> TrainResult:
+    def train(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
+        """Run to `max_train_steps` (from a resumed step). `on_step(trainer)` runs after every step's
+        logging, checkpoint and grid (collective code may run there: e.g. the study's evaluations)."""
         cfg, oc, lc = self.cfg, self.cfg.optim, self.cfg.logging
         # Signals can only be caught in the main thread; elsewhere (a notebook worker) they keep their default.
         old = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -335,6 +338,8 @@ class Trainer:
                     result.last_checkpoint = self._save_unless_nan(result.last_checkpoint)
                 if lc.validation_steps and self.step % lc.validation_steps == 0 and not stopped:
                     self.sample_grid()
+                if on_step is not None and not stopped:
+                    on_step(self)
             wall = time.perf_counter() - t0
             result.step, result.nan_skipped, result.wall_time_s = self.step, self.nan_skipped, wall
             result.steps_per_s = (self.step - start_step) / max(wall, 1e-9)
