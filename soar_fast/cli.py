@@ -5,9 +5,7 @@
     soar-fast sample --pipeline /models/sd35m --transformer runs/sd35m-soar/final/transformer --prompts p.txt --output_dir s
     soar-fast train --recipe digits-soar --learning_rate 1e-4 --output_dir runs/x
     soar-fast train --config my.toml --max_train_steps 500 --resume
-    soar-fast eval --run_dir runs/x
-    soar-fast sample --run_dir runs/x --num_samples 20 --guidance_scale 4.5
-    soar-fast demo
+    soar-fast demo; soar-fast study --num_seeds 3
 
 Bad input exits with status 2 and one line `soar-fast: error: ...` naming the fix.
 """
@@ -273,18 +271,13 @@ def _cmd_eval(argv: Sequence[str]) -> int:
     from soar_fast.config import EvalConfig
     from soar_fast.eval.evaluate import evaluate_run
 
-    if "--prompts" in argv or any(a.startswith("--prompt_file") for a in argv):
-        # Prompt-file evaluation of an SD3 pipeline with external scorers (soar_fast/eval/external.py).
+    if "--prompts" in argv or any(a.startswith("--prompt_file") for a in argv):  # external scorers (eval/external.py)
         return _cmd_eval_prompts([a for a in argv if a != "--prompts"])
-
     cfg = _tyro_parse(EvalConfig, argv, "soar-fast eval", EvalConfig.__doc__ or "")
     res = evaluate_run(cfg)
-    line = (f"accuracy {res['accuracy']:.3f} (real digits {res['real_accuracy']:.3f})  "
-            f"Frechet distance {res['frechet_distance']:.3f}")
-    if "exposure_bias" in res:
-        line += f"  exposure bias {res['exposure_bias']:.4f}"
-    print(line)
-    print(f"written to {cfg.run_dir}/eval.json")
+    keys = ("accuracy", "frechet_distance", "precision", "recall", "coverage", "exposure_bias")
+    print("  ".join(f"{k.replace('_', ' ')} {res[k]:.4f}" for k in keys if k in res)
+          + f"  (real digits accuracy {res['real_accuracy']:.3f}); written to {cfg.run_dir}/eval.json")
     return 0
 
 
@@ -348,9 +341,9 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "plan": _cmd_plan, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo,
-            "study": lambda argv: _cmd_demo(argv, study=True),
-            "parity": _cmd_parity, "recipes": _cmd_recipes}
+COMMANDS = {"cache": _cmd_cache, "train": _cmd_train, "plan": _cmd_plan, "sample": _cmd_sample, "eval": _cmd_eval,
+            "demo": _cmd_demo, "study": lambda argv: _cmd_demo(argv, study=True), "parity": _cmd_parity,
+            "recipes": _cmd_recipes}
 
 
 def _report(line: str, err: BaseException, code: int = 2) -> int:

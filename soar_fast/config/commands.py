@@ -120,6 +120,9 @@ class StudyConfig:
     """SOAR's auxiliary points M; more values run an ablation (e.g. 2 4 6; M = 0 is SFT, always run)."""
     lambda_aux: tuple[float, ...] = (1.0,)
     """SOAR's auxiliary weight lambda; more values run an ablation at the first M (e.g. 1 0.5 2)."""
+    report_only: bool = False
+    """Write report.md, study.json and the plots again from the evaluations already in output_dir
+    (rows.jsonl); trains and samples nothing."""
     progress_bar: bool = True
     """Show tqdm bars."""
     num_threads: int = 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +172,8 @@ def _cell(p: dict[str, Any], nd: int) -> str:
 
 def write_study_report(out_dir: str | Path, *, rows: list[dict], train: dict[str, dict[str, Any]],
                        config: dict[str, Any], setup: dict[str, str], grids: dict[str, str], seeds: list[int],
-                       losses: dict[str, list[dict[str, Any]]], wall_s: float, title: str = "study") -> Path:
+                       losses: dict[str, list[dict[str, Any]]], wall_s: float, title: str = "study",
+                       command: str | None = None, commit: str | None = None) -> Path:
     """report.md, study.json and the plots of a finished study (`losses`: the first seed's metrics
     rows of each post-training run); returns the report's path."""
     out = Path(out_dir)
@@ -188,10 +188,11 @@ def write_study_report(out_dir: str | Path, *, rows: list[dict], train: dict[str
     if any(r["metric"] == "exposure_gap" for r in rows):
         plots["exposure bias vs sigma"] = plot_exposure(rows, out / "exposure_bias.png").name
     plots["loss curves (first seed)"] = plot_losses(losses, out / "loss_curves.png").name
-    cmd = "soar-fast " + ("demo" if title == "demo" else "study") + ("" if len(sys.argv) < 2 else " " + " ".join(sys.argv[2:]))
+    cmd = command or f"soar-fast {title}"
     lines = [f"# SOAR vs SFT on the sklearn digits: the {title}, {k} seed{'s' if k > 1 else ''}", "",
              f"Wall time **{wall_s / 60:.1f} min** on {os.cpu_count()} CPU(s) ({platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads); command `{cmd}`.", ""]
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads); command `{cmd}`; commit "
+             f"{commit or 'not recorded'}.", ""]
     if k == 1:
         lines += ["One seed, no error bars: `soar-fast study` repeats this over 3 seeds and reports mean ± std "
                   "and the paired SOAR − SFT interval.", ""]
@@ -209,8 +210,8 @@ def write_study_report(out_dir: str | Path, *, rows: list[dict], train: dict[str
     lines += ["", _METRIC_NOTE, ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "study.json").write_text(json.dumps({"config": config, "seeds": seeds, "wall_s": wall_s, "train": train,
-                                                "rows": rows}, indent=0))
+    (out / "study.json").write_text(json.dumps({"config": config, "command": cmd, "commit": commit, "seeds": seeds,
+                                                "wall_s": wall_s, "train": train, "rows": rows}, indent=0))
     return path
 
 
@@ -225,7 +226,8 @@ def _tables(rows: list[dict], models: list[str], scales: list[float], k: int) ->
         for model in models:
             step = _final_step(rows, model)
             cells = [f"{summarize(rows, model=model, metric=m, guidance_scale=g, step=step):{'.2f' if m == 'frechet_distance' else '.3f'}}"
-                     + (" (saturated)" if _saturated(rows, m, g, models) else "") for m in _SAMPLE_METRICS]
+                     + (" (saturated)" if model != "base" and _saturated(rows, m, g, models) else "")
+                     for m in _SAMPLE_METRICS]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     eb = [(m, summarize(rows, model=m, metric="exposure_bias", step=_final_step(rows, m))) for m in models]
@@ -271,7 +273,7 @@ def _verdict(rows: list[dict], scales: list[float], k: int) -> str:
     res = [paired(rows, m, guidance_scale=g) for m, g in live]
     if any(r["metric"] == "exposure_bias" for r in rows):
         res.append(paired(rows, "exposure_bias"))
-    sat = f" ({len(cells) - len(live)} saturated cells left out)" if len(live) < len(cells) else ""
+    sat = f", {len(cells) - len(live)} saturated cells left out" if len(live) < len(cells) else ""
     if k == 1:
         wins = sum(1 for p in res if p["n"] and p["mean"] != 0 and (p["mean"] > 0) == HIGHER_IS_BETTER[p["metric"]])
         return (f"One seed: SOAR is ahead of SFT on {wins} of {len(res)} (metric, scale) cells{sat}, which says "
@@ -282,8 +284,8 @@ def _verdict(rows: list[dict], scales: list[float], k: int) -> str:
     def name(p: dict) -> str:
         return p["metric"] + (f" at CFG {p['guidance_scale']:g}" if "guidance_scale" in p else "")
 
-    text = (f"Over {k} seeds, SOAR beats SFT beyond the 95% interval on {len(better)} of {len(res)} (metric, scale) "
-            f"cells{sat}" + (f" ({', '.join(name(p) for p in better)})" if better else "")
+    text = (f"Over {k} seeds{sat}, SOAR beats SFT beyond the 95% interval on {len(better)} of {len(res)} "
+            "(metric, scale) cells" + (f" ({', '.join(name(p) for p in better)})" if better else "")
             + f", loses on {len(worse)}" + (f" ({', '.join(name(p) for p in worse)})" if worse else "")
             + f", and the other {len(res) - len(better) - len(worse)} are ties within the error bars.")
     if not better:
@@ -291,7 +293,8 @@ def _verdict(rows: list[dict], scales: list[float], k: int) -> str:
     sft_base = [paired(rows, m, a="sft", b="base", guidance_scale=g) for m, g in live]
     up = sum(p["verdict"] == "better" for p in sft_base)
     down = sum(p["verdict"] == "worse" for p in sft_base)
-    text += f" SFT itself improves the base on {up} of {len(sft_base)} cells and worsens it on {down}."
+    text += (f" SFT itself improves the base beyond the interval on {up} of those {len(sft_base)} sample-metric cells "
+             f"and worsens it on {down}.")
     return text
 
 

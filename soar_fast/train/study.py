@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,18 +88,19 @@ class _State:
         out.mkdir(parents=True, exist_ok=True)
         prev = json.loads(marker.read_text()) if marker.exists() else {}
         me = dataclasses.asdict(sc)
-        keep = ("progress_bar", "num_threads")
+        keep = ("progress_bar", "num_threads", "report_only")
         if prev and {k: v for k, v in prev.get("config", {}).items() if k not in keep} != \
                 {k: v for k, v in json.loads(json.dumps(me)).items() if k not in keep}:
             log.warning("%s was written by another configuration: starting that study over", marker)
             for p in (self.rows_path, out / "runs"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             prev = {}
-        self.spent = float(prev.get("elapsed_s", 0.0)) if prev.get("status") != "done" else 0.0
-        if prev.get("status") == "done":  # a finished study run again: measure it again from scratch
+        done = prev.get("status") == "done" and not sc.report_only
+        self.spent = float(prev.get("elapsed_s", 0.0)) if not done else 0.0
+        if done:  # a finished study run again: measure it again from scratch
             for p in (self.rows_path, out / "runs"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        self.resumed = bool(prev) and prev.get("status") != "done"
+        self.resumed = bool(prev) and not done
         self.units: dict[str, list[dict]] = {}
         self.train: dict[str, dict[str, Any]] = dict(prev.get("train", {})) if self.resumed else {}
         if self.rows_path.exists():
@@ -109,7 +111,11 @@ class _State:
                     continue
                 self.units[rec["unit"]] = rec["rows"]
         self.config, self.t0 = me, time.perf_counter()
-        self.write("running")
+        self.status = prev.get("status", "running")
+        self.command = prev.get("command") if sc.report_only else "soar-fast " + " ".join(sys.argv[1:])
+        self.commit = prev.get("commit") if sc.report_only else os.environ.get("SOAR_FAST_COMMIT")
+        if not sc.report_only:
+            self.write("running")
 
     @staticmethod
     def unit(model: str, seed: int, step: int, scale: float) -> str:
@@ -128,6 +134,7 @@ class _State:
     def write(self, status: str) -> None:
         tmp = self.out / (_MARKER + ".tmp")
         tmp.write_text(json.dumps({"status": status, "elapsed_s": self.elapsed(), "config": self.config,
+                                   "command": self.command, "commit": self.commit,
                                    "train": self.train}, indent=1))
         tmp.replace(self.out / _MARKER)
 
@@ -268,6 +275,8 @@ def run_study(sc: StudyConfig, *, title: str = "study") -> Path:
         torch.set_num_threads(sc.num_threads)
     out = Path(sc.output_dir)
     state = _State(out, sc)
+    if sc.report_only:
+        return _report_again(sc, state, title)
     if state.resumed:
         print(f"resuming the {title} in {out}: {len(state.units)} evaluations already done")
     base, base_train = _pretrain(sc, out)
@@ -285,11 +294,29 @@ def run_study(sc: StudyConfig, *, title: str = "study") -> Path:
             _post_train(sc, state, ev, base, name, recipe, over, seed)
     state.write("reporting")
     report = write_study_report(out, rows=state.all_rows(), train=state.train, config=state.config,
-                                setup=_setup(sc, base, base_train), grids=ev.grids, seeds=seeds,
+                                setup=_setup(sc, base_train), grids=ev.grids, seeds=seeds,
                                 losses={n: read_metrics(out / "runs" / _folder(n, sc.seed)) for n, _, _ in study_variants(sc)},
-                                wall_s=state.elapsed(), title=title)
+                                wall_s=state.elapsed(), title=title, command=state.command, commit=state.commit)
     state.write("done")
     print(f"report: {report.resolve()}")
+    return report
+
+
+def _report_again(sc: StudyConfig, state: _State, title: str) -> Path:
+    """--report_only: report.md, study.json and the plots again from the rows measured so far."""
+    out = state.out
+    if not state.units:
+        raise ConfigError(f"nothing measured in {str(out)!r} yet; run the {title} without --report_only")
+    grids = {}
+    for g in sorted(out.glob("grid_*_cfg*.png")):
+        name, scale = g.stem.removeprefix("grid_").rsplit("_cfg", 1)
+        grids[f"{name} CFG {scale}"] = g.name
+    seeds = sorted({r["seed"] for r in state.all_rows()})
+    report = write_study_report(out, rows=state.all_rows(), train=state.train, config=state.config,
+                                setup=_setup(sc, state.train.get("base", {})), grids=grids, seeds=seeds,
+                                losses={n: read_metrics(out / "runs" / _folder(n, sc.seed)) for n, _, _ in study_variants(sc)},
+                                wall_s=state.spent, title=title, command=state.command, commit=state.commit)
+    print(f"report ({state.status}, from {len(state.units)} evaluations): {report.resolve()}")
     return report
 
 
@@ -298,7 +325,7 @@ def run_demo(dc: StudyConfig) -> Path:
     return run_study(dc, title="demo")
 
 
-def _setup(sc: StudyConfig, base: Path, base_train: dict[str, Any]) -> dict[str, str]:
+def _setup(sc: StudyConfig, base_train: dict[str, Any]) -> dict[str, str]:
     pre, soar = get_recipe("digits-pretrain"), get_recipe("digits-soar")
     o = soar.optim
     steps = sc.post_train_steps or o.max_train_steps
