@@ -269,9 +269,11 @@ class LoggingConfig:
     report_to: Annotated[Literal["tensorboard", "none"], _flat("report_to")] = "tensorboard"
     """'tensorboard' (logs under <output_dir>/logs) or 'none' (metrics.jsonl only)."""
     validation_steps: Annotated[int, _flat("validation_steps")] = 0
-    """Write a sample grid every this many steps (0: only at the end)."""
+    """Write a sample grid every this many steps and at the end (0: digits only at the end, a latent
+    cache none). On a latent cache it samples the cache's validation prompts (`soar-fast cache ...
+    --validation_prompts FILE`) and decodes them with the VAE of the pipeline it was cached from."""
     validation_images_per_class: int = 2
-    """Rows of the sample grid (one column per class)."""
+    """Rows of the sample grid (one column per class, or per validation prompt); 0: no grids."""
     validation_inference_steps: int = 40
     """Euler steps of the grid sampler."""
     validation_guidance_scale: float = 4.5

@@ -11,6 +11,13 @@ records the family, so `soar-fast train` on another family's model is refused.
 Resuming: the plan (which images go to which shard) is a deterministic function of the sorted
 image list and the settings, summarised by a fingerprint stored in index.json. Re-running with
 the same arguments skips shards that are complete and verify, and rewrites the rest.
+
+Validation prompts (`--validation_prompts FILE`, one prompt a line): encoded by the same prompt
+encoder into `validation.safetensors` (`prompt_embeds [K, L, D]`, `pooled [K, P]`, L as the
+shards'), the texts in index.json's `validation` entry; `soar-fast train --validation_steps N`
+samples them (soar_fast.train.validation). They are not part of the fingerprint: adding them to
+an existing cache (or changing them) re-encodes only them; a re-run with the same prompts, or
+without the flag, keeps them.
 """
 
 from __future__ import annotations
@@ -51,15 +58,21 @@ from soar_fast.data.shards import (
     INDEX_FILE,
     ShardError,
     ShardWriter,
+    _save_atomic,
+    _tensor_info,
     read_index,
     verify_cache,
+    verify_shard,
 )
 
-__all__ = ["CacheConfig", "CacheResult", "plan_shards", "run_cache"]
+__all__ = ["VALIDATION_FILE", "CacheConfig", "CacheResult", "plan_shards", "read_validation_prompts", "run_cache"]
 
 log = logging.getLogger(__name__)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+#: The validation prompts' embeddings in a cache folder (see the module doc).
+VALIDATION_FILE = "validation.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -101,6 +114,9 @@ class CacheConfig:
     """Keep shards of an earlier run with the same settings that verify; False rebuilds all."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    validation_prompts: str | None = None
+    """A .txt file of prompts (one a line; blank lines and `#` comments skipped) to encode too, for the
+    validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -123,6 +139,10 @@ class CacheResult:
     shards_written: int
     shards_reused: int
     skipped: list[dict[str, str]] = field(default_factory=list)
+    validation_prompts: int = 0
+    """Validation prompts the cache holds."""
+    validation_written: bool = False
+    """Whether this run (re-)encoded them (False: none asked, or reused)."""
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -150,7 +170,7 @@ def plan_shards(records: list[ImageRecord], shard_size: int) -> list[list[ImageR
 
 
 def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
-    ignore = ("resume", "progress", "device", "batch_size", "num_workers", "output_dir")
+    ignore = ("resume", "progress", "device", "batch_size", "num_workers", "output_dir", "validation_prompts")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     settings["data"].pop("verify_decode", None)
     settings["pretrained_model_name_or_path"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
@@ -166,6 +186,60 @@ def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], 
     store = getattr(torch, cfg.store_dtype)
     tensors = {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
     return tensors, lengths
+
+
+def read_validation_prompts(path: str) -> list[str]:
+    """The prompts of a `--validation_prompts` file: one a line, blank lines and `#` comments skipped.
+    A missing or empty file is a one-line `ConfigError`."""
+    p = Path(path).expanduser()
+    fix = "pass a .txt file with one prompt a line"
+    if not p.is_file():
+        raise ConfigError(f"--validation_prompts {path}: {'a folder' if p.is_dir() else 'no such file'}; {fix}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--validation_prompts {path} is not UTF-8 text; {fix}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"--validation_prompts {path} holds no prompts; {fix}")
+    return prompts
+
+
+def _validation_done(writer: ShardWriter, prompts: list[str] | None) -> bool:
+    """True when nothing is asked, or the cache already holds exactly `prompts` and its file verifies."""
+    if prompts is None:
+        return True
+    e = writer.index.get("validation")
+    if e is None or e.get("prompts") != prompts:
+        return False
+    try:
+        verify_shard(writer.dir, e)
+    except ShardError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str], cfg: CacheConfig, text_len: int,
+                      device: torch.device) -> None:
+    """Encode `prompts` like the captions (padded to the shards' L; the zero-padded families truncate
+    a longer prompt to L) into VALIDATION_FILE and record them in index.json."""
+    msl = min(cfg.max_sequence_length, text_len) if family in MASKED_FAMILIES else cfg.max_sequence_length
+    pes, pooleds, lengths = [], [], []
+    for s in range(0, len(prompts), cfg.batch_size):
+        pe, pooled, n = encode_prompts(pipe, family, prompts[s : s + cfg.batch_size], msl, device, text_len)
+        pes.append(pe)
+        pooleds.append(pooled)
+        lengths += n
+    store = getattr(torch, cfg.store_dtype)
+    tensors = {"prompt_embeds": torch.cat(pes).to(store).cpu().contiguous(),
+               "pooled": torch.cat(pooleds).to(store).cpu().contiguous()}
+    digest = _save_atomic(tensors, writer.dir / VALIDATION_FILE)
+    entry = {"file": VALIDATION_FILE, "tensors": _tensor_info(tensors), "sha256": digest, "prompts": prompts}
+    if family in MASKED_FAMILIES:
+        entry["prompt_lengths"] = lengths
+    writer.index["validation"] = entry
+    writer.flush()
 
 
 def _load_pixels(r: ImageRecord, center_crop: bool) -> torch.Tensor | BaseException:
@@ -204,6 +278,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     """
     from tqdm.auto import tqdm
 
+    val_prompts = read_validation_prompts(cfg.validation_prompts) if cfg.validation_prompts else None
     family = pipeline_family(cfg.pretrained_model_name_or_path)
     if cfg.max_sequence_length > MAX_SEQUENCE_LENGTH[family]:
         raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
@@ -213,7 +288,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     plan = plan_shards(scan.records, cfg.shard_size)
     out = Path(cfg.output_dir)
     if not cfg.resume and out.is_dir():
-        for p in [out / INDEX_FILE, out / EMPTY_PROMPT_FILE, *out.glob("shard-*.safetensors*")]:
+        for p in [out / INDEX_FILE, out / EMPTY_PROMPT_FILE, out / VALIDATION_FILE, *out.glob("shard-*.safetensors*")]:
             p.unlink(missing_ok=True)
     device = _resolve_device(cfg.device)
     info = {
@@ -232,9 +307,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     writer = ShardWriter(out, _fingerprint(cfg, plan), info)
     todo = [i for i in range(len(plan)) if not writer.is_done(i)]
     need_empty = not writer.is_done_empty()
+    need_validation = not _validation_done(writer, val_prompts)
     reused = len(plan) - len(todo)
     pipe, text_len = None, cfg.max_sequence_length
-    if todo or need_empty:
+    if todo or need_empty or need_validation:
         pipe = load_encoders(cfg.pretrained_model_name_or_path, family, device=device, variant=cfg.variant,
                              encoder_dtype=_resolve_dtype(cfg.encoder_dtype, device),
                              vae_dtype=_resolve_dtype(cfg.vae_dtype, device))
@@ -249,6 +325,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             writer.index["info"]["empty_prompt_length"] = lengths[0]
         store = getattr(torch, cfg.store_dtype)
         writer.write_empty_prompt(pe[0].to(store).cpu(), pooled[0].to(store).cpu())
+    if need_validation:
+        _write_validation(writer, pipe, family, val_prompts, cfg, text_len, device)
 
     done_samples = sum(len(plan[i]) for i in set(range(len(plan))) - set(todo))
     bar = tqdm(total=len(scan.records), initial=done_samples, desc="cache", unit="img", disable=not cfg.progress)
@@ -291,5 +369,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     return CacheResult(output_dir=str(out), num_samples=index["num_samples"], num_shards=len(index["shards"]),
-                       shards_written=len(todo), shards_reused=reused, skipped=skipped)
+                       shards_written=len(todo), shards_reused=reused, skipped=skipped,
+                       validation_prompts=len(index.get("validation", {}).get("prompts", [])),
+                       validation_written=need_validation)
 

@@ -38,14 +38,14 @@ def _rank_world() -> tuple[int, int]:
 
 
 def verify_cache_hashes(cache_dir: str | Path, index: dict[str, Any], threads: int | None = None) -> None:
-    """Collective under torchrun: the sha256 of every shard (and of the empty-prompt file) against
+    """Collective under torchrun: the sha256 of every shard (and of the empty-prompt and validation files) against
     `index` (the cache's index.json). Raises `ConfigError` naming the first file that fails, the
     same on every rank."""
     from soar_fast.data.shards import file_sha256
 
     t0 = time.perf_counter()
     root = Path(cache_dir)
-    entries = [e for e in [index.get("empty_prompt"), *index["shards"]] if e is not None]
+    entries = [e for e in [index.get("empty_prompt"), index.get("validation"), *index["shards"]] if e is not None]
     rank, world = _rank_world()
     mine = entries[rank::world]
 
@@ -95,6 +95,7 @@ class LatentsDataset:
             uncond = load_empty_prompt(data_dir, check_hash=False)  # hashed above when asked
         except ShardError as e:  # the cache's own one-line reasons, as the CLI's error line
             raise ConfigError(str(e).splitlines()[0]) from None
+        self.cache_dir = str(data_dir)
         shapes = sorted(set(self._ds.keys))
         # aspect buckets: a bucket id per row, so the trainer's sampler draws each batch from one bucket
         self.groups = [shapes.index(k) for k in self._ds.keys] if len(shapes) > 1 else None
@@ -110,6 +111,29 @@ class LatentsDataset:
 
     def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._uncond
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The producer info of index.json: the pipeline folder, family, VAE normalisation, ..."""
+        return dict(self._ds.index.get("info", {}))
+
+    def validation(self) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor]] | None:
+        """The cache's validation prompts `(texts, (prompt_embeds [K, L, D], pooled [K, P]))` in fp32, or
+        None when it was made without `--validation_prompts` (shapes checked here, hashes on opening)."""
+        from safetensors import safe_open
+
+        from soar_fast.data.shards import ShardError, verify_shard
+
+        entry = self._ds.index.get("validation")
+        if entry is None:
+            return None
+        try:
+            verify_shard(self.cache_dir, entry, check_hash=False)
+        except ShardError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        with safe_open(str(Path(self.cache_dir) / entry["file"]), framework="pt") as f:
+            cond = (f.get_tensor("prompt_embeds").float(), f.get_tensor("pooled").float())
+        return list(entry["prompts"]), cond
 
     def batch(self, indices: torch.Tensor):
         rows = [self._ds[int(i)] for i in indices]

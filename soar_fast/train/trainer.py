@@ -46,6 +46,7 @@ from soar_fast.train.checkpoint import (
 from soar_fast.train.export import export_final
 from soar_fast.train.logger import MetricsLogger
 from soar_fast.train.step import StepResult, build_train_step
+from soar_fast.train.validation import LatentValidation
 
 __all__ = ["TrainResult", "Trainer", "TrainingAborted", "check_output_dir"]
 
@@ -139,6 +140,7 @@ class Trainer:
             raise ConfigError(f"the data's text embeddings are {got[0]} wide (pooled {got[1]}) but the model takes "
                               f"{text_dim} (pooled {pooled_dim}); cache the data with this model's pipeline, or pick "
                               "the model it was cached for")
+        self.validation = LatentValidation.maybe(cfg, self.dataset)  # latent caches: their validation prompts
         self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed, rank=self.env.rank,
                                         world_size=self.env.world_size, groups=getattr(self.dataset, "groups", None))
         self.step_fn = build_train_step(self.family, model, cfg, self.env)
@@ -260,6 +262,13 @@ class Trainer:
         """A grid (rows: images per class, columns: classes) from a fixed noise seed; PNG + TensorBoard.
         Collective (every rank runs the sharded model on the same noise); rank 0 writes it."""
         lc = self.cfg.logging
+        if self.validation is not None:  # a latent cache's validation prompts (train/validation.py)
+            self.model.eval()
+            with torch.random.fork_rng(devices=[]):
+                path = self.validation.run(self.family.velocity(self.model), self.uncond, step=self.step, cfg=self.cfg,
+                                           device=self.device, is_main=self.is_main, logger=self.logger, out=self.out)
+            self.model.train()
+            return path
         n_cls = getattr(self.dataset, "num_classes", 0)
         if not n_cls or lc.validation_images_per_class == 0:
             return None

@@ -1,0 +1,117 @@
+"""Validation images of a run on a latent cache (diffusers' `log_validation` habit).
+
+The cache's validation prompts (`soar-fast cache ... --validation_prompts FILE`) are sampled with
+fixed noise (its own generator: the training RNG and the data sampler are untouched, so a run
+resumes bitwise across a validation) through the family's velocity and the Euler/CFG sampler on
+latents. Every rank runs the sharded model on the same noise (the FSDP2 forward is collective);
+rank 0 alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU
+between validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
+validation's cost in seconds (TensorBoard `validation/seconds` and `samples/validation.jsonl`;
+metrics.jsonl keeps one row per step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soar_fast.config import ConfigError
+from soar_fast.eval.grid import make_grid, save_png
+from soar_fast.eval.sampler import euler_sample
+
+__all__ = ["LatentValidation", "decode_latents"]
+
+
+def decode_latents(vae, family: str, z: torch.Tensor) -> torch.Tensor:
+    """The family's model latents `[N, C, h, w]` -> images `[N, 3, H, W]` in [-1, 1] (the inverse of the cache's encode)."""
+    z = z.to(vae.device, vae.dtype)
+    if family == "qwenimage":
+        from soar_fast.models.qwenimage import latents_to_vae
+
+        x = vae.decode(latents_to_vae(vae, z)).sample[:, :, 0]
+    elif family == "flux2":
+        from soar_fast.models.flux2 import latents_to_vae
+
+        x = vae.decode(latents_to_vae(vae, z)).sample
+    else:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        x = vae.decode(z / vae.config.scaling_factor + shift).sample
+    return x.float().clamp(-1, 1).cpu()
+
+
+class LatentValidation:
+    """Built by `maybe(...)` when a latent-cache run asks for validation images."""
+
+    def __init__(self, prompts: list[str], cond: tuple[torch.Tensor, ...], shape: tuple[int, ...], pipeline: str,
+                 family: str):
+        self.prompts, self.cond, self.shape, self.pipeline, self.family = prompts, cond, shape, pipeline, family
+        self.vae: Any = None
+
+    @classmethod
+    def maybe(cls, cfg, dataset) -> LatentValidation | None:
+        """None unless `data.source='latents'` and `validation_steps > 0`; a one-line ConfigError when the
+        cache holds no validation prompts or its pipeline folder is gone."""
+        lc = cfg.logging
+        if cfg.data.source != "latents" or not lc.validation_steps or not lc.validation_images_per_class:
+            return None
+        val = dataset.validation()
+        where = dataset.cache_dir
+        if val is None:
+            raise ConfigError(f"--validation_steps {lc.validation_steps}: the latent cache {where} holds no validation "
+                              f"prompts; re-run `soar-fast cache ... --output_dir {where} --validation_prompts FILE` "
+                              "(it keeps the shards) or pass --validation_steps 0")
+        info = dataset.info
+        pipeline = info.get("pipeline") or ""
+        if not (Path(pipeline) / "model_index.json").is_file():
+            alt = cfg.model.pretrained_model_name_or_path
+            if alt and (Path(alt) / "model_index.json").is_file():
+                pipeline = alt
+            else:
+                raise ConfigError(f"--validation_steps: the pipeline folder {pipeline!r} the cache {where} was made "
+                                  "from is gone (its VAE decodes the images); restore it or pass --validation_steps 0")
+        return cls(val[0], val[1], tuple(dataset.sample_shape), pipeline, info.get("family", "sd3"))
+
+    def _load_vae(self):
+        if self.vae is None:
+            import diffusers
+
+            index = json.loads((Path(self.pipeline) / "model_index.json").read_text())
+            cls_name = index.get("vae", [None, "AutoencoderKL"])[1]
+            self.vae = getattr(diffusers, cls_name).from_pretrained(
+                self.pipeline, subfolder="vae", local_files_only=True, torch_dtype=torch.float32).eval()
+            self.vae.requires_grad_(False)
+        return self.vae
+
+    @torch.no_grad()
+    def run(self, velocity_fn, uncond: tuple[torch.Tensor, ...], *, step: int, cfg, device: torch.device,
+            is_main: bool, logger, out: Path) -> Path | None:
+        """Collective: sample on every rank; rank 0 decodes and writes. Returns the PNG's path on rank 0."""
+        lc, t0 = cfg.logging, time.perf_counter()
+        k, reps = len(self.prompts), lc.validation_images_per_class
+        g = torch.Generator().manual_seed(cfg.runtime.seed)
+        z1 = torch.randn(k * reps, *self.shape, generator=g).to(device)
+        cond = tuple(t.repeat(reps, *([1] * (t.dim() - 1))).to(device) for t in self.cond)
+        z0 = euler_sample(velocity_fn, z1, cond, uncond, num_steps=lc.validation_inference_steps,
+                          guidance_scale=lc.validation_guidance_scale, shift=cfg.soar.shift,
+                          batch_size=cfg.optim.train_batch_size)
+        if not is_main:
+            return None
+        vae = self._load_vae().to(device)
+        try:
+            imgs = torch.cat([decode_latents(vae, self.family, z0[i : i + 1]) for i in range(z0.shape[0])])
+        finally:
+            self.vae = vae.to("cpu")
+        grid = make_grid(imgs, nrow=k, scale=1, pad=2)
+        logger.image("samples", grid, step)
+        path = save_png(grid, out / "samples" / f"step-{step:06d}.png")
+        seconds = time.perf_counter() - t0
+        tb = getattr(logger, "tb", None)
+        if tb is not None:
+            tb.add_scalar("validation/seconds", seconds, step)
+        with open(out / "samples" / "validation.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "seconds": seconds, "prompts": self.prompts}) + "\n")
+        return path
