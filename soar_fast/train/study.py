@@ -89,12 +89,11 @@ class _State:
         prev = json.loads(marker.read_text()) if marker.exists() else {}
         me = dataclasses.asdict(sc)
         keep = ("progress_bar", "num_threads", "report_only")
-        if prev and {k: v for k, v in prev.get("config", {}).items() if k not in keep} != \
-                {k: v for k, v in json.loads(json.dumps(me)).items() if k not in keep}:
-            log.warning("%s was written by another configuration: starting that study over", marker)
-            for p in (self.rows_path, out / "runs"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            prev = {}
+        same = not prev or ({k: v for k, v in prev.get("config", {}).items() if k not in keep} ==
+                            {k: v for k, v in json.loads(json.dumps(me)).items() if k not in keep})
+        if not same and (sc.report_only or prev.get("status") != "done"):  # never throw measured rows away
+            raise ConfigError(f"output_dir {str(out)!r} holds an unfinished study (or one to report on) of another "
+                              "configuration; re-run it with its own flags to resume it, or pass a new --output_dir")
         done = prev.get("status") == "done" and not sc.report_only
         self.spent = float(prev.get("elapsed_s", 0.0)) if not done else 0.0
         if done:  # a finished study run again: measure it again from scratch
@@ -169,10 +168,9 @@ def _pretrain(sc: StudyConfig, out: Path) -> tuple[Path, dict[str, Any]]:
 class _Evaluator:
     """Evaluates a model (in memory) at one guidance scale on the curated digits and records its rows."""
 
-    def __init__(self, sc: StudyConfig, state: _State, shift: float):
-        self.sc, self.state, self.shift = sc, state, shift
+    def __init__(self, sc: StudyConfig, state: _State, shift: float, post_steps: int):
+        self.sc, self.state, self.shift, self.post_steps = sc, state, shift, post_steps
         self.ds: Any = None
-        self.post_steps = 0
         self.clf_dir = state.out / "classifier"
         self.grid_scales = sorted({min(sc.guidance_scales), max(sc.guidance_scales)})
         self.grids: dict[str, str] = {}
@@ -283,9 +281,8 @@ def run_study(sc: StudyConfig, *, title: str = "study") -> Path:
     state.train["base"] = {"step": base_train.get("step"), "train_s": base_train.get("wall_time_s"),
                            "steps_per_s": base_train.get("steps_per_s"), "reused": base_train.get("reused")}
     model, bcfg, _ = load_run(base)
-    ev = _Evaluator(sc, state, shift=bcfg.soar.shift)
     post = get_recipe("digits-sft").optim.max_train_steps if sc.post_train_steps is None else sc.post_train_steps
-    ev.post_steps = post
+    ev = _Evaluator(sc, state, shift=bcfg.soar.shift, post_steps=post)
     seeds = list(range(sc.seed, sc.seed + sc.num_seeds))
     for seed in seeds:
         ev.final(model, bcfg, name="base", seed=seed, step=0)

@@ -90,6 +90,15 @@ def test_study_refuses_a_folder_it_did_not_write_and_bad_flags(tmp_path):
     with pytest.raises(ConfigError, match="not a study or demo report folder"):
         run_study(StudyConfig(output_dir=str(tmp_path), progress_bar=False))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+    # an unfinished study of another configuration is refused, its measured rows kept
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "study_state.json").write_text(json.dumps({"status": "running", "config": {"num_seeds": 7}}))
+    (other / "rows.jsonl").write_text('{"unit": "base/seed0/step0/cfg1", "rows": []}\n')
+    for extra in ({}, {"report_only": True}):
+        with pytest.raises(ConfigError, match="unfinished study"):
+            run_study(StudyConfig(output_dir=str(other), progress_bar=False, **extra))
+    assert "base/seed0" in (other / "rows.jsonl").read_text()
     for kw, needle in ((dict(num_seeds=0), "num_seeds"), (dict(guidance_scales=()), "guidance_scales"),
                        (dict(num_aux=(0,)), "num_aux"), (dict(lambda_aux=(-1.0,)), "lambda_aux"),
                        (dict(curve_guidance_scales=(-2.0,)), "guidance_scale")):
