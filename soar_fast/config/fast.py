@@ -30,7 +30,11 @@ class FastConfig:
     fp8_scaling: Fp8Scaling = "tensorwise"
     """FP8 scale granularity for the rollout GEMMs: one scale per tensor or per row/column."""
     fp8_training: bool = False
-    """Also run the training GEMMs in FP8: our torch._scaled_mm linear (e4m3 forward, e5m2 grads)."""
+    """Also run the training GEMMs in FP8 (e4m3 forward, e5m2 grads), through `fp8_training_backend`."""
+    fp8_training_backend: Literal["native", "torchao"] = "native"
+    """FP8 training library: 'native', our torch._scaled_mm linear; 'torchao', torchao.float8's
+    `convert_to_float8_training` (scaling from `fp8_scaling`), falling back to native with one log
+    line where torchao is not installed."""
     ops_backend: str = "auto"
     """Backend of the fused ops: auto (on CUDA native if built, else Triton; else reference), reference,
     triton, native."""
@@ -57,5 +61,8 @@ class FastConfig:
             raise ConfigError(f"FastConfig.ops_backend={self.ops_backend!r} is invalid: choose one of {', '.join(OPS_BACKENDS)}")
         if self.compile not in ("none", "per_block", "full"):
             raise ConfigError(f"FastConfig.compile={self.compile!r} is invalid: choose none, per_block or full")
+        if self.fp8_training_backend not in ("native", "torchao"):
+            raise ConfigError(f"FastConfig.fp8_training_backend={self.fp8_training_backend!r} is invalid: "
+                              "choose native or torchao")
         if self.fp8_scaling not in ("tensorwise", "rowwise"):
             raise ConfigError(f"FastConfig.fp8_scaling={self.fp8_scaling!r} is invalid: choose tensorwise or rowwise")

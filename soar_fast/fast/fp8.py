@@ -245,8 +245,15 @@ class Fp8TrainLinear(nn.Linear):
         return y.reshape(*lead, -1)
 
 
-def enable_fp8_training(model: nn.Module) -> int:
-    """Switch the blocks' attention/MLP Linears to `Fp8TrainLinear` (the rollout then runs FP8 too)."""
+def enable_fp8_training(model: nn.Module, backend: str = "native", scaling: str = "tensorwise") -> int:
+    """Switch the blocks' attention/MLP Linears to `Fp8TrainLinear` (the rollout then runs FP8 too);
+    `backend="torchao"`: torchao.float8 instead (`soar_fast.fast.torchao_fp8`). Returns the count."""
+    if backend == "torchao":
+        from soar_fast.fast.torchao_fp8 import enable_torchao_fp8_training
+
+        n = enable_torchao_fp8_training(model, scaling=scaling)
+        if n is not None:  # None: torchao unavailable, fell back (one log line) to ours
+            return n
     n = 0
     for name, module in model.named_modules():
         if _eligible(name, module) or (type(module) is Fp8RolloutLinear and "blocks." in name):

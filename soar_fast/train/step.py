@@ -232,7 +232,8 @@ def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, en
         # CUDA graphs and FP8 weight copies need plain, unsharded weights: the rollout runs on its
         # own copy in the compute dtype, refreshed after every optimizer step.
         replica = _to(copy.deepcopy(model), env.device, compute).requires_grad_(False).eval()
-    if fast.fp8_training and enable_fp8_training(model) == 0:
+    if fast.fp8_training and enable_fp8_training(model, backend=fast.fp8_training_backend,
+                                                 scaling=fast.fp8_scaling) == 0:
         log.warning("fp8_training: no eligible Linear layer; training stays in full precision")
     if fast.activation_checkpointing:
         apply_activation_checkpointing(model, family)
