@@ -15,6 +15,7 @@ SdeRolloutType = Literal["simple", "sde", "flow_sde", "cps"]
 CondDropoutPer = Literal["sample", "batch"]
 TargetDtype = Literal["fp32", "model"]
 TimeDensity = Literal["logit_normal", "by_weighting"]
+RolloutGuidance = Literal["auto", "cfg", "distilled"]
 
 WEIGHTINGS: tuple[str, ...] = ("logit_normal", "none", "sigma_sqrt", "cosmap")
 NORMALIZATIONS: tuple[str, ...] = ("points", "sum")
@@ -23,6 +24,7 @@ SDE_ROLLOUT_TYPES: tuple[str, ...] = ("simple", "sde", "flow_sde", "cps")
 COND_DROPOUT_PERS: tuple[str, ...] = ("sample", "batch")
 TARGET_DTYPES: tuple[str, ...] = ("fp32", "model")
 TIME_DENSITIES: tuple[str, ...] = ("logit_normal", "by_weighting")
+ROLLOUT_GUIDANCES: tuple[str, ...] = ("auto", "cfg", "distilled")
 
 
 def _fail(field: str, value: object, need: str) -> None:
@@ -42,7 +44,13 @@ class SoarConfig:
     rollout_steps: int = 40
     """N, sampler steps the one-step rollout mimics: u1 = max(u0 - 1/N, 0)."""
     guidance_scale: float = 4.5
-    """g, classifier-free guidance of the rollout: v_cfg = v_u + g (v_c - v_u)."""
+    """g, classifier-free guidance of the rollout: v_cfg = v_u + g (v_c - v_u). With a distilled
+    rollout (`rollout_guidance`) g is the value fed to the model's guidance embedding instead."""
+    rollout_guidance: RolloutGuidance = "auto"
+    """How the rollout is guided. 'cfg': true CFG, one 2B pass (empty prompt + prompt) combined with
+    g. 'distilled': one B pass of the prompt with g in the guidance embedding of a guidance-distilled
+    model (FLUX.1-dev, FLUX.2-dev: they were distilled away from the unconditional branch).
+    'auto': distilled for a model with a guidance embedding, else cfg (docs/families.md)."""
     lambda_aux: float = 1.0
     """λ, weight of the auxiliary loss. 0 gives SFT."""
     sigma_hi_ratio: float | None = None
@@ -115,7 +123,7 @@ class SoarConfig:
             _fail("cond_dropout", self.cond_dropout, "need a probability in [0, 1]")
         for name, choices in (("cond_dropout_per", COND_DROPOUT_PERS), ("aux_timestep", AUX_TIMESTEPS),
                               ("sde_rollout_type", SDE_ROLLOUT_TYPES), ("target_dtype", TARGET_DTYPES),
-                              ("time_density", TIME_DENSITIES)):
+                              ("time_density", TIME_DENSITIES), ("rollout_guidance", ROLLOUT_GUIDANCES)):
             if getattr(self, name) not in choices:
                 _fail(name, getattr(self, name), f"choose one of {', '.join(choices)}")
         p = self.num_rollout_paths
@@ -134,6 +142,7 @@ class SoarConfig:
             num_aux=6,  # --trajectory_length
             rollout_steps=40,  # --num_sampling_steps
             guidance_scale=4.5,  # --cfg_scale_sampling
+            rollout_guidance="cfg",  # true CFG, one 2B forward (SD3.5 has no guidance embedding)
             lambda_aux=1.0,  # --lambda_aux
             sigma_hi_ratio=None,  # --sigma_upper_ratio 1.5 is passed but σ_hi = 1 always
             sigma_min=1e-3,  # no floor there; σ' >= σ1 >= table[999] ≈ 0.003, so 1e-3 never binds

@@ -1,4 +1,5 @@
-"""The rollout engine: SOAR's no-grad CFG forward (one 2B pass: uncond + cond) at the current weights.
+"""The rollout engine: SOAR's no-grad CFG forward (one 2B pass: uncond + cond; one B pass with distilled
+guidance) at the current weights.
 
 Modes (`FastConfig.rollout`): `eager`; `cuda_graph`, a CUDA graph captured once per input shape
 (warm-up on a side stream, static input buffers, replay each step; the graph reads the live
@@ -30,6 +31,9 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 class RolloutEngine:
     """`engine(z_t [B, ...], sigma0 [B], uncond_b, cond) -> (v_uncond, v_cond)`, no grad.
 
+    `distilled=True`: `velocity_fn` is a distilled-guidance velocity (`ModelFamily.rollout_velocity`);
+    the engine runs one B pass of the prompt and returns (v, v), so v_u + g (v_c - v_u) = v.
+
     `model` is the module whose Linears FP8 mode switches (the transformer behind `velocity_fn`).
     With a CUDA graph the returned tensors are the graph's static outputs: valid until the next
     call. Call `after_optimizer_step()` after each optimizer step (re-quantises FP8 weights; TE
@@ -37,8 +41,9 @@ class RolloutEngine:
     """
 
     def __init__(self, velocity_fn: VelocityFn, model: nn.Module | None = None, mode: str = "eager",
-                 fp8_rowwise: bool = False, warmup_iters: int = 2):
+                 fp8_rowwise: bool = False, warmup_iters: int = 2, distilled: bool = False):
         self.velocity_fn = velocity_fn
+        self.distilled = distilled
         self.model = model
         self.requested = mode
         self.use_graph = mode in ("cuda_graph", "cuda_graph_fp8")
@@ -93,14 +98,17 @@ class RolloutEngine:
     @torch.no_grad()
     def __call__(self, z_t: torch.Tensor, sigma0: torch.Tensor, uncond_b: Cond, cond: Cond
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        z2, s2, c2 = torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
+        if self.distilled:
+            z2, s2, c2 = z_t, sigma0, cond
+        else:
+            z2, s2, c2 = torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
         if self.use_graph and not self._graph_checked:
             self._graph_checked = True
             if not z_t.is_cuda:
                 log.warning("rollout=%s needs a CUDA device; running the rollout eagerly", self.requested)
                 self.use_graph = False
         if not self.use_graph:
-            return self._forward(z2, s2, c2).chunk(2)
+            return self._split(self._forward(z2, s2, c2))
         key = (tuple(z2.shape), z2.dtype, tuple((tuple(c.shape), c.dtype) for c in as_tuple(c2)))
         entry = self._graphs.get(key)
         if entry is None:
@@ -110,14 +118,17 @@ class RolloutEngine:
                 log.warning("rollout CUDA graph capture failed (%s); running the rollout eagerly",
                             str(err).splitlines()[0][:200])
                 self.use_graph = False
-                return self._forward(z2, s2, c2).chunk(2)
+                return self._split(self._forward(z2, s2, c2))
             self._graphs[key] = entry
         entry.z.copy_(z2)
         entry.sigma.copy_(s2)
         for dst, src in zip(entry.cond, as_tuple(c2)):
             dst.copy_(src)
         entry.graph.replay()
-        return entry.out.chunk(2)
+        return self._split(entry.out)
+
+    def _split(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (v, v) if self.distilled else v.chunk(2)
 
     def _capture(self, z: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> _GraphEntry:
         static_z, static_s = z.clone(), sigma.clone()

@@ -87,9 +87,12 @@ def soar_loss_from_draws(
     config: SoarConfig,
     draws: SoarDraws,
     aux_backend: str = "reference",
+    rollout_fn: VelocityFn | None = None,
 ) -> SoarOutput:
     """The deterministic part of `soar_loss`, given the draws. Targets are formed in fp32 (or in
-    z0's dtype with `target_dtype="model"`); losses are accumulated in fp32."""
+    z0's dtype with `target_dtype="model"`); losses are accumulated in fp32. `rollout_fn`: a
+    distilled-guidance rollout (`ModelFamily.rollout_velocity`), one B pass of the prompt whose
+    velocity is v_cfg itself; None: true CFG through `velocity_fn`."""
     compute = target_dtype_of(z0, config)
     lowp = compute not in (torch.float32, torch.float64)
     z0 = z0.to(compute)
@@ -111,11 +114,15 @@ def soar_loss_from_draws(
     metrics: dict[str, torch.Tensor] = {}
     mask = point_mask(draws.u0, config) if pm > 0 else None
     if pm > 0:
-        # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights.
+        # 2. Rollout: one no-grad CFG forward of 2B (uncond + cond) with the current weights, or
+        # of B with distilled guidance (v_u = v_c = v: every op's v_u + g (v_c - v_u) is v exactly).
         with torch.no_grad():
-            v_u, v_c = velocity_fn(
-                torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
-            ).chunk(2)
+            if rollout_fn is not None:
+                v_u = v_c = rollout_fn(z_t, sigma0, cond)
+            else:
+                v_u, v_c = velocity_fn(
+                    torch.cat([z_t, z_t]), torch.cat([sigma0, sigma0]), cat_cond(uncond_b, cond)
+                ).chunk(2)
             z_aux, v_corr = _aux_states(z0, z1, z_t, v_u, v_c, sigma0, sigma1, sigma_aux, m, draws, config,
                                         aux_backend, lowp)
         # Auxiliary term: conditional only, at each z'_m; the model sees `aux_model_sigma` of σ'.

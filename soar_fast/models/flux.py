@@ -3,9 +3,11 @@
 What differs from SD3 (and is handled here): latents are packed into 2x2 patches
 `[N, C, H, W] -> [N, (H/2)(W/2), 4C]` with positional ids per token (`img_ids`, `txt_ids`); the
 timestep is σ itself (the pipeline divides by 1000); Flux-dev is guidance-distilled, so it takes
-a `guidance` embedding instead of true CFG. For Flux-dev run SOAR with `guidance_scale=1` (the
-rollout is then the distilled-guidance velocity) or supply a real empty-prompt condition for
-Flux-schnell / de-distilled checkpoints. Flux's flow direction is the same as SD3's (σ = 1 noise),
+a `guidance` embedding instead of true CFG. The training passes embed FluxPipeline's default 3.5;
+SOAR's rollout on Flux-dev is by default (`SoarConfig.rollout_guidance="auto"`) the distilled
+velocity with `guidance_scale` in the embedding (one B pass, no unconditional branch), or true CFG
+against the empty prompt with `rollout_guidance="cfg"`; schnell (no guidance embedding) and
+de-distilled checkpoints take true CFG. Flux's flow direction is the same as SD3's (σ = 1 noise),
 so the loss, targets and aux-state op are unchanged.
 """
 

@@ -13,8 +13,9 @@ exactly the `latents` argument `Flux2Pipeline.__call__` takes. What differs from
   tensor the data gives;
 - the timestep is σ (the pipeline passes `t / 1000`, the model multiplies by 1000); FLUX.2-dev is
   guidance-distilled: `guidance` (Flux2Pipeline's default 4.0) goes into the embedding as is.
-  For the rollout either use the distilled guidance (SOAR `guidance_scale=1`, the guidance
-  embedding gives the guided velocity) or true CFG with an empty-prompt condition;
+  The training passes embed 4.0; the rollout is the distilled-guidance velocity at
+  `SoarConfig.guidance_scale` (`rollout_guidance` auto/distilled: one B pass) or, where asked
+  (`rollout_guidance=cfg`), true CFG against the empty prompt (docs/families.md);
 - the velocity is the same as SD3/FLUX.1: v = dz/dσ = noise - data (FlowMatchEulerDiscreteScheduler
   steps z + (σ' - σ) v), so the loss, targets and aux-state op are unchanged.
 
@@ -195,5 +196,5 @@ def family() -> ModelFamily:
         velocity=Flux2VelocityFn, block_attrs=("transformer_blocks", "single_transformer_blocks"),
         forward_flops=flux2_forward_flops, latent_channels=lambda c: c.in_channels,
         pipeline_class="Flux2Pipeline", lora_targets=LORA_TARGETS,
-        text_dims=lambda c: (c.joint_attention_dim, 0),
+        text_dims=lambda c: (c.joint_attention_dim, 0), guidance_embedding=lambda c: c.guidance_embeds,
     )

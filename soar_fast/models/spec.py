@@ -51,6 +51,29 @@ class ModelFamily:
     """(width of the per-token text embeddings, width of the pooled embedding; 0: none) the model's
     condition takes, from its config: the data sources make `(prompt_embeds [N, T, D], pooled [N, P])`."""
 
+    guidance_embedding: Callable[[Any], bool] = lambda c: False
+    """Whether a model of this config is guidance-distilled: it takes the guidance scale as an
+    embedding (`velocity(model, guidance=g)`), and SOAR's rollout can use it instead of true CFG."""
+
+    def rollout_guidance(self, model: nn.Module, requested: str) -> str:
+        """'cfg' or 'distilled': `SoarConfig.rollout_guidance` resolved for `model` ('auto':
+        distilled where the model has a guidance embedding). Raises a one-line ConfigError for
+        'distilled' on a model without one."""
+        distilled = bool(self.guidance_embedding(model.config))
+        if requested == "auto":
+            return "distilled" if distilled else "cfg"
+        if requested == "distilled" and not distilled:
+            raise ConfigError(f"soar.rollout_guidance='distilled' needs a guidance-distilled model, and this "
+                              f"{self.name} model has no guidance embedding: use --soar.rollout_guidance cfg (or auto)")
+        return requested
+
+    def rollout_velocity(self, model: nn.Module, soar: Any) -> Callable | None:
+        """The velocity function of a distilled rollout (one B pass of the prompt, the guidance
+        embedding at `soar.guidance_scale`), or None for true CFG (the 2B pass of `velocity(model)`)."""
+        if self.rollout_guidance(model, soar.rollout_guidance) == "cfg":
+            return None
+        return self.velocity(model, guidance=soar.guidance_scale)
+
     def cls(self) -> type[nn.Module]:
         import diffusers
 
@@ -95,13 +118,15 @@ class ModelFamily:
         """Every transformer block, in forward order: the units of checkpointing, compile and FSDP."""
         return [b for lst in self.block_lists(model) for b in lst]
 
-    def step_flops(self, model: nn.Module, batch: int, num_aux: int, height: int, width: int, text_len: int) -> float:
+    def step_flops(self, model: nn.Module, batch: int, num_aux: int, height: int, width: int, text_len: int,
+                   rollout_rows: int = 2) -> float:
         """FLOPs of one SOAR step (num_aux=0: SFT): 3F(1+M)B for forward+backward of the (1+M)B
-        rows plus 2BF for the no-grad CFG rollout (M > 0). With several rollout paths pass the
-        point rows P·M (`SoarConfig.num_points`): the batched step runs all of them (a missing
-        point is a zero-weight row, not a skipped one) and still one rollout."""
+        rows plus 2BF for the no-grad CFG rollout (M > 0; `rollout_rows=1`: BF for a distilled
+        rollout). With several rollout paths pass the point rows P·M (`SoarConfig.num_points`):
+        the batched step runs all of them (a missing point is a zero-weight row, not a skipped
+        one) and still one rollout."""
         f = self.forward_flops(model, height, width, text_len)
-        rollout = 2 * batch * f if num_aux > 0 else 0.0
+        rollout = rollout_rows * batch * f if num_aux > 0 else 0.0
         return 3.0 * f * (1 + num_aux) * batch + rollout
 
 
@@ -122,7 +147,7 @@ def _flux() -> ModelFamily:
     return ModelFamily(name="flux", transformer_class="FluxTransformer2DModel", presets=FLUX_PRESETS,
                        velocity=FluxVelocityFn, block_attrs=("transformer_blocks", "single_transformer_blocks"),
                        forward_flops=flux_forward_flops, latent_channels=lambda c: c.in_channels // 4,
-                       pipeline_class="FluxPipeline")
+                       pipeline_class="FluxPipeline", guidance_embedding=lambda c: c.guidance_embeds)
 
 
 FAMILIES: dict[str, ModelFamily] = {"sd3": _sd3(), "flux": _flux()}

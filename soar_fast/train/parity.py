@@ -120,14 +120,19 @@ def _run(family, preset, batch, soar, size, seq, seed, variants, device, fp8_sca
     draws = sf.sample_draws(z0, soar, torch.Generator(device=dev).manual_seed(seed + 1))
 
     ref_model = copy.deepcopy(base).to(dev)
-    ref = sf.soar_loss_from_draws(family.velocity(ref_model), z0, cond, uncond, soar, draws)
+    ref_rollout = family.rollout_velocity(ref_model, soar)  # None: true CFG; else the distilled rollout
+    ref = sf.soar_loss_from_draws(family.velocity(ref_model), z0, cond, uncond, soar, draws, rollout_fn=ref_rollout)
     ref.loss.backward()
     ref_loss, ref_grads = ref.loss.item(), _grads(ref_model)
     s0 = draws.sigma0.view(-1, *([1] * (z0.dim() - 1)))
     z_t = (1 - s0) * z0 + s0 * draws.z1
     ub = broadcast_uncond(uncond, cond, batch)
-    ref_u, ref_c = family.velocity(ref_model)(torch.cat([z_t, z_t]), torch.cat([draws.sigma0] * 2),
-                                               (torch.cat([ub[0], cond[0]]), torch.cat([ub[1], cond[1]]))).chunk(2)
+    with torch.no_grad():
+        if ref_rollout is not None:
+            ref_u = ref_c = ref_rollout(z_t, draws.sigma0, cond)
+        else:
+            ref_u, ref_c = family.velocity(ref_model)(torch.cat([z_t, z_t]), torch.cat([draws.sigma0] * 2),
+                                                       (torch.cat([ub[0], cond[0]]), torch.cat([ub[1], cond[1]]))).chunk(2)
     ref_cfg = ref_u + soar.guidance_scale * (ref_c - ref_u)
 
     rows: list[ParityRow] = []
@@ -170,7 +175,7 @@ def format_table(rows: list[ParityRow]) -> str:
     for r in rows:
         val = "-" if r.value is None else f"{r.value:.3e}"
         tol = "-" if r.tolerance is None else f"{r.tolerance:.0e}"
-        where = f" [ops {r.config['ops_backend']}, rollout {r.config['rollout']}, world {r.config['world_size']}]" \
+        where = f" [ops {r.config['ops_backend']}, rollout {r.config['rollout']} {r.config.get('rollout_guidance', 'cfg')}, world {r.config['world_size']}]" \
             if r.config else ""
         lines.append(f"{r.variant:<18} {r.metric:<24} {val:>12} {tol:>10}  {r.status} {r.note}{where}")
     return "\n".join(lines)
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sde_rollout_type", default="flow_sde", choices=["simple", "sde", "flow_sde", "cps"])
     p.add_argument("--rollout_steps", type=int, default=40, help="N of the rollout step (u1 = u0 - 1/N)")
     p.add_argument("--aux_timestep", default="sigma", choices=["sigma", "table"])
+    p.add_argument("--rollout_guidance", default="auto", choices=["auto", "cfg", "distilled"],
+                   help="true CFG or the distilled guidance embedding (auto: distilled where the model has one)")
     p.add_argument("--size", type=int, default=8, help="latent height and width")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     variants = tuple(v for v in a.variants.split(",") if v)
     soar = {"num_rollout_paths": a.num_rollout_paths, "sde_rollout_type": a.sde_rollout_type,
-            "rollout_steps": a.rollout_steps, "aux_timestep": a.aux_timestep}
+            "rollout_steps": a.rollout_steps, "aux_timestep": a.aux_timestep, "rollout_guidance": a.rollout_guidance}
     rows = run_parity(a.preset, a.batch, a.num_aux, a.size, variants=variants, device=a.device, family=a.family,
                       fp8_scaling=a.fp8_scaling, soar=soar)
     print(format_table(rows))

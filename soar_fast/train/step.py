@@ -6,7 +6,8 @@ fixed order: LoRA (already on the model) -> rollout replica (a plain copy, when 
 needs unsharded weights) -> FP8 training swap -> activation checkpointing -> compile -> FSDP2 on
 the mesh (world size 1 for a plain process) -> AdamW -> EMA. The `TrainStep` it returns runs one
 optimizer step: keyed draws, the micro-batches' forward and backward (the eager reference
-`soar_loss_from_draws` or the batched (1+M)B step), the NaN/inf and stop decision agreed by all
+`soar_loss_from_draws` or the batched (1+M)B step; the rollout guided by true CFG or, for a
+guidance-distilled model, by its guidance embedding: `SoarConfig.rollout_guidance`), the NaN/inf and stop decision agreed by all
 ranks in the step's one host sync, clipping, the optimizer, EMA and the rollout weights' refresh.
 
 Precision (`runtime.mixed_precision`, `runtime.weight_dtype`), the field's habit: fp32 master
@@ -87,6 +88,8 @@ class TrainStep:
         self.family, self.model, self.optimizer, self.ema = family, model, optimizer, ema
         self.rollout, self.replica, self.cfg, self.env = rollout, replica, cfg, env
         self.velocity_fn = family.velocity(model)
+        self.rollout_guidance = family.rollout_guidance(model, cfg.soar.rollout_guidance)
+        self.rollout_fn = family.rollout_velocity(model, cfg.soar)  # None: true CFG
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.lora = bool(cfg.model.lora_rank)
 
@@ -101,7 +104,7 @@ class TrainStep:
         z0 = z0.to(precision_dtypes(self.cfg)[1]) if soar.target_dtype == "model" else z0.float()
         with attention_context(fast.attention_backend):
             if self.cfg.runtime.step == "eager":
-                out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws)
+                out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws, rollout_fn=self.rollout_fn)
                 if isinstance(grad_scale, tuple):
                     (out.parts[0] * grad_scale[0] + out.parts[1] * grad_scale[1]).backward()
                 else:
@@ -163,7 +166,8 @@ class TrainStep:
             "soar_fused_mse", fast.ops_backend, self.env.device, torch.float32)
         return {"step": cfg.runtime.step, "ops_backend": ops,
                 "rollout": self.rollout.mode if self.rollout is not None else "reference",
-                "rollout_requested": fast.rollout, "compile": fast.compile, "weight_dtype": weight,
+                "rollout_requested": fast.rollout, "rollout_guidance": self.rollout_guidance,
+                "compile": fast.compile, "weight_dtype": weight,
                 "compute_dtype": compute, "reduce_dtype": reduce, "fp8_training": fast.fp8_training,
                 "activation_checkpointing": fast.activation_checkpointing, "micro_chunks": fast.micro_chunks,
                 "world_size": self.env.world_size}
@@ -256,8 +260,9 @@ def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, en
     rollout = None
     if cfg.runtime.step == "fast":
         target = replica if replica is not None else model
-        rollout = RolloutEngine(family.velocity(target), target, fast.rollout,
-                                fp8_rowwise=fast.fp8_scaling == "rowwise")
+        distilled_fn = family.rollout_velocity(target, cfg.soar)
+        rollout = RolloutEngine(distilled_fn or family.velocity(target), target, fast.rollout,
+                                fp8_rowwise=fast.fp8_scaling == "rowwise", distilled=distilled_fn is not None)
     step = TrainStep(family=family, model=model, optimizer=optimizer, ema=ema, rollout=rollout, replica=replica,
                      cfg=cfg, env=env)
     if replica is not None:
