@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoraSettings",
     "apply_lora",
+    "lora_family",
     "lora_state_dict",
     "merge_lora",
     "peft_to_lora_layers",
@@ -138,7 +139,40 @@ def save_lora_layers(layers: dict, metadata: dict, output_dir: str | Path,
     layers = {k: v.float().cpu().contiguous() for k, v in layers.items()}
     pipeline_cls = getattr(diffusers, pipeline_class)
     pipeline_cls.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
-    return out / "pytorch_lora_weights.safetensors"
+    path = out / "pytorch_lora_weights.safetensors"
+    _stamp_family(path, pipeline_class)
+    return path
+
+
+FAMILY_KEY = "soar_fast.family"
+"""Safetensors metadata key of the family a LoRA was trained for (`lora_family`)."""
+
+
+def _stamp_family(path: Path, pipeline_class: str) -> None:
+    """Add the family of `pipeline_class` to the file's metadata (kept beside diffusers' own), so a
+    LoRA given to another family's pipeline is refused in one line instead of loading no key."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from soar_fast.models.spec import FAMILIES, family_names
+
+    family_names()  # register every family
+    name = next((f.name for f in FAMILIES.values() if f.pipeline_class == pipeline_class), None)
+    if name is None:
+        return
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tmp = path.with_suffix(".tmp")
+    save_file(load_file(str(path)), str(tmp), metadata={**meta, FAMILY_KEY: name})
+    tmp.replace(path)
+
+
+def lora_family(path: str | Path) -> str | None:
+    """The family a LoRA file was trained for (written by `save_lora_layers`), None if not ours."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(FAMILY_KEY)
 
 
 def merge_lora(transformer: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ from soar_fast.config.sd35 import (
     check_pipeline_folder,
     pipeline_family,
 )
+from soar_fast.models.lora import lora_family
 from soar_fast.models.spec import get_family
 
 __all__ = [
@@ -196,13 +197,17 @@ def load_pipeline(
     )
     if lora_path is not None:
         lp = Path(lora_path)
-        if lp.is_file():
-            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name="soar")
-        elif (lp / "pytorch_lora_weights.safetensors").is_file():
-            pipe.load_lora_weights(str(lp), weight_name="pytorch_lora_weights.safetensors", adapter_name="soar")
-        else:
+        if (lp / "pytorch_lora_weights.safetensors").is_file():
+            lp = lp / "pytorch_lora_weights.safetensors"
+        elif not lp.is_file():
             raise FileNotFoundError(f"no LoRA weights at {lp}: pass the folder written by save_lora_weights "
                                     "or a .safetensors file")
+        trained_for = lora_family(lp) if lp.suffix == ".safetensors" else None
+        if trained_for is not None and trained_for != family:
+            raise ConfigError(f"the LoRA {lp} was trained for a {trained_for} model but "
+                              f"{pretrained_model_name_or_path} is a {family} pipeline: pass a {trained_for} "
+                              f"pipeline folder, or a LoRA trained on this {family} model")
+        pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name="soar")
         if lora_scale != 1.0:
             pipe.set_adapters(["soar"], adapter_weights=[lora_scale])
     return pipe.to(dev)

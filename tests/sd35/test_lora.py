@@ -11,6 +11,7 @@ from soar_fast.config import ConfigError
 from soar_fast.models.lora import (
     LoraSettings,
     apply_lora,
+    lora_family,
     merge_lora,
     save_lora_weights,
     trainable_parameters,
@@ -81,6 +82,20 @@ def test_saved_lora_loads_into_pipeline_with_same_scale(tiny_sd3_dir, tmp_path):
         torch.testing.assert_close(via_file.transformer(**_inputs())[0], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         load_pipeline(tiny_sd3_dir, lora_path=tmp_path)
+
+
+def test_a_lora_of_another_family_is_one_line(tiny_sd3_dir, tiny_flux_dir, tmp_path):
+    """The export stamps its family into the safetensors metadata (beside diffusers' own adapter
+    metadata, which the pipeline still reads); another family's pipeline refuses it in one line
+    instead of loading no key."""
+    t = load_sd3_transformer(tiny_sd3_dir)
+    apply_lora(t, LoraSettings(rank=4))
+    f = save_lora_weights(t, tmp_path / "sd3_lora")
+    assert lora_family(f) == "sd3"
+    with pytest.raises(ConfigError, match="trained for a sd3 model but .* is a flux pipeline") as err:
+        load_pipeline(tiny_flux_dir, lora_path=tmp_path / "sd3_lora", device="cpu")
+    assert "\n" not in str(err.value)
+    load_pipeline(tiny_sd3_dir, lora_path=tmp_path / "sd3_lora", device="cpu")  # its own family loads it
 
 
 def test_merge_lora_gives_stock_keys_and_same_output(tiny_sd3_dir):
