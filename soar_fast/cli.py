@@ -136,7 +136,7 @@ def _suggest(msg: str, cls: type, default: Any) -> str:
     return ""
 
 
-def _parse_train(argv: Sequence[str]):
+def _parse_train(argv: Sequence[str], require_paths: bool = True):
     from soar_fast.config import TrainConfig, get_recipe, load_config_file, recipe_names
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -155,7 +155,8 @@ def _parse_train(argv: Sequence[str]):
     cfg = _tyro_parse(TrainConfig, normalize_train_argv(rest, TrainConfig), "soar-fast train", desc, default=cfg)
     from soar_fast.config.recipes import check_recipe_requirements
 
-    check_recipe_requirements(cfg)
+    if require_paths:
+        check_recipe_requirements(cfg)
     return cfg
 
 
@@ -188,7 +189,7 @@ def _cmd_plan(argv: Sequence[str]) -> int:
     from soar_fast.train.plan import plan_target, print_plan
 
     world, gpu = plan_target(known.world_size, known.gpu_memory)
-    print_plan(_parse_train(rest), world, gpu)
+    print_plan(_parse_train(rest, require_paths=False), world, gpu)
     return 0
 
 

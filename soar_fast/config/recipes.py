@@ -140,7 +140,7 @@ def sd35m_soar() -> TrainConfig:
     data.source = "latents"  # data_dir is required: tyro rebuilds DataConfig and its check names the flag
     return TrainConfig(
         recipe=r["name"],
-        model=ModelConfig(pretrained_model_name_or_path=None, subfolder="transformer"),
+        model=ModelConfig(preset="sd35-medium", pretrained_model_name_or_path=None, subfolder="transformer"),
         data=data,
         optim=OptimConfig(learning_rate=r["learning_rate"], lr_warmup_steps=r["lr_warmup_steps"],
                           adam_beta1=r["adam_beta1"], adam_beta2=r["adam_beta2"],
@@ -158,10 +158,73 @@ def sd35m_soar() -> TrainConfig:
     )
 
 
-#: Fields a recipe cannot default (machine-specific paths): `check_recipe_requirements` names them.
+@dataclasses.dataclass(frozen=True)
+class FamilyRecipe:
+    """A real SOAR recipe of a family: its checkpoint's preset (what `soar-fast plan` measures
+    without weights), LoRA rank (0 = full fine-tune), the rollout's guidance and the scheduler shift."""
+
+    name: str
+    family: str
+    preset: str
+    checkpoint: str
+    lora_rank: int
+    guidance_scale: float
+    shift: float
+    why: str
+
+
+#: One real recipe per image family (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
+#: constant LR, bf16 compute). Models above ~3B parameters default to LoRA (rank 64, lr 1e-4, the
+#: habit of flow_grpo and diffusers' Flux/SD3.5-L scripts): their fp32 weights + AdamW states alone
+#: exceed one 80 GB GPU. Per-GPU batch splits: docs/families.md "Real recipes" (`soar-fast plan`).
+FAMILY_RECIPES: tuple[FamilyRecipe, ...] = (
+    FamilyRecipe("sd35l-soar", "sd3", "sd35-large", "stabilityai/stable-diffusion-3.5-large", 64, 3.5, 3.0,
+                 "CFG 3.5 is SD3.5-Large's pipeline default (Medium: 4.5); shift 3.0 its scheduler's"),
+    FamilyRecipe("flux-dev-soar", "flux", "flux1-dev", "black-forest-labs/FLUX.1-dev", 64, 3.5, 3.0,
+                 "distilled rollout with 3.5 in the guidance embedding (FluxPipeline's default); shift 3.0 "
+                 "≈ its dynamic shift at 1024 px (e^1.15 = 3.16; 1.9 at 512 px)"),
+    FamilyRecipe("flux2-dev-soar", "flux2", "flux2-dev", "black-forest-labs/FLUX.2-dev", 64, 4.0, 3.0,
+                 "distilled rollout with 4.0 in the guidance embedding (Flux2Pipeline's default)"),
+    FamilyRecipe("qwenimage-soar", "qwenimage", "qwen-image", "Qwen/Qwen-Image", 64, 4.0, 3.0,
+                 "true CFG 4.0 (QwenImagePipeline's true_cfg_scale default)"),
+    FamilyRecipe("zimage-soar", "zimage", "z-image", "Tongyi-MAI/Z-Image", 64, 4.5, 3.0,
+                 "true CFG at SOAR's 4.5 (the pipeline's guidance_scale g is SOAR's g + 1)"),
+)
+
+
+def family_recipe(spec: FamilyRecipe, micro: int = 1) -> Callable[[], TrainConfig]:
+    def make() -> TrainConfig:
+        data = DataConfig()
+        data.source = "latents"
+        lora = spec.lora_rank > 0
+        return TrainConfig(
+            recipe=spec.name,
+            model=ModelConfig(family=spec.family, preset=spec.preset, pretrained_model_name_or_path=None,
+                              subfolder="transformer", lora_rank=spec.lora_rank),
+            data=data,
+            optim=OptimConfig(learning_rate=1e-4 if lora else 2e-5, lr_warmup_steps=0, adam_weight_decay=1e-2,
+                              max_grad_norm=1.0, train_batch_size=micro, gradient_accumulation_steps=32 // micro,
+                              max_train_steps=10_000, use_ema=False),
+            soar=SoarConfig(num_aux=6, rollout_steps=40, guidance_scale=spec.guidance_scale, lambda_aux=1.0,
+                            shift=spec.shift),
+            checkpoint=CheckpointConfig(checkpointing_steps=500, checkpoints_total_limit=3),
+            logging=LoggingConfig(logging_steps=10, validation_steps=0, validation_inference_steps=40,
+                                  validation_guidance_scale=spec.guidance_scale),
+            runtime=RuntimeConfig(output_dir=f"runs/{spec.name}", seed=0, mixed_precision="bf16", device="cuda"),
+        )
+
+    make.__doc__ = (f"SOAR on {spec.checkpoint} ({f'LoRA rank {spec.lora_rank}' if spec.lora_rank else 'full'}); "
+                    f"needs --pretrained_model_name_or_path and --data.data_dir. {spec.why}.")
+    return make
+
+
+#: Fields a recipe cannot default (machine-specific paths): `check_recipe_requirements` names them
+#: for `soar-fast train`; `soar-fast plan` measures the recipe's preset without them.
 RECIPE_REQUIRES: dict[str, tuple[tuple[str, str], ...]] = {
     "sd35m-soar": (("model.pretrained_model_name_or_path", "--pretrained_model_name_or_path <SD3.5 pipeline folder>"),
                    ("data.data_dir", "--data.data_dir <cache folder of `soar-fast cache`>")),
+    **{r.name: (("model.pretrained_model_name_or_path", f"--pretrained_model_name_or_path <{r.checkpoint} folder>"),
+                ("data.data_dir", "--data.data_dir <cache folder of `soar-fast cache`>")) for r in FAMILY_RECIPES},
 }
 
 
@@ -182,6 +245,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny,
     "sd35m-soar": sd35m_soar,
     **{f"tiny-{f}": tiny_family(f) for f in TINY_FAMILIES},
+    **{r.name: family_recipe(r) for r in FAMILY_RECIPES},
 }
 
 

@@ -202,3 +202,24 @@ def test_bench_plan_only_smoke_rows(tmp_path):
     by = {r["provider"]: r for r in rows}
     assert by["e"]["parts_gib"]["rollout_replica"] > 0 and by["c"]["parts_gib"]["rollout_replica"] == 0
     assert by["f"]["parts_gib"]["fp8_weight_copies"] > 0
+
+
+@pytest.mark.parametrize("recipe, gib", [("sd35l-soar", 48), ("flux-dev-soar", 48), ("flux2-dev-soar", 141),
+                                         ("qwenimage-soar", 80), ("zimage-soar", 48)])
+def test_each_family_real_recipe_plans_a_fitting_choice(recipe, gib, capsys):
+    """The real recipes plan from their preset alone (no weights, no cache) and fit the GPU sizes
+    of docs/families.md "Real recipes"; `soar-fast train` without their paths is one line."""
+    from soar_fast.config import get_recipe
+    from soar_fast.config.recipes import FAMILY_RECIPES
+
+    spec = next(r for r in FAMILY_RECIPES if r.name == recipe)
+    cfg = get_recipe(recipe)
+    assert (cfg.model.family, cfg.model.preset, cfg.model.lora_rank) == (spec.family, spec.preset, 64)
+    assert cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps == 32 and cfg.soar.num_aux == 6
+    assert main(["plan", "--recipe", recipe, "--data.data_dir", "no_cache", "--gpu_memory", str(gib)]) == 0
+    choice = re.search(r"^choice for \d+ GiB: add (.+) -> predicted peak ([\d.]+) GiB of ([\d.]+) usable$",
+                       capsys.readouterr().out, re.M)
+    assert choice and float(choice[2]) <= float(choice[3])
+    assert main(["train", "--recipe", recipe, "--data.data_dir", "no_cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pretrained_model_name_or_path" in err[0], err
