@@ -48,9 +48,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # the tests build tiny SD3/Flux pipelines (CLIP, T5) and LoRA adapters locally: transformers, peft
     "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.8.0; platform_system=='Linux'",
-             "transformers>=4.44", "peft>=0.12", "ruff"],
+             "transformers>=4.44", "peft>=0.12", "torchao>=0.12", "ruff"],
     "diffusers": ["transformers>=4.44", "peft>=0.12", "sentencepiece", "accelerate"],
-    "gpu": ["triton>=3.2", "nvtx"],
+    "gpu": ["triton>=3.2", "nvtx", "torchao>=0.12"],
 }
 EXTRAS["all"] = sorted({r for v in EXTRAS.values() for r in v})
 

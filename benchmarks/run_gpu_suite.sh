@@ -7,8 +7,8 @@
 #   bash benchmarks/run_gpu_suite.sh OUTDIR [BUDGET_S]
 # Commit OUTDIR under benchmarks/results/<gpu>/: the rows carry device, date and commit. A copied
 # working tree (the device tool's) can carry stale git metadata: set SOAR_FAST_COMMIT=<hash> then.
-# The GPU image lacks diffusers (and its lazy-importer, importlib_metadata) and nvtx: put their
-# wheels in wheels/ (README "Performance"); they are installed with --no-deps into /tmp/site.
+# The GPU image lacks diffusers (and its lazy-importer, importlib_metadata), nvtx and torchao (variant
+# g_ao): put their wheels in wheels/ (README "Performance"); they are installed with --no-deps into /tmp/site.
 set -uo pipefail
 OUT=${1:?usage: run_gpu_suite.sh OUTDIR [BUDGET_S]}
 BUDGET=${2:-540}
@@ -58,7 +58,7 @@ BENCH="$PY benchmarks/bench_step.py $SMOKE"
 #    build_train_step in the trainer's precision policy, plus (e) in the old pure-bf16 one; each
 #    variant builds and compiles its own model, so warm-ups are longer than 0.1's.
 stage step_512 300 $BENCH --resolution 512 --batch 2 --warmup 2 --iters 6 --time_budget 230 \
-    --variants a,b,c,sft_eager,d,e,e:pure_bf16,f,g,sft --out "$OUT/step_512.json"
+    --variants a,b,c,sft_eager,d,e,e:pure_bf16,f,g,g_ao,sft --out "$OUT/step_512.json"
 # 2. soar-fast train end to end on the same TrainConfig as (e) (goal: >= 95% of its samples/s).
 stage train_e2e 150 $PY benchmarks/bench_train.py $SMOKE --variant e --resolution 512 --batch 2 --warmup 2 --iters 6 \
     --steps 20 --out "$OUT/train_e.json"

@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "f": ("+ FP8 rollout (CUDA graph)", {"compile": "per_block", "rollout": "cuda_graph_fp8"}, True),
     "g": ("+ FP8 training GEMMs (bf16 graph rollout)", {"compile": "per_block", "rollout": "cuda_graph",
                                                        "fp8_training": True}, True),
+    "g_ao": ("+ torchao float8 training GEMMs, rowwise (bf16 graph rollout)",
+             {"compile": "per_block", "rollout": "cuda_graph", "fp8_training": True,
+              "fp8_training_backend": "torchao", "fp8_scaling": "rowwise"}, True),
     "sft": ("SFT step (settings of d)", {"compile": "per_block"}, False),
 }
 # precision -> (runtime.mixed_precision, runtime.weight_dtype)
