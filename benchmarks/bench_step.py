@@ -157,6 +157,12 @@ class Bench:
             rows.append(r("speedup_vs_a", self.baseline_ms[base] / p50, "x", baseline=f"a:{base}"))
         if step is not None and step.rollout is not None and cfg.soar.num_aux > 0:
             rows += self._rollout_rows(step, cfg, r)
+        if a.profile and spec in a.profile_variants:
+            breakdown, wall = lib.profile_steps(fn, self.device, a.profile)
+            rows += [r("profile_ms", ms, "ms", category=cat, share=ms / wall, profiled_steps=a.profile,
+                       profiled_wall_ms=wall) for cat, ms in breakdown.items()]
+            print(f"{'':>12} profile ({a.profile} steps, {wall:.2f} ms/step): "
+                  + ", ".join(f"{cat} {ms / wall:.0%}" for cat, ms in breakdown.items()), flush=True)
         print(f"{spec:>12} {lib.VARIANTS[name][0]:<42} {p50:9.2f} ms  {achieved:7.1f} TFLOP/s  "
               f"MFU {achieved / self.peak:6.1%}  warm-up {warm_s:5.1f} s  rollout={config['rollout']}", flush=True)
         return rows
@@ -316,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
                    "e.g. sdpa,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn")
     p.add_argument("--rollout_modes", default="", help="also time the rollout alone per mode, e.g. "
                    "eager,cuda_graph,fp8,cuda_graph_fp8 (uncompiled; before the variants)")
+    p.add_argument("--profile", type=int, default=0, help="also profile this many steps of the --profile_variants "
+                   "(torch.profiler): a profile_ms row per category (GEMM, attention, elementwise, optimizer, "
+                   "rollout, SOAR ops, idle) with its share of the step")
+    p.add_argument("--profile_variants", default="e,g,g_ao", help="comma list of the variant specs to profile")
     p.add_argument("--time_budget", type=float, default=0, help="seconds; variants starting later are skipped")
     p.add_argument("--out", default=None, help="write the JSON rows here (rewritten after each variant)")
     p.add_argument("--plan_only", action="store_true", help="no step runs: one predicted_peak_gib row per variant "
@@ -329,6 +339,7 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None):
     p = p or parser()
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.profile_variants = [v for v in args.profile_variants.split(",") if v]
     for spec in args.variants:
         try:
             lib.parse_variant(spec, "trainer")

@@ -54,11 +54,12 @@ BUILD=build/native_gpu
 build_pid=$!
 
 BENCH="$PY benchmarks/bench_step.py $SMOKE"
-# 1. The step table, SD3.5-M 512 px, B=2, M=6 (issues 8, 12, 18): variants a..g built by
+# 1. The step table, SD3.5-M 512 px, B=2, M=6 (issues 8, 12, 18), with the profile breakdown of (e), (g)
+#    and (g_ao) (3 profiled steps each, after their timing): variants a..g built by
 #    build_train_step in the trainer's precision policy, plus (e) in the old pure-bf16 one; each
 #    variant builds and compiles its own model, so warm-ups are longer than 0.1's.
 stage step_512 300 $BENCH --resolution 512 --batch 2 --warmup 2 --iters 6 --time_budget 230 \
-    --variants a,b,c,sft_eager,d,e,e:pure_bf16,f,g,g_ao,sft --out "$OUT/step_512.json"
+    --variants a,b,c,sft_eager,d,e,e:pure_bf16,f,g,g_ao,sft --profile 3 --profile_variants e,g,g_ao --out "$OUT/step_512.json"
 # 2. soar-fast train end to end on the same TrainConfig as (e) (goal: >= 95% of its samples/s).
 stage train_e2e 150 $PY benchmarks/bench_train.py $SMOKE --variant e --resolution 512 --batch 2 --warmup 2 --iters 6 \
     --steps 20 --out "$OUT/train_e.json"

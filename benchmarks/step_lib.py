@@ -227,3 +227,70 @@ def plan_rows(specs: list[str], default_precision: str, shape: Shape, info: dict
                      "parts_gib": {k: v / GIB for k, v in plan.parts.items()}, "config": config,
                      "note": "soar_fast.train.plan on a CPU (meta-device measurement + fitted constants)", **info})
     return rows
+
+
+# --- the profile breakdown of a step (issue 18): where the step's time goes -----------------------
+#: rows of the breakdown, in the order they are printed; "idle" is the step time no kernel covers
+PROFILE_CATEGORIES = ("gemm", "attention", "elementwise", "optimizer", "rollout", "soar_ops", "idle")
+# the step's own ranges (soar_fast.fast.profiling.nvtx_range, record_function under the profiler)
+_RANGE_CATEGORY = {"soar/rollout": "rollout", "soar/refresh": "rollout", "soar/optimizer": "optimizer",
+                   "soar/aux_states": "soar_ops", "soar/loss_and_grad": "soar_ops"}
+_GEMM = ("gemm", "matmul", "_mm", "addmm", "bmm", "linear", "cutlass", "xmma", "nvjet", "cublas", "scaled_mm",
+         "sm90_", "sm80_", "ampere_")
+_ATTENTION = ("attention", "flash", "fmha", "sdpa", "cudnn", "softmax")
+
+
+def _kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in _ATTENTION):
+        return "attention"
+    if any(k in n for k in _GEMM):
+        return "gemm"
+    return "elementwise"
+
+
+def profile_breakdown(events, wall_ms: float, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each `PROFILE_CATEGORIES` row, from a torch.profiler's `events()`.
+
+    Every unit of device work is counted once: on CUDA each kernel at the op that launched it
+    (`self_device_time_total`, kernel names classify it), on a CPU each op's self time (op names
+    classify it). A kernel under one of the step's ranges (the rollout and the FP8 weight refresh,
+    the optimizer with clipping and EMA, the fused SOAR ops) takes the range's row, whatever it
+    is; the rest are GEMM, attention, or norms/modulation/elementwise by name. The backward runs
+    outside the ranges (autograd's thread): its GEMMs are GEMMs. `idle` = wall time minus all work."""
+    out = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    cuda = any(getattr(e, "kernels", None) for e in events)
+
+    def walk(e, inherited):
+        cat = inherited or _RANGE_CATEGORY.get(e.name) or ("optimizer" if e.name.startswith("Optimizer.") else None)
+        if cuda:
+            for k in getattr(e, "kernels", ()) or ():
+                out[cat or _kind(k.name)] += k.duration / 1e3
+        elif not e.cpu_children or e.self_cpu_time_total > 0:
+            if not e.name.startswith(("soar/", "Optimizer.", "ProfilerStep")):
+                out[cat or _kind(e.name)] += e.self_cpu_time_total / 1e3
+        for child in e.cpu_children:
+            walk(child, cat)
+
+    for e in events:
+        if e.cpu_parent is None and getattr(e, "device_type", None) is not None and e.device_type.name == "CPU":
+            walk(e, None)
+    work = sum(out.values())
+    out["idle"] = max(0.0, wall_ms * steps - work)
+    return {k: v / steps for k, v in out.items()}
+
+
+def profile_steps(fn, device: torch.device, steps: int) -> tuple[dict[str, float], float]:
+    """Run `fn` `steps` times under torch.profiler: (`profile_breakdown` ms per step, wall ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    return profile_breakdown(prof.events(), wall, steps), wall

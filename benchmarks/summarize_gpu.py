@@ -1,5 +1,5 @@
 """Markdown tables from a GPU suite folder (`benchmarks/run_gpu_suite.sh OUTDIR`): the step table
-with the issue-8 goal checks, rollout modes, attention backends, parity rows, stages and kernels.
+with the issue-8 goal checks and the profile breakdown, rollout modes, attention backends, parity rows, stages and kernels.
 
     python benchmarks/summarize_gpu.py OUTDIR            # prints markdown
 """
@@ -58,6 +58,25 @@ def step_table(rows: list[dict], title: str) -> list[str]:
     out += [""] + [f"FP8 weight refresh inside ({v}): {m['fp8_refresh_ms_p50']['value']:.1f} ms per step (timed alone)"
                    for v, m in by.items() if "fp8_refresh_ms_p50" in m]
     out += goal_checks(by)
+    return out + profile_table(steps)
+
+
+def profile_table(steps: list[dict]) -> list[str]:
+    """The profile breakdown (`bench_step.py --profile N`): each category's share of step time per variant."""
+    prof: dict[str, dict[str, dict]] = {}
+    for r in steps:
+        if r["metric"] == "profile_ms":
+            prof.setdefault(r["provider"], {})[r["category"]] = r
+    if not prof:
+        return []
+    cats = list(dict.fromkeys(c for m in prof.values() for c in m))
+    out = ["", "Profile breakdown (torch.profiler; ms per step and share; rollout includes the FP8 refresh, "
+           "optimizer includes clipping and EMA, idle = no kernel running):", "",
+           "| variant | " + " | ".join(cats) + " | profiled ms/step |", "|---|" + "---|" * (len(cats) + 1)]
+    for v, m in prof.items():
+        wall = next(iter(m.values()))["profiled_wall_ms"]
+        out.append(f"| {v} | " + " | ".join(f"{m[c]['value']:.1f} ({m[c]['share']:.0%})" if c in m else "-"
+                                           for c in cats) + f" | {wall:.1f} |")
     return out
 
 

@@ -38,7 +38,19 @@ def _nvtx_module():
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range visible in Nsight Systems; nothing on a machine without CUDA."""
+    """An NVTX range visible in Nsight Systems (nothing on a machine without CUDA), and a
+    `torch.profiler.record_function` range while a torch profiler records (the step benchmark's
+    `--profile` breakdown attributes kernels to these ranges)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name), _nvtx_only(name):
+            yield
+        return
+    with _nvtx_only(name):
+        yield
+
+
+@contextlib.contextmanager
+def _nvtx_only(name: str) -> Iterator[None]:
     mod = _nvtx_module()
     if mod is None:
         yield

@@ -40,6 +40,7 @@ from soar_fast.fast import RolloutEngine, batched_soar_step
 from soar_fast.fast.attention import attention_context
 from soar_fast.fast.compile import compile_model
 from soar_fast.fast.fp8 import enable_fp8_training
+from soar_fast.fast.profiling import nvtx_range
 from soar_fast.loss import SoarDraws, SoarOutput, keyed_draws, soar_loss_from_draws
 from soar_fast.loss.paths import point_mask
 from soar_fast.models.spec import ModelFamily
@@ -141,15 +142,18 @@ class TrainStep:
         if self.env.world_size > 1:  # a NaN or a stop request on any rank decides for all
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         max_norm = oc.max_grad_norm if oc.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        with nvtx_range("soar/optimizer"):
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         bad_t, stop_t, norm_v = torch.stack([flags[0], flags[1], norm.float().to(flags.device)]).tolist()  # the sync
         applied = bad_t == 0 and math.isfinite(norm_v)
         if applied:
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            self.refresh_rollout()
+            with nvtx_range("soar/optimizer"):
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+            with nvtx_range("soar/refresh"):
+                self.refresh_rollout()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return StepResult(applied=applied, grad_norm=norm_v, lr=lr, stop=stop_t > 0, stats=sums)

@@ -88,3 +88,24 @@ def test_release_style_baseline_is_the_same_loss_in_fp32():
     loss = bench.release_style_step(SD3VelocityFn(model), z0, cond, uncond, config, draws, torch.float32)
     ref = sf.soar_loss_from_draws(SD3VelocityFn(model), z0, cond, uncond, config, draws)
     assert abs(loss.item() - ref.loss.item()) <= 1e-5 * ref.loss.item()
+
+
+def test_profile_breakdown_rows_cover_the_step_and_the_summary_table(tmp_path, capsys):
+    """`--profile`: one profile_ms row per category for the profiled variants only; the categories add
+    up to the profiled step time, the step's own ranges (rollout, optimizer, SOAR ops) are found,
+    and summarize_gpu prints the table."""
+    bench = _load_bench()
+    out = tmp_path / "step_512.json"
+    assert bench.main(["--smoke", "--variants", "c,g_ao", "--no_compile", "--batch", "1", "--num_aux", "2",
+                       "--profile", "2", "--profile_variants", "g_ao", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text()) if r["metric"] == "profile_ms"]
+    assert {r["provider"] for r in rows} == {"g_ao"}
+    lib = _load("step_lib")
+    cats = {r["category"]: r for r in rows}
+    assert tuple(cats) == lib.PROFILE_CATEGORIES
+    wall = rows[0]["profiled_wall_ms"]
+    assert sum(r["value"] for r in rows) == pytest.approx(wall, rel=1e-6)
+    assert all(cats[c]["value"] > 0 for c in ("gemm", "elementwise", "optimizer", "rollout", "soar_ops"))
+    capsys.readouterr()
+    assert _load("summarize_gpu").main([str(tmp_path)]) == 0
+    assert "| g_ao | " in capsys.readouterr().out
