@@ -9,7 +9,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import numpy as np
-from family_pipelines import FAST_TRAIN, build_tiny_flux2_pipeline, build_tiny_qwenimage_pipeline, run_ok
+from family_pipelines import (
+    FAST_TRAIN,
+    build_tiny_flux2_pipeline,
+    build_tiny_qwenimage_pipeline,
+    run_ok,
+)
 from PIL import Image
 
 
