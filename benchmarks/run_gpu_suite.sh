@@ -72,6 +72,10 @@ stage rollout_attention 60 $BENCH --resolution 512 --batch 2 --variants "" --ite
 # 5. GPU tests (everything marked cuda).
 PYTEST="$PY -m pytest -q -p no:cacheprovider -o addopts=-ra"
 stage gpu_tests 120 $PYTEST -m cuda tests --junitxml="$OUT/gpu_tests.xml"
+# 5b. The memory planner's choice per GPU size (issue 17): SD3.5-M SOAR 512 px M=6 B=2 under
+#     set_per_process_memory_fraction for 24, 48 and 80 GiB, measured peak beside the prediction.
+stage memory_fit 100 $PY benchmarks/bench_memory.py $( [ -n "$SMOKE" ] && echo --smoke ) --gpu_memory 24,48,80 \
+    --out "$OUT/memory_fit.json"
 # 6. Kernel microbenchmarks (issue 7), the native op's CUDA tests once it is built.
 wait $build_pid && [ -f "$BUILD/kernels/libsoar_fast_native.so" ] && export SOAR_FAST_NATIVE_LIB=$PWD/$BUILD/kernels/libsoar_fast_native.so
 echo "native lib: ${SOAR_FAST_NATIVE_LIB:-not built (see native_build.log)}"

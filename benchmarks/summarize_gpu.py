@@ -61,6 +61,28 @@ def step_table(rows: list[dict], title: str) -> list[str]:
     return out + profile_table(steps)
 
 
+def memory_table(rows: list[dict]) -> list[str]:
+    """bench_memory.py: the planner's choice per GPU size, run under that memory fraction."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("bench") == "memory_fit":
+            by.setdefault(r["provider"], {})[r["metric"]] = r
+    if not by:
+        return []
+    out = ["### Memory planner choices, measured under set_per_process_memory_fraction", "",
+           "| GPU size | flags | predicted GiB | measured peak GiB | planner error | ms/step | note |",
+           "|---|---|---|---|---|---|---|"]
+    for size, m in by.items():
+        first = next(iter(m.values()))
+        peak = m.get("peak_memory", {})
+        note = (m.get("error") or m.get("skipped") or {}).get("note", "")
+        err = peak.get("planner_error")
+        out.append(f"| {size} | {first.get('flags', '-')} | {_fmt(first.get('predicted_peak_gib'), '.2f')} | "
+                   f"{_fmt(peak.get('value'), '.2f')} | {'-' if err is None else f'{err:+.1%}'} | "
+                   f"{_fmt(m.get('ms_per_step_p50', {}).get('value'))} | {note} |")
+    return out + [""]
+
+
 def profile_table(steps: list[dict]) -> list[str]:
     """The profile breakdown (`bench_step.py --profile N`): each category's share of step time per variant."""
     prof: dict[str, dict[str, dict]] = {}
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         res, _, tag = path.stem.removeprefix("step_").partition("_")
         lines += step_table(_load(path), f"{res} px" + (f", {tag}" if tag else "")) + [""]
     lines += rollout_table(_load(d / "rollout_attention_512.json"))
+    lines += memory_table(_load(d / "memory_fit.json"))
     lines += parity_table(_load(d / "parity.json"))
     for path in sorted(d.glob("train_*.json")):
         lines += trainer_table(_load(path))

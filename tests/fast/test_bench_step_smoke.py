@@ -109,3 +109,16 @@ def test_profile_breakdown_rows_cover_the_step_and_the_summary_table(tmp_path, c
     capsys.readouterr()
     assert _load("summarize_gpu").main([str(tmp_path)]) == 0
     assert "| g_ao | " in capsys.readouterr().out
+
+
+def test_bench_memory_smoke_rows(tmp_path):
+    """bench_memory.py (the planner's choice per GPU size, run under a memory fraction on a GPU): on a
+    CPU the tiny config runs the chosen step (LoRA here) and a size no choice fits is a skipped row."""
+    out = tmp_path / "memory.json"
+    assert _load("bench_memory").main(["--smoke", "--gpu_memory", "0.001,24", "--lora_rank", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    assert by[("0.001GiB", "skipped")]["planner_fits"] is False
+    ran = by[("24GiB", "ms_per_step_p50")]
+    assert ran["value"] > 0 and ran["flags"] == "(as is)" and ran["predicted_peak_gib"] > 0
+    assert 0 < ran["trainable_parameters"] < ran["parameters"] / 5  # LoRA adapters only
