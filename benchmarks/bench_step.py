@@ -94,6 +94,7 @@ class Bench:
         self.env = init_distributed(None, self.device)
         self.info = lib.env_info(self.device)
         self.peak = lib.measure_bf16_gemm_tflops(self.device)
+        self.fp8_peak = lib.measure_fp8_gemm_tflops(self.device)
         probe = lib.variant_config("c", args.precision, self.shape, args.device)
         mc = self.family.build(args.preset, seed=0, device="meta").config
         text_dim, pooled_dim = self.family.text_dims(mc)
@@ -147,6 +148,8 @@ class Bench:
                 r("ms_per_step_p80", p80, "ms"), r("samples_per_s", a.batch / (p50 * 1e-3), "samples/s"),
                 r("tflops", achieved, "TFLOP/s", flops_per_step=flops),
                 r("mfu", achieved / self.peak, "fraction", measured_peak_tflops=self.peak),
+                *([r("mfu_fp8", achieved / self.fp8_peak, "fraction", measured_fp8_peak_tflops=self.fp8_peak)]
+                  if name in lib.FP8_VARIANTS and self.fp8_peak else []),
                 r("warmup_s", warm_s, "s", note=f"{a.warmup} steps, compile included")]
         if self.device.type == "cuda":
             rows.append(r("peak_memory", torch.cuda.max_memory_allocated(self.device) / 2**30, "GiB"))
@@ -280,6 +283,10 @@ def run(args, results: lib.Results | None = None) -> list[dict]:
           f"{bench.info['device']}; bf16 GEMM {bench.peak:.0f} TFLOP/s", flush=True)
     results.add([{"bench": "bf16_gemm_8192", "provider": "torch", "metric": "tflops", "value": bench.peak,
                   "unit": "TFLOP/s", "dtype": "bf16", "shape": "8192x8192x8192", **bench.info}])
+    if bench.fp8_peak:
+        results.add([{"bench": "fp8_gemm_8192", "provider": "torch._scaled_mm", "metric": "tflops",
+                      "value": bench.fp8_peak, "unit": "TFLOP/s", "dtype": "float8_e4m3fn",
+                      "shape": "8192x8192x8192" if bench.device.type == "cuda" else "512x512x512", **bench.info}])
     if args.attention_backends:
         results.add(bench.attention())
     if args.rollout_modes:

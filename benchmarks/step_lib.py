@@ -130,6 +130,28 @@ def measure_bf16_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 2
     return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
 
 
+def measure_fp8_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float | None:
+    """The FP8 (e4m3, per-tensor scales, fast accumulation) GEMM rate of `torch._scaled_mm`,
+    measured now: the denominator of the FP8 variants' second MFU. None where it does not run
+    (n = 512 on a CPU, where recent torch runs float8 `_scaled_mm` too)."""
+    if device.type != "cuda":
+        n = 512
+    try:
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device)
+        mm = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
+                                      use_fast_accum=device.type == "cuda")
+        times = time_steps(mm, device, 3, iters)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+#: the variants whose GEMMs (some of them) run in FP8: their rows add an MFU against the FP8 rate
+FP8_VARIANTS = ("f", "g", "g_ao")
+
+
 def env_info(device: torch.device) -> dict:
     # SOAR_FAST_COMMIT wins: a copied working tree (the GPU machine's) can carry stale git metadata
     commit = os.environ.get("SOAR_FAST_COMMIT")

@@ -57,6 +57,11 @@ def step_table(rows: list[dict], title: str) -> list[str]:
                    f"{_fmt(val('speedup_vs_a'), '.2f')} | {_fmt(val('rollout_ms_p50'))} | {_fmt(val('warmup_s'))} |")
     out += [""] + [f"FP8 weight refresh inside ({v}): {m['fp8_refresh_ms_p50']['value']:.1f} ms per step (timed alone)"
                    for v, m in by.items() if "fp8_refresh_ms_p50" in m]
+    fp8 = next((r["value"] for r in rows if r.get("bench") == "fp8_gemm_8192"), None)
+    if fp8:
+        out += [f"MFU against the FP8 GEMM rate measured in the same run ({fp8:.0f} TFLOP/s, torch._scaled_mm "
+                "e4m3): " + ", ".join(f"({v}) {100 * m['mfu_fp8']['value']:.1f}%" for v, m in by.items()
+                                     if "mfu_fp8" in m)]
     out += goal_checks(by)
     return out + profile_table(steps)
 

@@ -36,6 +36,11 @@ def test_bench_step_smoke_rows(tmp_path):
         assert 0 < by[(v, "mfu")]["value"] < 1.5
         assert by[(v, "tflops")]["flops_per_step"] > 0
     assert by[("b", "speedup_vs_a")]["baseline"] == "a:fp32"
+    # the FP8 variants' second MFU, against the FP8 GEMM rate of the same run (float8 _scaled_mm runs on CPU too)
+    fp8 = [r for r in rows if r["bench"] == "fp8_gemm_8192"]
+    if fp8:
+        assert by[("f", "mfu_fp8")]["measured_fp8_peak_tflops"] == fp8[0]["value"] > 0
+        assert ("b", "mfu_fp8") not in by
     assert by[("c:pure_bf16", "speedup_vs_a")]["baseline"] == "a:fp32"  # no (a) of its own precision ran
     # the resolved configuration: what build_train_step built, precision policy included
     cb, cf = by[("b", "mfu")]["config"], by[("f", "mfu")]["config"]
