@@ -361,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # import-time noise where torchao (optional) is installed beside other versions: its CUDA-only
+    # kernels failing to load on a CPU, torch's pytree deprecation of its enums, diffusers' quantizer
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
