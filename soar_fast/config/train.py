@@ -151,6 +151,12 @@ class DataConfig:
     """source='latents': check every shard's sha256 against the cache's index.json when the run
     opens the cache (once per run, threaded, split over ranks); a shard that fails is refused.
     `--data.no-verify_shards` skips it on trusted storage (shapes and dtypes are still checked)."""
+    num_workers: int | None = None
+    """DataLoader worker processes per rank that read and collate batches ahead of the step (with
+    pinned memory on CUDA). None: min(4, CPUs) for source='latents', 0 (read in the trainer's
+    process) for the in-memory digits and synthetic sources. The batches are the same at any value."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (num_workers > 0 only)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("digits", "latents", "synthetic"):
@@ -177,6 +183,10 @@ class DataConfig:
             _fail("data.embedding_seed", self.embedding_seed, "need an integer >= 0")
         if not isinstance(self.verify_shards, bool):
             _fail("data.verify_shards", self.verify_shards, "need true or false")
+        if self.num_workers is not None and not _int(self.num_workers, 0):
+            _fail("data.num_workers", self.num_workers, "need an integer >= 0 (0 = read in the training process)")
+        if not _int(self.prefetch_factor, 1):
+            _fail("data.prefetch_factor", self.prefetch_factor, "need an integer >= 1, e.g. 2")
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,8 @@
 A `TrainDataset` has `__len__`, `sample_shape`, `uncond()` (the empty prompt's condition for one
 sample) and `batch(indices) -> (z0 [B, ...], cond, labels or None)`. `build_dataset` picks the
 source from `DataConfig.source`: 'digits' (embedded default), 'latents' (cached shards) or
-'synthetic' (random latents of the model's size).
+'synthetic' (random latents of the model's size). The trainer reads every source through
+`BatchStream` (soar_fast.data.loader): a DataLoader over the one resumable, bucket-aware sampler.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any
 
 from soar_fast.config import ConfigError, DataConfig
 from soar_fast.data.digits import NUM_CLASSES, DigitsDataset, corrupt_digits, load_digits_tensors
-from soar_fast.data.loader import ResumableSampler
+from soar_fast.data.loader import BatchStream, ResumableSampler, default_num_workers
 
-__all__ = ["NUM_CLASSES", "DigitsDataset", "ResumableSampler", "build_dataset", "corrupt_digits", "load_digits_tensors"]
+__all__ = ["NUM_CLASSES", "BatchStream", "DigitsDataset", "ResumableSampler", "build_dataset", "corrupt_digits",
+           "default_num_workers", "load_digits_tensors"]
 
 
 def build_dataset(cfg: DataConfig, *, joint_attention_dim: int, pooled_projection_dim: int,

@@ -13,15 +13,27 @@ comes from one bucket. Epoch e permutes each bucket's rows, cuts them into globa
 bucket's remainder smaller than a global batch waits for a later epoch's permutation) and
 shuffles the order of those batches, all from the (seed, e) generator; the position still counts
 samples, so resume stays exact (at the same global batch size).
+
+`BatchStream` is how the trainer reads every source (digits, synthetic, latent caches): a
+`torch.utils.data.DataLoader` whose batch sampler walks a copy of the sampler from the position
+the trainer has consumed, whose workers run the dataset's `batch(indices)` (the collate step) with
+pinned memory and prefetch, and which hands each batch back with the stream position after it.
+The trainer's sampler follows what it consumed, not what workers prefetched, so its `position` is
+what a checkpoint stores; a position set from outside (a resume) restarts the workers there.
 """
 
 from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from soar_fast.config import ConfigError
 
-__all__ = ["ResumableSampler"]
+__all__ = ["BatchStream", "ResumableSampler", "default_num_workers"]
 
 
 class ResumableSampler:
@@ -100,3 +112,84 @@ class ResumableSampler:
         if state.get("n") != self.n:
             raise ValueError(f"checkpoint was written for a dataset of {state.get('n')} rows, this one has {self.n}")
         self.position = int(state["position"])
+
+
+def default_num_workers(source: str) -> int:
+    """DataLoader workers when `--data.num_workers` is unset: min(4, usable CPUs) for cached latents
+    (shard reads and the bf16 -> fp32 casts overlap the step), 0 for the in-memory sources."""
+    if source != "latents":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
+class _Ahead(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: from a copy of `sampler` taken when an epoch of the loader
+    starts (at the consumed position), one item per batch: `[(position after it, indices)]`."""
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        return self._walk(copy.copy(self.sampler))  # copied now, not at the first next()
+
+    @staticmethod
+    def _walk(s: ResumableSampler) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        while True:
+            idx = s.next_indices()
+            yield [(s.position, idx)]
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item `(position, indices)` -> `(position, indices, dataset.batch(indices))`, run in the workers."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __getitem__(self, item: tuple[int, torch.Tensor]) -> tuple[int, torch.Tensor, Any]:
+        position, idx = item
+        return position, idx, self.dataset.batch(idx)
+
+
+def _only(items: list[Any]) -> Any:
+    """collate_fn: `dataset.batch` already built the batch (module level, so it pickles)."""
+    return items[0]
+
+
+class BatchStream:
+    """`next(stream)` -> `(indices [B], dataset.batch(indices))`: this rank's batches of `sampler`, in its order.
+
+    `sampler` is the trainer's `ResumableSampler`; its `position` advances as batches are consumed.
+    `num_workers` 0 reads in the calling process (the same code path); > 0 forks worker processes
+    that prefetch `prefetch_factor` batches each (they open cache shards lazily, per process).
+    `pin_memory` pins the batches for asynchronous copies to a CUDA device.
+    """
+
+    def __init__(self, dataset: Any, sampler: ResumableSampler, *, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2, persistent_workers: bool = True):
+        self.sampler = sampler
+        workers = num_workers > 0
+        self.loader = torch.utils.data.DataLoader(
+            _Batches(dataset), batch_sampler=_Ahead(sampler), collate_fn=_only, num_workers=num_workers,
+            pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None,
+            persistent_workers=persistent_workers and workers)
+        self._it: Iterator[Any] | None = None
+        self._at = -1  # the sampler position the running iterator continues from
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, Any]:
+        if self._it is None or self._at != self.sampler.position:  # first batch, or a resume moved it
+            self._it = iter(self.loader)  # drops what workers prefetched for the old position
+        position, idx, batch = next(self._it)
+        self.sampler.position = self._at = position
+        return idx, batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `next` starts them again)."""
+        it, self._it = self._it, None
+        self.loader._iterator = None  # persistent workers: the loader keeps its iterator
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

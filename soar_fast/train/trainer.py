@@ -2,8 +2,9 @@
 
 A plain process is world size 1 of the same code (`init_distributed` gives it a one-rank group):
 the model is built by its family spec, converted and FSDP2-wrapped by `build_train_step`, fed by
-the rank-split resumable sampler, and every SOAR draw is keyed by (seed, step, global sample
-index). So a 1-process run with global batch G equals an N-rank run with G/N per rank, step for
+the rank-split resumable sampler through one DataLoader (`BatchStream`: workers, pinned memory,
+prefetch; the checkpointed position is that of the batches consumed), and every SOAR draw is
+keyed by (seed, step, global sample index). So a 1-process run with global batch G equals an N-rank run with G/N per rank, step for
 step, and N steps == N/2 steps + resume + N/2 steps at any world size. `train_batch_size` is per
 rank. Only rank 0 writes logs, samples and the run folder's files; checkpoints and the export are
 collective.
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from soar_fast.config import ConfigError, TrainConfig, config_from_dict, save_config_json
-from soar_fast.data import ResumableSampler, build_dataset
+from soar_fast.data import BatchStream, ResumableSampler, build_dataset, default_num_workers
 from soar_fast.distributed import barrier, cleanup, init_distributed
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
@@ -143,6 +144,10 @@ class Trainer:
         self.validation = LatentValidation.maybe(cfg, self.dataset)  # latent caches: their validation prompts
         self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed, rank=self.env.rank,
                                         world_size=self.env.world_size, groups=getattr(self.dataset, "groups", None))
+        dc = cfg.data
+        workers = default_num_workers(dc.source) if dc.num_workers is None else dc.num_workers
+        self.batches = BatchStream(self.dataset, self.sampler, num_workers=workers, prefetch_factor=dc.prefetch_factor,
+                                   pin_memory=self.device.type == "cuda")
         self.step_fn = build_train_step(self.family, model, cfg, self.env)
         self.model = self.step_fn.model
         self.uncond = tuple(t.to(self.device) for t in self.dataset.uncond())
@@ -197,8 +202,7 @@ class Trainer:
         b, w, r = self.cfg.optim.train_batch_size, self.env.world_size, self.env.rank
         out = []
         for k in range(self.cfg.optim.gradient_accumulation_steps):
-            idx = self.sampler.next_indices()
-            z0, cond, _labels = self.dataset.batch(idx)
+            idx, (z0, cond, _labels) = next(self.batches)  # advances self.sampler by what is consumed
             cond = tuple(t.to(self.device, non_blocking=True) for t in cond)
             first = (k * w + r) * b
             out.append((z0.to(self.device, non_blocking=True), cond, list(range(first, first + len(idx)))))
@@ -377,6 +381,7 @@ class Trainer:
                 signal.signal(s, h)
             if bar is not None:
                 bar.close()
+            self.batches.close()
             self.logger.close()
             if self.is_main:  # a killed write of an earlier run, or of a peer that failed mid-save
                 with contextlib.suppress(OSError):
