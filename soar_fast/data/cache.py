@@ -5,7 +5,7 @@ Flux2Pipeline folders; the transformer is never loaded. Latents and text embeddi
 family's pipeline computes (`soar_fast.data.encoders`: per-family VAE normalisation, text encoder
 and padding), stored per sample as `(latents [C, h, w], prompt_embeds [L, D], pooled [P])`, P = 0
 for the families without a pooled embedding. The empty prompt is encoded once. The result is a
-shard folder (`soar_fast.data.shards`) that training reads with `make_shard_loader`; index.json
+shard folder (`soar_fast.data.shards`) that training reads through `BatchStream`; index.json
 records the family, so `soar-fast train` on another family's model is refused.
 
 Resuming: the plan (which images go to which shard) is a deterministic function of the sorted

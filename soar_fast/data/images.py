@@ -20,8 +20,7 @@ import csv
 import json
 import logging
 import math
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from soar_fast.config import ConfigError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "BucketBatchSampler",
     "CaptionError",
     "CaptionImageDataset",
     "ImageFolderConfig",
@@ -284,7 +282,7 @@ def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
 
 class CaptionImageDataset(torch.utils.data.Dataset):
     """Records -> dicts `{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "path": str}`,
-    each at its record's bucket size. Pair with `BucketBatchSampler` so batches share a size."""
+    each at its record's bucket size (batch one bucket's records together so a batch shares a size)."""
 
     def __init__(self, records: Sequence[ImageRecord], center_crop: bool = True):
         self.records = list(records)
@@ -297,55 +295,3 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         r = self.records[i]
         img = resize_center_crop(load_image(r.path), r.bucket, self.center_crop)
         return {"pixel_values": image_to_tensor(img), "caption": r.caption, "path": r.path}
-
-
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices that share a key (a bucket or a latent shape), shuffled per epoch.
-
-    `keys[i]` is the bucket of sample i. Each epoch shuffles within buckets, cuts batches, and
-    shuffles the batch order, seeded by `seed + epoch` (call `set_epoch`).
-    """
-
-    def __init__(
-        self,
-        keys: Sequence[object],
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int = 0,
-    ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size} is invalid: need >= 1")
-        self.groups: dict[object, list[int]] = {}
-        for i, k in enumerate(keys):
-            self.groups.setdefault(k, []).append(i)
-        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        batches = []
-        for key in self.groups:
-            idx = list(self.groups[key])
-            if self.shuffle:
-                rng.shuffle(idx)
-            for s in range(0, len(idx), self.batch_size):
-                b = idx[s : s + self.batch_size]
-                if len(b) == self.batch_size or not self.drop_last:
-                    batches.append(b)
-        if self.shuffle:
-            rng.shuffle(batches)
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        n = 0
-        for idx in self.groups.values():
-            n += len(idx) // self.batch_size if self.drop_last else math.ceil(len(idx) / self.batch_size)
-        return n

@@ -14,6 +14,8 @@ Each shard holds one latent shape (one aspect bucket). Files are written to a te
 renamed, and the index is rewritten after every shard, so an interrupted run leaves a valid prefix
 that `soar_fast.data.cache.run_cache` resumes from. `verify_cache` checks every shard against the
 index (existence, shapes, dtypes, sha256) and raises `ShardError` naming the shard and the fix.
+Training reads the rows through `soar_fast.data.latents.LatentsDataset` and the trainer's one
+batch stream (`soar_fast.data.loader.BatchStream`: a DataLoader over the resumable sampler).
 """
 
 from __future__ import annotations
@@ -22,16 +24,12 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from soar_fast.config import ConfigError
-from soar_fast.data.images import BucketBatchSampler
 
 __all__ = [
     "EMPTY_PROMPT_FILE",
@@ -40,12 +38,9 @@ __all__ = [
     "TENSOR_NAMES",
     "ShardDataset",
     "ShardError",
-    "ShardLoaderConfig",
     "ShardWriter",
     "file_sha256",
-    "infinite_batches",
     "load_empty_prompt",
-    "make_shard_loader",
     "read_index",
     "verify_cache",
     "verify_shard",
@@ -250,7 +245,8 @@ def load_empty_prompt(cache_dir: str | Path, check_hash: bool = True) -> tuple[t
 class ShardDataset(torch.utils.data.Dataset):
     """Sample i of the cache -> `(latents [C, h, w], prompt_embeds [L, D], pooled [P])`.
 
-    Shards are memory-mapped lazily in each process (DataLoader workers open their own handles).
+    Shards are memory-mapped lazily in each process: a forked DataLoader worker drops the handles it
+    inherited and opens its own (and a pickled copy carries none), so workers never share one.
     `verify`: "hash" checks sha256 of every shard at construction, "shape" only shapes and dtypes.
     """
 
@@ -263,12 +259,15 @@ class ShardDataset(torch.utils.data.Dataset):
             self.locate += [(si, r) for r in range(e["num_samples"])]
         self.keys = [tuple(self.index["shards"][si]["tensors"]["latents"]["shape"][1:]) for si, _ in self.locate]
         self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
         self._meta_cache: dict[tuple[int, str], list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.locate)
 
     def _handle(self, si: int) -> Any:
+        if self._pid != os.getpid():  # a forked worker: the parent's handles stay the parent's
+            self._handles, self._pid = {}, os.getpid()
         f = self._handles.get(si)
         if f is None:
             f = self._handles[si] = safe_open(str(self.dir / self.index["shards"][si]["file"]), framework="pt")
@@ -304,68 +303,3 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # handles do not pickle (spawned workers)
         return {**self.__dict__, "_handles": {}}
-
-
-@dataclass(kw_only=True)
-class ShardLoaderConfig:
-    """How training reads a cache (no encoder runs during training)."""
-
-    cache_dir: str
-    """Folder written by `soar-fast cache` (holds index.json)."""
-    batch_size: int = 4
-    """Per-rank batch size; batches are drawn within one latent shape (aspect bucket)."""
-    shuffle: bool = True
-    """Shuffle within buckets and the batch order, seeded by seed + epoch."""
-    drop_last: bool = True
-    """Drop a bucket's last short batch (keeps the per-step batch size constant)."""
-    seed: int = 0
-    """Seed of the batch order."""
-    num_workers: int = 2
-    """DataLoader worker processes."""
-    pin_memory: bool = True
-    """Pin host memory for fast copies to the GPU (ignored without CUDA)."""
-    prefetch_factor: int = 4
-    """Batches each worker prepares ahead (num_workers > 0 only)."""
-    persistent_workers: bool = True
-    """Keep workers alive across epochs (num_workers > 0 only)."""
-    verify: Verify = "shape"
-    """Check of the shards at start: 'hash' (sha256, slow on big caches), 'shape', or 'none'."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ShardLoaderConfig.{name}={getattr(self, name)} is invalid: need >= 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"ShardLoaderConfig.num_workers={self.num_workers} is invalid: need >= 0")
-
-
-def make_shard_loader(cfg: ShardLoaderConfig) -> torch.utils.data.DataLoader:
-    """A DataLoader over a cache yielding `(latents [B, C, h, w], prompt_embeds [B, L, D],
-    pooled [B, P])`. Call `loader.batch_sampler.set_epoch(e)` each epoch for a new order."""
-    ds = ShardDataset(cfg.cache_dir, verify=cfg.verify)
-    sampler = BucketBatchSampler(ds.keys, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
-                                 seed=cfg.seed)
-    if len(sampler) == 0:
-        raise ConfigError(f"ShardLoaderConfig.batch_size={cfg.batch_size} is larger than every bucket of "
-                          f"{cfg.cache_dir} ({len(ds)} samples) with drop_last=True; lower it or set drop_last=False")
-    workers = cfg.num_workers > 0
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        prefetch_factor=cfg.prefetch_factor if workers else None,
-        persistent_workers=cfg.persistent_workers and workers,
-    )
-
-
-def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0):
-    """Batches of `loader` epoch after epoch, reshuffled each epoch (`set_epoch`). Unlike
-    `itertools.cycle`, nothing is kept in memory and every epoch has a new order."""
-    epoch = start_epoch
-    while True:
-        sampler = loader.batch_sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1

@@ -4,10 +4,10 @@ A plain process is world size 1 of the same code (`init_distributed` gives it a 
 the model is built by its family spec, converted and FSDP2-wrapped by `build_train_step`, fed by
 the rank-split resumable sampler through one DataLoader (`BatchStream`: workers, pinned memory,
 prefetch; the checkpointed position is that of the batches consumed), and every SOAR draw is
-keyed by (seed, step, global sample index). So a 1-process run with global batch G equals an N-rank run with G/N per rank, step for
-step, and N steps == N/2 steps + resume + N/2 steps at any world size. `train_batch_size` is per
-rank. Only rank 0 writes logs, samples and the run folder's files; checkpoints and the export are
-collective.
+keyed by (seed, step, global sample index). So a 1-process run with global batch G equals an
+N-rank run with G/N per rank, step for step, and N steps == N/2 steps + resume + N/2 steps at any
+world size. `train_batch_size` is per rank. Only rank 0 writes logs, samples and the run folder's
+files; checkpoints and the export are collective.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """cache -> SOAR training (full and LoRA) -> export -> load into StableDiffusion3Pipeline -> sample.
 
 The training loop is a minimal one of the test's own: `soar_fast.soar_loss` on batches of the
-shard DataLoader, AdamW, grad clipping. Everything runs on CPU on the tiny random pipeline.
+trainer's batch stream over the cache (DataLoader workers), AdamW, grad clipping. Everything runs on CPU on the tiny random pipeline.
 """
 
 import pytest
@@ -16,12 +16,9 @@ import torch
 from PIL import Image
 
 from soar_fast import SoarConfig, soar_loss
-from soar_fast.data.shards import (
-    ShardLoaderConfig,
-    infinite_batches,
-    load_empty_prompt,
-    make_shard_loader,
-)
+from soar_fast.data.latents import LatentsDataset
+from soar_fast.data.loader import BatchStream, ResumableSampler
+from soar_fast.data.shards import load_empty_prompt
 from soar_fast.models.lora import (
     LoraSettings,
     apply_lora,
@@ -42,8 +39,8 @@ PROMPTS = ["a red square", "a blue sky"]
 
 
 def _train(transformer, cache_dir, steps=3, lr=1e-3):
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cache_dir, batch_size=2, num_workers=2,
-                                                 prefetch_factor=2))
+    ds = LatentsDataset(cache_dir)
+    stream = BatchStream(ds, ResumableSampler(len(ds), 2, seed=0, groups=ds.groups), num_workers=2)
     uncond = load_empty_prompt(cache_dir)
     params = trainable_parameters(transformer)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
@@ -53,7 +50,7 @@ def _train(transformer, cache_dir, steps=3, lr=1e-3):
     before = [p.detach().clone() for p in params]
     metrics = []
     transformer.train()
-    for lat, pe, pooled in itertools.islice(infinite_batches(loader), steps):
+    for _, (lat, (pe, pooled), _) in itertools.islice(stream, steps):
         assert lat.shape == (2, 4, 16, 16) and pe.shape == (2, 93, 32) and pooled.shape == (2, 64)
         out = soar_loss(vf, lat, (pe, pooled), uncond, cfg, gen)
         opt.zero_grad(set_to_none=True)
@@ -61,6 +58,7 @@ def _train(transformer, cache_dir, steps=3, lr=1e-3):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         metrics.append(out.metrics)
+    stream.close()
     transformer.eval()
     assert all(np.isfinite(m["loss"]) and m["aux_loss"] > 0 for m in metrics)
     assert max((p - b).abs().max().item() for p, b in zip(params, before, strict=True)) > 1e-4
@@ -130,9 +128,8 @@ def test_builtin_exposure_bias_runs_on_cached_sd3_data(tiny_cache, tiny_sd3_dir)
     from soar_fast.eval.metrics import exposure_bias
 
     cache_cfg, _ = tiny_cache
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cache_cfg.output_dir, batch_size=3, num_workers=0,
-                                                 shuffle=False))
-    z0, pe, pooled = next(iter(loader))
+    ds = LatentsDataset(cache_cfg.output_dir)
+    z0, (pe, pooled), _ = ds.batch(torch.arange(3))
     vf = SD3VelocityFn(load_sd3_transformer(tiny_sd3_dir))
     out = exposure_bias(vf, z0, (pe, pooled), load_empty_prompt(cache_cfg.output_dir), num_steps=8,
                         guidance_scale=4.5, shift=3.0, window=2, num_sigmas=3, seed=0)

@@ -16,12 +16,9 @@ from soar_fast import SoarConfig, soar_loss
 from soar_fast.config.sd35 import NotAPipelineError
 from soar_fast.data.cache import CacheConfig, run_cache
 from soar_fast.data.images import ImageFolderConfig
-from soar_fast.data.shards import (
-    ShardLoaderConfig,
-    infinite_batches,
-    load_empty_prompt,
-    make_shard_loader,
-)
+from soar_fast.data.latents import LatentsDataset
+from soar_fast.data.loader import BatchStream, ResumableSampler
+from soar_fast.data.shards import load_empty_prompt
 from soar_fast.models.flux import FluxVelocityFn
 from soar_fast.models.lora import LoraSettings, apply_lora, save_lora_weights, trainable_parameters
 from soar_fast.models.pipeline import (
@@ -45,14 +42,15 @@ def flux_cache(tiny_flux_dir, caption_folder, tmp_path_factory):
 
 
 def _steps(transformer, cache_dir, steps=2, lr=1e-3):
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cache_dir, batch_size=2, num_workers=0))
+    ds = LatentsDataset(cache_dir)
+    stream = BatchStream(ds, ResumableSampler(len(ds), 2, seed=0, groups=ds.groups))
     uncond = load_empty_prompt(cache_dir)
     params = trainable_parameters(transformer)
     opt = torch.optim.AdamW(params, lr=lr)
     vf = FluxVelocityFn(transformer, guidance=3.5)
     before = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)
-    for lat, pe, pooled in itertools.islice(infinite_batches(loader), steps):
+    for _, (lat, (pe, pooled), _) in itertools.islice(stream, steps):
         out = soar_loss(vf, lat, (pe, pooled), uncond, SoarConfig(num_aux=2), gen)
         opt.zero_grad()
         out.loss.backward()
@@ -74,9 +72,7 @@ def test_flux_cache_contents(flux_cache, tiny_flux_dir):
 
     cfg, res = flux_cache
     assert res.num_samples == 6 and res.skipped == []
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=cfg.output_dir, batch_size=3, num_workers=0,
-                                                 shuffle=False))
-    lat, pe, pooled = next(iter(loader))
+    lat, (pe, pooled), _ = LatentsDataset(cfg.output_dir).batch(torch.arange(3))
     assert lat.shape == (3, 4, 16, 16) and pe.shape == (3, 16, 32) and pooled.shape == (3, 32)
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
     with torch.no_grad():

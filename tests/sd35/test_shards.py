@@ -1,5 +1,6 @@
-"""Shard writer/reader: round trip, DataLoader batches, and damaged shards named in the error."""
+"""Shard writer/reader: round trip, the trainer's batch stream over a cache, and damaged shards named in the error."""
 
+import itertools
 import json
 
 import pytest
@@ -7,16 +8,20 @@ import torch
 from safetensors.torch import save_file
 
 from soar_fast.config import ConfigError
+from soar_fast.data.latents import LatentsDataset
+from soar_fast.data.loader import BatchStream, ResumableSampler
 from soar_fast.data.shards import (
     ShardDataset,
     ShardError,
-    ShardLoaderConfig,
     ShardWriter,
-    infinite_batches,
     load_empty_prompt,
-    make_shard_loader,
     verify_cache,
 )
+
+
+def _stream(d, batch_size, workers=0, seed=0, verify_hashes=False):
+    ds = LatentsDataset(str(d), verify_hashes=verify_hashes)
+    return ds, BatchStream(ds, ResumableSampler(len(ds), batch_size, seed, groups=ds.groups), num_workers=workers)
 
 
 def _write_cache(d, shapes=((4, 8, 8), (4, 8, 8), (4, 8, 12)), n=3):
@@ -44,36 +49,37 @@ def test_round_trip_and_loader(tmp_path):
     u_pe, u_pooled = load_empty_prompt(tmp_path)
     assert u_pe.shape == (10, 6) and u_pooled.shape == (5,)
 
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=2, num_workers=2,
-                                                 prefetch_factor=2, drop_last=False))
-    seen = 0
-    for lat, pe, pooled in loader:
+    _, stream = _stream(tmp_path, 2, workers=2)
+    seen = []
+    for idx, (lat, (pe, pooled), _) in itertools.islice(stream, 4):  # an epoch: buckets of 6 and 3 -> 3 + 1 batches
         assert lat.shape[1:] in ((4, 8, 8), (4, 8, 12)) and pe.shape[1:] == (10, 6) and pooled.shape[1:] == (5,)
-        seen += lat.shape[0]
-    assert seen == 9 and len(loader) == 5  # buckets of 6 and 3 samples -> 3 + 2 batches
+        torch.testing.assert_close(lat[1], ds[int(idx[1])][0])
+        seen += idx.tolist()
+    stream.close()
+    assert len(set(seen)) == 8 and stream.sampler.epoch == 1.0
 
 
-def test_infinite_batches_reshuffles_each_epoch(tmp_path):
-    import itertools
-
+def test_stream_reshuffles_each_epoch(tmp_path):
     _write_cache(tmp_path, shapes=((4, 8, 8),) * 4, n=4)
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=16, num_workers=0))
-    a, b = itertools.islice(infinite_batches(loader), 2)
-    assert a[0].shape[0] == b[0].shape[0] == 16
-    key = lambda x: sorted(x[2][:, 0].tolist())  # noqa: E731 - same samples, other order
-    assert key(a) == key(b) and not torch.equal(a[2], b[2])
+    _, stream = _stream(tmp_path, 16)
+    (_, a), (_, b) = itertools.islice(stream, 2)
+    key = lambda x: sorted(x[1][1][:, 0].tolist())  # noqa: E731 - same samples, other order
+    assert key(a) == key(b) and not torch.equal(a[1][1], b[1][1])
 
 
-def test_loader_content_matches_files(tmp_path):
+def test_stream_content_matches_files(tmp_path):
     _write_cache(tmp_path)
     from safetensors.torch import load_file
 
     ref = load_file(tmp_path / "shard-00002.safetensors")
-    loader = make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=3, num_workers=0, shuffle=False))
-    batches = list(loader)
-    last = [b for b in batches if b[0].shape[-1] == 12][0]
-    torch.testing.assert_close(last[0], ref["latents"])
-    torch.testing.assert_close(last[2], ref["pooled"])
+    _, stream = _stream(tmp_path, 3)
+    for idx, (lat, (_, pooled), _) in itertools.islice(stream, 6):
+        if lat.shape[-1] == 12:
+            rows = (idx - 6).tolist()  # the last shard's rows, in the stream's order
+            torch.testing.assert_close(lat, ref["latents"][rows])
+            torch.testing.assert_close(pooled, ref["pooled"][rows])
+            return
+    raise AssertionError("no batch of the 12-wide bucket")
 
 
 def test_wrong_checksum_names_the_shard(tmp_path):
@@ -84,8 +90,8 @@ def test_wrong_checksum_names_the_shard(tmp_path):
     verify_cache(tmp_path, check_hash=False)
     with pytest.raises(ShardError, match=r"shard-00001\.safetensors fails its sha256.*re-run `soar-fast cache`"):
         verify_cache(tmp_path)
-    with pytest.raises(ShardError, match="shard-00001"):
-        make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), verify="hash", num_workers=0))
+    with pytest.raises(ConfigError, match="shard-00001"):
+        _stream(tmp_path, 2, verify_hashes=True)
 
 
 def test_wrong_shape_names_the_shard(tmp_path):
@@ -122,5 +128,5 @@ def test_writer_refuses_other_fingerprint_and_bad_batches(tmp_path):
     with pytest.raises(ValueError, match="one batch size"):
         w.write_shard(5, {"latents": torch.zeros(2, 1), "prompt_embeds": torch.zeros(3, 1), "pooled": torch.zeros(2, 1)},
                       ["a", "b"], ["a", "b"])
-    with pytest.raises(ConfigError, match="larger than every bucket"):
-        make_shard_loader(ShardLoaderConfig(cache_dir=str(tmp_path), batch_size=64, num_workers=0))
+    with pytest.raises(ConfigError, match="no aspect bucket holds a full global batch"):
+        _stream(tmp_path, 7)
