@@ -87,6 +87,10 @@ class ModelConfig:
     """LoRA scaling numerator (scale = alpha / rank); None = rank. Needs lora_rank >= 1."""
     lora_target_modules: tuple[str, ...] | None = None
     """Module-name suffixes that get adapters; None = to_q, to_k, to_v, to_out.0. Needs lora_rank >= 1."""
+    train_experts: Literal["both", "high", "low"] = "both"
+    """A Wan 2.2 two-expert folder (`transformer/` high noise, `transformer_2/` low noise, model_index.json
+    `boundary_ratio`): which experts learn; the other is frozen but still serves its σ range in every
+    model call of the step. Other models have one transformer and ignore it."""
 
     def __post_init__(self) -> None:
         if not _int(self.lora_rank, 0):
@@ -115,6 +119,8 @@ class ModelConfig:
                 _fail(f"model.{name}", v, "need an integer >= 1 or None (keep the preset's)")
         if not _int(self.init_seed, 0):
             _fail("model.init_seed", self.init_seed, "need an integer >= 0")
+        if self.train_experts not in ("both", "high", "low"):
+            _fail("model.train_experts", self.train_experts, "choose both, high or low")
 
 
 @dataclass(kw_only=True)

@@ -146,7 +146,8 @@ def batched_soar_step(
                 losses = torch.where(c > 0, losses_c / c.clamp_min(1e-30), torch.zeros_like(losses_c))
                 chunk_loss = losses_c.sum()
             with nvtx_range("soar/backward"):
-                v.backward(grad_v)
+                if v.requires_grad:  # not when every row went to a frozen part (a Wan 2.2 expert not trained)
+                    v.backward(grad_v)
         else:
             losses = soar_fused_mse(v, z0[idx], z1[idx], z_in[idx.numel():], sa, w, backend=ops_backend)
             chunk_loss = (coeff[rows].to(losses.dtype) * losses).sum()

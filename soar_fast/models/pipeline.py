@@ -88,9 +88,9 @@ def load_sd3_transformer(
 
 
 def copy_pipeline_components(base: str | Path, out: str | Path, *, how: Literal["hardlink", "copy", "symlink"] = "hardlink",
-                             skip: str = "transformer") -> bool:
+                             skip: str | tuple[str, ...] = "transformer") -> bool:
     """Make `out` a pipeline folder with `base`'s components (model_index.json, VAE, text encoders,
-    tokenizers, scheduler, ...) except `skip` (the trained one): "hardlink" links every file (no
+    tokenizers, scheduler, ...) except `skip` (the trained one or ones): "hardlink" links every file (no
     extra disk, independent of `base` moving; copies where linking fails, e.g. across devices),
     "copy" copies, "symlink" links the folders to `base`. False when `base` is not a pipeline folder."""
     base, out = Path(base).expanduser(), Path(out)
@@ -98,7 +98,7 @@ def copy_pipeline_components(base: str | Path, out: str | Path, *, how: Literal[
         return False
     out.mkdir(parents=True, exist_ok=True)
     for item in base.iterdir():
-        if item.name == skip or item.name.startswith("."):
+        if item.name in ((skip,) if isinstance(skip, str) else skip) or item.name.startswith("."):
             continue
         if how == "symlink":
             if not (out / item.name).exists():

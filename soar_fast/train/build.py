@@ -1,10 +1,15 @@
 """The model of a `ModelConfig`: a local diffusers folder (its family read from config.json) or a
-random-init preset of `model.family`, with LoRA adapters when `model.lora_rank >= 1`."""
+random-init preset of `model.family`, with LoRA adapters when `model.lora_rank >= 1`. A Wan 2.2
+pipeline folder with two experts (`transformer/`, `transformer_2/`, model_index.json
+`boundary_ratio`) gives a `WanExperts` of both (`model.train_experts` picks which learn; LoRA goes
+on the learning ones) and the experts' family spec, which routes every model call by σ."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -31,12 +36,37 @@ def _with_lora(model: nn.Module, cfg: ModelConfig, family: ModelFamily) -> nn.Mo
 
     settings = LoraSettings(rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                             target_modules=tuple(cfg.lora_target_modules or family.lora_targets))
+    if family.name == "wan" and hasattr(model, "train_experts"):  # WanExperts: adapters on the learning experts
+        for name in ("high", "low"):
+            if model.train_experts in ("both", name):
+                apply_lora(getattr(model, name), settings)
+        return model
     return apply_lora(model, settings)
+
+
+def _two_experts(local: str, subfolder: str) -> bool:
+    """A Wan 2.2 pipeline folder with both experts (and the transformer subfolder asked for)."""
+    try:
+        index = json.loads((Path(local) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return subfolder == "transformer" and index.get("boundary_ratio") is not None and \
+        (index.get("transformer_2") or [None])[0] is not None
 
 
 def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
     path = cfg.pretrained_model_name_or_path
     if path is not None:
+        local = os.path.expanduser(path)
+        if os.path.isdir(local) and _two_experts(local, cfg.subfolder):
+            from soar_fast.models.wan import WanExperts, experts_family
+
+            try:
+                return experts_family(), WanExperts.from_pretrained(local, train=cfg.train_experts)
+            except Exception as e:  # noqa: BLE001 - one line for the user
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"cannot load the two Wan 2.2 experts from {path!r} ({first}); pass a WanPipeline "
+                                  "folder with transformer/ and transformer_2/") from None
         return _from_folder(path, cfg.subfolder)
     family = get_family(cfg.family)
     if cfg.preset not in family.presets:

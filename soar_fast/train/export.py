@@ -8,8 +8,11 @@ its `model_index.json` and every other component (text encoders, VAE, scheduler,
 the source, hard-linked where the file system allows (no extra disk), copied otherwise, so
 `<Family>Pipeline.from_pretrained(final)` loads the trained model. LoRA:
 `final/pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(final)`) and, with EMA,
-`final/ema/`. Collective: the shards are gathered to rank 0, which writes into a temporary folder
-and renames it into place.
+`final/ema/`. Wan 2.2's two experts (`WanExperts`) export as the pipeline holds them: the high-noise
+expert in `transformer/`, the low-noise one in `transformer_2/` (LoRA: the high expert's adapters in
+`final/`, the low one's in `final/transformer_2/`, loaded with `load_lora_weights(...,
+load_into_transformer_2=True)`; an expert that was not trained has none). Collective: the shards are
+gathered to rank 0, which writes into a temporary folder and renames it into place.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tens
     return out
 
 
+def _components(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(pipeline subfolder, state-dict key prefix, module) of each transformer the model holds."""
+    inner = getattr(model, "module", model)  # a wrapper's module, if any
+    if hasattr(inner, "train_experts") and hasattr(inner, "low"):  # WanExperts
+        return [("transformer", "high.", inner.high), ("transformer_2", "low.", inner.low)]
+    return [("transformer", "", model)]
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} if prefix else tensors
+
+
 def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, lora_rank: int,
                  ema: EMA | None = None, source: str | Path | None = None) -> Path:
     """Collective: write `<out_dir>/final` as described above (`source`: the folder the run's model
@@ -63,19 +78,28 @@ def export_final(model: nn.Module, family: ModelFamily, out_dir: str | Path, *, 
     if ema is not None:  # every rank joins each gather; rank 0 keeps the tensors
         ema_full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu() for n, t in ema.shadow.items()}
     if is_main_process():
+        parts = _components(model)
         if lora:
-            meta = model.peft_config["default"].to_dict()
-            save_lora_layers(peft_to_lora_layers(full), meta, tmp, pipeline_class=family.pipeline_class)
-            if ema_full is not None:
-                save_lora_layers(peft_to_lora_layers(ema_full), meta, tmp / "ema", pipeline_class=family.pipeline_class)
+            for sub, prefix, module in parts:
+                if not hasattr(module, "peft_config"):  # an expert that was not trained
+                    continue
+                meta, where = module.peft_config["default"].to_dict(), tmp if sub == "transformer" else tmp / sub
+                save_lora_layers(peft_to_lora_layers(_part(full, prefix)), meta, where,
+                                 pipeline_class=family.pipeline_class)
+                if ema_full is not None:
+                    save_lora_layers(peft_to_lora_layers(_part(ema_full, prefix)), meta, where / "ema",
+                                     pipeline_class=family.pipeline_class)
         else:
             online = full
             if ema_full is not None:  # the EMA weights are the export; the online ones stay beside them
                 dtype = next(iter(full.values())).dtype
                 full = {**full, **{n: v.to(dtype) for n, v in ema_full.items() if n in full}}
-                write_diffusers_folder(tmp / "transformer_online", family, model.config, online)
-            write_diffusers_folder(tmp / "transformer", family, model.config, full)
-            if source is not None and copy_pipeline_components(source, tmp, how="hardlink"):
+            for sub, prefix, module in parts:
+                if ema_full is not None:
+                    write_diffusers_folder(tmp / f"{sub}_online", family, module.config, _part(online, prefix))
+                write_diffusers_folder(tmp / sub, family, module.config, _part(full, prefix))
+            if source is not None and copy_pipeline_components(source, tmp, how="hardlink",
+                                                               skip=tuple(sub for sub, _, _ in parts)):
                 log.info("final/ is a %s folder: components linked from %s", family.pipeline_class, source)
         if final.exists():
             shutil.rmtree(final)

@@ -106,7 +106,9 @@ class TrainStep:
         with attention_context(fast.attention_backend):
             if self.cfg.runtime.step == "eager":
                 out = soar_loss_from_draws(self.velocity_fn, z0, cond, uncond, soar, draws, rollout_fn=self.rollout_fn)
-                if isinstance(grad_scale, tuple):
+                if not out.loss.requires_grad:  # every row went to a frozen part (a Wan 2.2 expert not trained)
+                    pass
+                elif isinstance(grad_scale, tuple):
                     (out.parts[0] * grad_scale[0] + out.parts[1] * grad_scale[1]).backward()
                 else:
                     (out.loss * grad_scale).backward()
