@@ -105,6 +105,7 @@ def run(args) -> list[dict]:
                                  pooled=args.pooled)
         print(f"wrote {args.rows} rows ({per_sample * args.rows / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
               flush=True)
+        os.sync()  # the writeback of the fresh shards would otherwise land in the first measurement
         ds = LatentsDataset(str(root))
         shape = f"B{args.batch}x{latent}+txt{text[0]}x{text[1]}+pooled{args.pooled}"
         for page_cache, workers in itertools.product(args.page_cache, args.workers):
