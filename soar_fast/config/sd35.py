@@ -15,6 +15,7 @@ __all__ = [
     "FLUX_PIPELINES",
     "PIPELINE_FAMILIES",
     "QWENIMAGE_PIPELINES",
+    "WAN_PIPELINES",
     "ZIMAGE_PIPELINES",
     "NotAPipelineError",
     "SD3_PIPELINES",
@@ -28,10 +29,11 @@ FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 ZIMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 QWENIMAGE_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
 FLUX2_PIPELINES = ("Flux2Pipeline",)
+WAN_PIPELINES = ("WanPipeline",)
 #: The pipeline classes `soar-fast cache` / `sample --pipeline` take, by family (soar_fast.models.spec names).
 PIPELINE_FAMILIES: dict[str, tuple[str, ...]] = {
     "sd3": SD3_PIPELINES, "flux": FLUX_PIPELINES, "zimage": ZIMAGE_PIPELINES, "qwenimage": QWENIMAGE_PIPELINES,
-    "flux2": FLUX2_PIPELINES,
+    "flux2": FLUX2_PIPELINES, "wan": WAN_PIPELINES,
 }
 
 
@@ -99,7 +101,7 @@ def check_pipeline_folder(path: str | Path, expect: tuple[str, ...] = SD3_PIPELI
 
 
 def pipeline_family(path: str | Path) -> str:
-    """The family ('sd3', 'flux', 'zimage', 'qwenimage' or 'flux2') of a local pipeline folder of any
+    """The family ('sd3', 'flux', 'zimage', 'qwenimage', 'flux2' or 'wan') of a local pipeline folder of any
     of them (from its model_index.json `_class_name`); `NotAPipelineError` otherwise."""
     name = check_pipeline_folder(path, tuple(n for names in PIPELINE_FAMILIES.values() for n in names))
     return next(fam for fam, names in PIPELINE_FAMILIES.items() if name in names)

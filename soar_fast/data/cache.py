@@ -64,6 +64,7 @@ from soar_fast.data.shards import (
     verify_cache,
     verify_shard,
 )
+from soar_fast.data.video import check_num_frames, load_clip, scan_clip_folder
 
 __all__ = ["VALIDATION_FILE", "CacheConfig", "CacheResult", "plan_shards", "read_validation_prompts", "run_cache"]
 
@@ -114,6 +115,9 @@ class CacheConfig:
     """Keep shards of an earlier run with the same settings that verify; False rebuilds all."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    num_frames: int = 17
+    """Wan (video) pipelines only: frames per clip, 4k + 1 (each clip's first ones; 81 is WanPipeline's
+    default length). The input is a folder of clips, each a subfolder of frames (soar_fast.data.video)."""
     validation_prompts: str | None = None
     """A .txt file of prompts (one a line; blank lines and `#` comments skipped) to encode too, for the
     validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there)."""
@@ -124,6 +128,8 @@ class CacheConfig:
         for name in ("max_sequence_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CacheConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if (why := check_num_frames(self.num_frames)) is not None:
+            raise ConfigError(f"CacheConfig.num_frames={self.num_frames} is invalid: {why}")
         if self.max_sequence_length > max(MAX_SEQUENCE_LENGTH.values()):
             raise ConfigError(f"CacheConfig.max_sequence_length={self.max_sequence_length} is invalid: need <= "
                               f"{max(MAX_SEQUENCE_LENGTH.values())}")
@@ -242,26 +248,29 @@ def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str]
     writer.flush()
 
 
-def _load_pixels(r: ImageRecord, center_crop: bool) -> torch.Tensor | BaseException:
+def _load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0) -> torch.Tensor | BaseException:
     try:
+        if num_frames:  # a video clip: [3, F, h, w]
+            return load_clip(r, num_frames, center_crop)
         return image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
     except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
         return e
 
 
 def _load_batches(
-    records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None
+    records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None,
+    num_frames: int = 0,
 ) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
-    """Batches of (record, pixels [3, h, w] or the load error); with a pool, the next two
-    batches decode in threads while the current one is encoded (PIL releases the GIL)."""
+    """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]) or the load error); with a pool,
+    the next two batches decode in threads while the current one is encoded (PIL releases the GIL)."""
     batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
     if pool is None:
         for b in batches:
-            yield [(r, _load_pixels(r, center_crop)) for r in b]
+            yield [(r, _load_pixels(r, center_crop, num_frames)) for r in b]
         return
     pending: deque = deque()
     for b in batches:
-        pending.append((b, [pool.submit(_load_pixels, r, center_crop) for r in b]))
+        pending.append((b, [pool.submit(_load_pixels, r, center_crop, num_frames) for r in b]))
         if len(pending) > 2:
             rb, futs = pending.popleft()
             yield list(zip(rb, (f.result() for f in futs), strict=True))
@@ -283,7 +292,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     if cfg.max_sequence_length > MAX_SEQUENCE_LENGTH[family]:
         raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
                           f"pipeline: it takes <= {MAX_SEQUENCE_LENGTH[family]} tokens")
-    scan = scan_image_folder(cfg.data)
+    video = family == "wan"
+    scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
     plan = plan_shards(scan.records, cfg.shard_size)
     out = Path(cfg.output_dir)
@@ -298,6 +308,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         "resolution": cfg.data.resolution,
         "buckets": scan.buckets,
         "latent_sampling": cfg.latent_sampling,
+        **({"num_frames": cfg.num_frames} if video else {}),
     }
     if cfg.resume and (out / INDEX_FILE).is_file():  # a cache of another family: say so (not just "other settings")
         prev = read_index(out).get("info", {}).get("family")
@@ -336,7 +347,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
             parts: list[dict[str, torch.Tensor]] = []
             captions, sources, shard_skipped, lengths = [], [], [], []
-            for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool):
+            for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool,
+                                       cfg.num_frames if video else 0):
                 batch_px, batch_caps = [], []
                 for r, px in batch:
                     if isinstance(px, BaseException):  # unreadable since the scan: skip and report

@@ -8,8 +8,9 @@ diffusers pipeline computes them (the transformer is never loaded).
 | zimage | ZImagePipeline | `(vae - shift) * scale` | Qwen3 `hidden_states[-2]` of the chat-templated prompt | `[0]` |
 | qwenimage | QwenImagePipeline | `(vae - mean) / std` per channel, frame dropped | Qwen2.5-VL last hidden state, template dropped | `[0]` |
 | flux2 | Flux2Pipeline | 2x2 patches, VAE batch-norm normalised (`models.flux2.latents_from_vae`) | Mistral-3 layers (10, 20, 30) stacked, padded | `[0]` |
+| wan | WanPipeline (video `[C, f, h, w]`) | `(vae - mean) / std` per channel (AutoencoderKLWan) | umT5 last hidden state, zero-padded | `[0]` |
 
-Padding. SD3, FLUX.1 and FLUX.2 pipelines themselves feed `max_sequence_length` tokens, the pad
+Padding. SD3, FLUX.1, FLUX.2 and Wan pipelines themselves feed `max_sequence_length` tokens, the pad
 tokens' own encoder states included, with no mask: the cache stores exactly that. ZImagePipeline
 feeds each prompt's valid tokens only and QwenImagePipeline a mask over zero-padded tokens; the
 trainer's condition is `(prompt_embeds [N, L, D], pooled [N, 0])` today, so for these two families
@@ -34,7 +35,7 @@ __all__ = ["MASKED_FAMILIES", "MAX_SEQUENCE_LENGTH", "encode_latents", "encode_p
 #: Families whose pipeline drops (Z-Image) or masks (Qwen-Image) padded prompt tokens.
 MASKED_FAMILIES = ("zimage", "qwenimage")
 #: The longest `max_sequence_length` each family's pipeline takes.
-MAX_SEQUENCE_LENGTH = {"sd3": 512, "flux": 512, "zimage": 512, "qwenimage": 1024, "flux2": 512}
+MAX_SEQUENCE_LENGTH = {"sd3": 512, "flux": 512, "zimage": 512, "qwenimage": 1024, "flux2": 512, "wan": 512}
 
 
 def load_encoders(path: str, family: str, *, device: torch.device, encoder_dtype: torch.dtype,
@@ -43,8 +44,9 @@ def load_encoders(path: str, family: str, *, device: torch.device, encoder_dtype
     frozen, in eval mode, on `device`."""
     from soar_fast.models.spec import get_family
 
+    extra = {"transformer_2": None} if family == "wan" else {}  # Wan 2.2's second expert: not loaded either
     pipe = get_family(family).pipeline_cls().from_pretrained(
-        path, transformer=None, local_files_only=True, variant=variant, torch_dtype=encoder_dtype,
+        path, transformer=None, local_files_only=True, variant=variant, torch_dtype=encoder_dtype, **extra,
     )
     pipe.vae.to(device=device, dtype=vae_dtype)
     encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
@@ -111,6 +113,10 @@ def encode_prompts(pipe, family: str, captions: list[str], max_sequence_length: 
     elif family == "flux2":  # (embeds [B, L, D], text_ids): the ids are arange(L) and not stored
         pe, _ = pipe.encode_prompt(prompt=list(captions), device=device, max_sequence_length=msl)
         pooled = pe.new_zeros(n, 0)
+    elif family == "wan":  # (embeds [B, L, D] zero-padded to L, negative embeds): umT5, no pooled embedding
+        pe, _ = pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False,
+                                   max_sequence_length=msl, device=device)
+        pooled = pe.new_zeros(n, 0)
     else:
         raise ConfigError(f"soar-fast cache does not support the {family!r} family yet")
     return pe, pooled, [pe.shape[1]] * n
@@ -118,7 +124,8 @@ def encode_prompts(pipe, family: str, captions: list[str], max_sequence_length: 
 
 def encode_latents(pipe, family: str, pixels: torch.Tensor, sampling: str,
                    generator: torch.Generator | None) -> torch.Tensor:
-    """Pixels `[B, 3, H, W]` in [-1, 1] -> the latents the family's transformer denoises, `[B, C, h, w]` fp32."""
+    """Pixels `[B, 3, H, W]` (Wan: `[B, 3, F, H, W]`) in [-1, 1] -> the latents the family's transformer
+    denoises, `[B, C, h, w]` (Wan: `[B, C, f, h, w]`) fp32."""
     vae = pipe.vae
     x = pixels.to(device=vae.device, dtype=vae.dtype)
     if family == "qwenimage":
@@ -136,6 +143,11 @@ def encode_latents(pipe, family: str, pixels: torch.Tensor, sampling: str,
         from soar_fast.models.flux2 import latents_from_vae
 
         return latents_from_vae(vae, lat)
+    if family == "wan":  # the inverse of WanPipeline's decode: z = (x - mean) / std, per channel
+        view = (1, lat.shape[1]) + (1,) * (lat.dim() - 2)
+        mean = torch.tensor(vae.config.latents_mean, device=lat.device).view(view)
+        std = torch.tensor(vae.config.latents_std, device=lat.device).view(view)
+        return (lat - mean) / std
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (lat - shift) * vae.config.scaling_factor
 
@@ -143,7 +155,7 @@ def encode_latents(pipe, family: str, pixels: torch.Tensor, sampling: str,
 def latent_info(pipe, family: str) -> dict[str, Any]:
     """The VAE normalisation the latents were made with (recorded in index.json)."""
     c = pipe.vae.config
-    if family == "qwenimage":
+    if family in ("qwenimage", "wan"):
         return {"vae_latents_mean": list(c.latents_mean), "vae_latents_std": list(c.latents_std)}
     if family == "flux2":
         return {"vae_normalisation": "2x2 patches, batch-norm running stats", "vae_batch_norm_eps": c.batch_norm_eps}

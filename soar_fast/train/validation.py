@@ -27,7 +27,8 @@ __all__ = ["LatentValidation", "decode_latents"]
 
 
 def decode_latents(vae, family: str, z: torch.Tensor) -> torch.Tensor:
-    """The family's model latents `[N, C, h, w]` -> images `[N, 3, H, W]` in [-1, 1] (the inverse of the cache's encode)."""
+    """The family's model latents `[N, C, h, w]` (Wan: `[N, C, f, h, w]`, its first frame shown) -> images
+    `[N, 3, H, W]` in [-1, 1] (the inverse of the cache's encode)."""
     z = z.to(vae.device, vae.dtype)
     if family == "qwenimage":
         from soar_fast.models.qwenimage import latents_to_vae
@@ -37,6 +38,11 @@ def decode_latents(vae, family: str, z: torch.Tensor) -> torch.Tensor:
         from soar_fast.models.flux2 import latents_to_vae
 
         x = vae.decode(latents_to_vae(vae, z)).sample
+    elif family == "wan":  # video [N, C, f, h, w]: x = z * std + mean (WanPipeline's decode); the grid shows frame 0
+        view = (1, z.shape[1]) + (1,) * (z.dim() - 2)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(view)
+        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(view)
+        x = vae.decode(z * std + mean).sample[:, :, 0]
     else:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = vae.decode(z / vae.config.scaling_factor + shift).sample
