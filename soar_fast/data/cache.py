@@ -1,7 +1,8 @@
 """`soar-fast cache`: encode an image-caption folder once with a pipeline's VAE and text encoders.
 
-Works for local StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline and
-Flux2Pipeline folders; the transformer is never loaded. Latents and text embeddings are what the
+Works for local StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline,
+Flux2Pipeline and WanPipeline folders (Wan: a folder of clips, `soar_fast.data.video`, latents
+`[C, f, h, w]`); the transformer is never loaded. Latents and text embeddings are what the
 family's pipeline computes (`soar_fast.data.encoders`: per-family VAE normalisation, text encoder
 and padding), stored per sample as `(latents [C, h, w], prompt_embeds [L, D], pooled [P])`, P = 0
 for the families without a pooled embedding. The empty prompt is encoded once. The result is a
