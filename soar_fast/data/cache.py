@@ -47,6 +47,7 @@ from soar_fast.data.encoders import (
     text_length,
 )
 from soar_fast.data.images import (
+    CaptionError,
     ImageFolderConfig,
     ImageRecord,
     image_to_tensor,
@@ -65,7 +66,7 @@ from soar_fast.data.shards import (
     verify_cache,
     verify_shard,
 )
-from soar_fast.data.video import check_num_frames, load_clip, scan_clip_folder
+from soar_fast.data.video import check_num_frames, holds_clips, load_clip, scan_clip_folder
 
 __all__ = ["VALIDATION_FILE", "CacheConfig", "CacheResult", "plan_shards", "read_validation_prompts", "run_cache"]
 
@@ -294,7 +295,13 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
                           f"pipeline: it takes <= {MAX_SEQUENCE_LENGTH[family]} tokens")
     video = family == "wan"
-    scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
+    try:
+        scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
+    except (CaptionError, FileNotFoundError) as e:
+        if video or not holds_clips(cfg.data.root):
+            raise
+        raise type(e)(f"{e} ({cfg.data.root} holds video clips, subfolders of frames: a {family} pipeline caches "
+                      "images; cache the clips with a Wan pipeline, or give a folder of images)") from None
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
     plan = plan_shards(scan.records, cfg.shard_size)
     out = Path(cfg.output_dir)

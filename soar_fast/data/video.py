@@ -28,7 +28,7 @@ from soar_fast.data.images import (
     resize_center_crop,
 )
 
-__all__ = ["check_num_frames", "load_clip", "scan_clip_folder"]
+__all__ = ["check_num_frames", "holds_clips", "load_clip", "scan_clip_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ def check_num_frames(n: int) -> str | None:
         lo = max(1, (n - 1) // 4 * 4 + 1)
         return f"need 4k + 1 frames (Wan's VAE compresses time 4x after the first frame), e.g. {lo} or {lo + 4}"
     return None
+
+
+def holds_clips(root: str | Path) -> bool:
+    """Whether `root` looks like a folder of clips: a subfolder of frames with a `<clip>.txt` beside it
+    or a `caption.txt` in it (what an image pipeline given clips meant to cache)."""
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    return any(d.is_dir() and _frames(d) and ((root / f"{d.name}.txt").is_file() or (d / "caption.txt").is_file())
+               for d in root.iterdir())
 
 
 def _frames(clip: Path) -> list[Path]:

@@ -128,7 +128,7 @@ def test_full_and_lora_train_export_sample(wan_dir, wan_cache, tmp_path):
     assert out.shape == (1, FRAMES, 3, 32, 32)
 
 
-def test_bad_video_input_is_one_line(wan_dir, caption_folder, tmp_path, capsys):
+def test_bad_video_input_is_one_line(wan_dir, tiny_sd3_dir, caption_folder, tmp_path, capsys):
     def bad(argv, *needles):
         rc = main(argv)
         err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
@@ -138,6 +138,8 @@ def test_bad_video_input_is_one_line(wan_dir, caption_folder, tmp_path, capsys):
     bad(_cache_argv(wan_dir, _clips(tmp_path / "short", n=2, frames=3), tmp_path / "c2"), "no usable clips",
         "fewer than --num_frames 5")
     bad([*_cache_argv(wan_dir, tmp_path / "short", tmp_path / "c3")[:-2], "--num_frames", "6"], "num_frames", "4k + 1")
+    bad(_cache_argv(tiny_sd3_dir, tmp_path / "short", tmp_path / "c4")[:-2], "holds video clips",
+        "cache the clips with a Wan pipeline")
 
 
 def test_validation_grids_of_a_video_cache(wan_dir, tmp_path):
