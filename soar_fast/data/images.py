@@ -234,6 +234,16 @@ def _read_sidecars(cfg: ImageFolderConfig) -> list[tuple[Path, str | None]]:
     return out
 
 
+def metadata_file(cfg: ImageFolderConfig) -> Path | None:
+    """`cfg.metadata` (relative to the root unless it exists as given), else `root/metadata.jsonl` or
+    `root/metadata.csv` when present, else None (sidecar captions)."""
+    root = Path(cfg.root)
+    meta = Path(cfg.metadata) if cfg.metadata else None
+    if meta is None:
+        return next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
+    return root / meta if not meta.is_absolute() and not meta.is_file() else meta
+
+
 def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
     """List the images and captions of a folder, probe each image, assign buckets.
 
@@ -244,11 +254,7 @@ def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    meta = Path(cfg.metadata) if cfg.metadata else None
-    if meta is None:
-        meta = next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
-    elif not meta.is_absolute() and not meta.is_file():
-        meta = root / meta
+    meta = metadata_file(cfg)
     pairs = _read_metadata(cfg, meta) if meta is not None else _read_sidecars(cfg)
     if not pairs:
         raise FileNotFoundError(f"no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")

@@ -25,6 +25,7 @@ from soar_fast.data.images import (
     _read_metadata,
     image_to_tensor,
     load_image,
+    metadata_file,
     resize_center_crop,
 )
 
@@ -67,11 +68,7 @@ def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int) -> ScanResult:
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"clip folder {root} does not exist")
-    meta = Path(cfg.metadata) if cfg.metadata else None
-    if meta is None:
-        meta = next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
-    elif not meta.is_absolute() and not meta.is_file():
-        meta = root / meta
+    meta = metadata_file(cfg)
     if meta is not None:
         pairs = [(p, c) for p, c in _read_metadata(cfg, meta) if p.is_dir()]
     else:
