@@ -143,11 +143,10 @@ def encode_latents(pipe, family: str, pixels: torch.Tensor, sampling: str,
         from soar_fast.models.flux2 import latents_from_vae
 
         return latents_from_vae(vae, lat)
-    if family == "wan":  # the inverse of WanPipeline's decode: z = (x - mean) / std, per channel
-        view = (1, lat.shape[1]) + (1,) * (lat.dim() - 2)
-        mean = torch.tensor(vae.config.latents_mean, device=lat.device).view(view)
-        std = torch.tensor(vae.config.latents_std, device=lat.device).view(view)
-        return (lat - mean) / std
+    if family == "wan":  # the inverse of WanPipeline's decode: (x - mean) / std, per channel
+        from soar_fast.models.wan import latents_from_vae
+
+        return latents_from_vae(vae, lat)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (lat - shift) * vae.config.scaling_factor
 

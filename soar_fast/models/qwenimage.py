@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from soar_fast.models import wan
 from soar_fast.models.flux import pack_latents, unpack_latents
 
 __all__ = ["QWENIMAGE_PRESETS", "QwenImageVelocityFn", "family", "img_shapes", "latents_from_vae", "latents_to_vae",
@@ -96,27 +97,17 @@ class QwenImageVelocityFn:
         return unpack_latents(out, h, w)
 
 
-def _vae_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents_mean, 1 / latents_std), each `[1, C, 1, 1, 1]`, as the pipelines build them."""
-    c = vae.config
-    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
-    inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
-    return mean, inv_std
-
-
 def latents_from_vae(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """`AutoencoderKLQwenImage` latents of one frame `[N, C, 1, H, W]` -> the model's normalised
-    latents `[N, C, H, W]`: `(x - mean) * (1 / std)` per channel (QwenImageImg2ImgPipeline._encode_vae_image)."""
-    mean, inv_std = _vae_stats(vae, latents)
-    return ((latents - mean) * inv_std)[:, :, 0]
+    latents `[N, C, H, W]`: `(x - mean) * (1 / std)` per channel (QwenImageImg2ImgPipeline._encode_vae_image;
+    the VAE is Wan's, so is the normalisation: `soar_fast.models.wan.latents_from_vae`)."""
+    return wan.latents_from_vae(vae, latents)[:, :, 0]
 
 
 def latents_to_vae(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Inverse of `latents_from_vae`: `[N, C, H, W]` -> `[N, C, 1, H, W]` for `vae.decode`
     (QwenImagePipeline's `latents / latents_std + latents_mean` with its latents_std = 1 / std)."""
-    z5 = z.unsqueeze(2)
-    mean, inv_std = _vae_stats(vae, z5)
-    return z5 / inv_std + mean
+    return wan.latents_to_vae(vae, z.unsqueeze(2))
 
 
 def _tokens(name: str, n_img: int, n_txt: int) -> int:

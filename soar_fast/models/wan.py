@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 __all__ = ["WAN22_BOUNDARY_RATIO", "WAN_PRESETS", "WanExperts", "WanExpertsVelocityFn", "WanVelocityFn", "experts_family",
-           "family", "wan_forward_flops"]
+           "family", "latents_from_vae", "latents_to_vae", "vae_stats", "wan_forward_flops"]
 
 WAN_PRESETS: dict[str, dict[str, Any]] = {
     # diffusers' own WanTransformer3DModel test config (tests/models/transformers/
@@ -164,6 +164,28 @@ class WanExpertsVelocityFn:
 
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.experts(z, sigma, tuple(cond))
+
+
+def vae_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents_mean, 1 / latents_std) of an AutoencoderKLWan-style VAE (Wan's, Qwen-Image's), each
+    `[1, C, 1, 1, 1]` in `like`'s device and dtype, as the pipelines build them."""
+    c = vae.config
+    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    return mean, inv_std
+
+
+def latents_from_vae(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents `[N, C, f, h, w]` -> the model's normalised latents: `(x - mean) * (1 / std)` per channel."""
+    mean, inv_std = vae_stats(vae, latents)
+    return (latents - mean) * inv_std
+
+
+def latents_to_vae(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Inverse of `latents_from_vae`, for `vae.decode`: WanPipeline's `latents / latents_std + latents_mean`
+    (its latents_std is 1 / std)."""
+    mean, inv_std = vae_stats(vae, z)
+    return z / inv_std + mean
 
 
 def _tokens(name: str, n_img: int, n_txt: int) -> int:

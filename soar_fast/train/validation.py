@@ -38,11 +38,10 @@ def decode_latents(vae, family: str, z: torch.Tensor) -> torch.Tensor:
         from soar_fast.models.flux2 import latents_to_vae
 
         x = vae.decode(latents_to_vae(vae, z)).sample
-    elif family == "wan":  # video [N, C, f, h, w]: x = z * std + mean (WanPipeline's decode); the grid shows frame 0
-        view = (1, z.shape[1]) + (1,) * (z.dim() - 2)
-        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(view)
-        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(view)
-        x = vae.decode(z * std + mean).sample[:, :, 0]
+    elif family == "wan":  # video [N, C, f, h, w]; the grid shows frame 0
+        from soar_fast.models.wan import latents_to_vae
+
+        x = vae.decode(latents_to_vae(vae, z)).sample[:, :, 0]
     else:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = vae.decode(z / vae.config.scaling_factor + shift).sample
