@@ -139,15 +139,24 @@ class WanExperts(nn.Module):
     def low_blocks(self) -> nn.ModuleList:
         return self.low.blocks
 
+    @staticmethod
+    def is_folder(path: str | Path) -> bool:
+        """A local pipeline folder whose model_index.json names `transformer_2` and a `boundary_ratio`."""
+        try:
+            index = json.loads((Path(path) / "model_index.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return index.get("boundary_ratio") is not None and (index.get("transformer_2") or [None])[0] is not None
+
     @classmethod
     def from_pretrained(cls, path: str | Path, train: str = "both", **kwargs: Any) -> WanExperts:
         """Both experts of a local Wan 2.2 pipeline folder (`transformer/` high noise, `transformer_2/`
         low noise) and its model_index.json `boundary_ratio` (local files only)."""
         from diffusers import WanTransformer3DModel
 
-        index = json.loads((Path(path) / "model_index.json").read_text())
-        if index.get("boundary_ratio") is None or index.get("transformer_2", [None])[0] is None:
+        if not cls.is_folder(path):
             raise ValueError(f"{str(path)!r} is not a two-expert Wan 2.2 folder (no transformer_2 / boundary_ratio)")
+        index = json.loads((Path(path) / "model_index.json").read_text())
         load = lambda sub: WanTransformer3DModel.from_pretrained(  # noqa: E731
             str(path), subfolder=sub, local_files_only=True, **kwargs)
         return cls(load("transformer"), load("transformer_2"), boundary=index["boundary_ratio"], train=train)

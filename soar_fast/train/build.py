@@ -6,16 +6,15 @@ on the learning ones) and the experts' family spec, which routes every model cal
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from soar_fast.config import ConfigError, ModelConfig
 from soar_fast.models.spec import ModelFamily, family_of_folder, get_family
+from soar_fast.models.wan import WanExperts, experts_family
 
 __all__ = ["build_model"]
 
@@ -36,7 +35,7 @@ def _with_lora(model: nn.Module, cfg: ModelConfig, family: ModelFamily) -> nn.Mo
 
     settings = LoraSettings(rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                             target_modules=tuple(cfg.lora_target_modules or family.lora_targets))
-    if family.name == "wan" and hasattr(model, "train_experts"):  # WanExperts: adapters on the learning experts
+    if isinstance(model, WanExperts):  # adapters on the learning experts only
         for name in ("high", "low"):
             if model.train_experts in ("both", name):
                 apply_lora(getattr(model, name), settings)
@@ -44,23 +43,11 @@ def _with_lora(model: nn.Module, cfg: ModelConfig, family: ModelFamily) -> nn.Mo
     return apply_lora(model, settings)
 
 
-def _two_experts(local: str, subfolder: str) -> bool:
-    """A Wan 2.2 pipeline folder with both experts (and the transformer subfolder asked for)."""
-    try:
-        index = json.loads((Path(local) / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return subfolder == "transformer" and index.get("boundary_ratio") is not None and \
-        (index.get("transformer_2") or [None])[0] is not None
-
-
 def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
     path = cfg.pretrained_model_name_or_path
     if path is not None:
         local = os.path.expanduser(path)
-        if os.path.isdir(local) and _two_experts(local, cfg.subfolder):
-            from soar_fast.models.wan import WanExperts, experts_family
-
+        if cfg.subfolder == "transformer" and WanExperts.is_folder(local):  # Wan 2.2: both experts
             try:
                 return experts_family(), WanExperts.from_pretrained(local, train=cfg.train_experts)
             except Exception as e:  # noqa: BLE001 - one line for the user

@@ -30,6 +30,7 @@ from soar_fast.distributed.env import barrier, is_main_process
 from soar_fast.models.lora import peft_to_lora_layers, save_lora_layers
 from soar_fast.models.pipeline import copy_pipeline_components
 from soar_fast.models.spec import ModelFamily
+from soar_fast.models.wan import WanExperts
 from soar_fast.train.ema import EMA
 
 __all__ = ["export_final", "write_diffusers_folder"]
@@ -53,9 +54,8 @@ def write_diffusers_folder(folder: Path, family: ModelFamily, config: dict, tens
 
 def _components(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """(pipeline subfolder, state-dict key prefix, module) of each transformer the model holds."""
-    inner = getattr(model, "module", model)  # a wrapper's module, if any
-    if hasattr(inner, "train_experts") and hasattr(inner, "low"):  # WanExperts
-        return [("transformer", "high.", inner.high), ("transformer_2", "low.", inner.low)]
+    if isinstance(model, WanExperts):  # FSDP2 shards it in place: still a WanExperts
+        return [("transformer", "high.", model.high), ("transformer_2", "low.", model.low)]
     return [("transformer", "", model)]
 
 
