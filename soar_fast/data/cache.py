@@ -298,7 +298,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     try:
         scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
     except (CaptionError, FileNotFoundError) as e:
-        if video or not holds_clips(cfg.data.root):
+        if video or not holds_clips(cfg.data):
             raise
         raise type(e)(f"{e} ({cfg.data.root} holds video clips, subfolders of frames: a {family} pipeline caches "
                       "images; cache the clips with a Wan pipeline, or give a folder of images)") from None

@@ -42,25 +42,26 @@ def check_num_frames(n: int) -> str | None:
     return None
 
 
-def holds_clips(root: str | Path) -> bool:
-    """Whether `root` looks like a folder of clips: a subfolder of frames with a `<clip>.txt` beside it
-    or a `caption.txt` in it (what an image pipeline given clips meant to cache)."""
-    root = Path(root)
-    if not root.is_dir():
-        return False
-    return any(d.is_dir() and _frames(d) and ((root / f"{d.name}.txt").is_file() or (d / "caption.txt").is_file())
-               for d in root.iterdir())
+def holds_clips(cfg: ImageFolderConfig) -> bool:
+    """Whether `cfg.root` looks like a folder of clips: a subfolder of frames with its caption file
+    (`_caption_file`; what an image pipeline given clips meant to cache)."""
+    root = Path(cfg.root)
+    return root.is_dir() and any(d.is_dir() and _frames(d) and _caption_file(cfg, d) for d in root.iterdir())
 
 
 def _frames(clip: Path) -> list[Path]:
     return sorted(p for p in clip.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _caption_file(cfg: ImageFolderConfig, clip: Path) -> Path | None:
+    """`<clip><ext>` beside the clip's folder, else `caption<ext>` in it, else None."""
+    return next((t for t in (clip.parent / (clip.name + cfg.caption_extension), clip / f"caption{cfg.caption_extension}")
+                 if t.is_file()), None)
+
+
 def _caption(cfg: ImageFolderConfig, clip: Path) -> str | None:
-    for txt in (clip.parent / (clip.name + cfg.caption_extension), clip / f"caption{cfg.caption_extension}"):
-        if txt.is_file():
-            return txt.read_text(encoding="utf-8").strip()
-    return None
+    txt = _caption_file(cfg, clip)
+    return None if txt is None else txt.read_text(encoding="utf-8").strip()
 
 
 def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int) -> ScanResult:

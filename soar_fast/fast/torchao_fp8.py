@@ -35,7 +35,7 @@ __all__ = ["TORCHAO_INSTALL", "enable_torchao_fp8_training", "torchao_float8"]
 log = logging.getLogger(__name__)
 
 TORCHAO_INSTALL = "pip install torchao"
-_RECIPES = {"tensorwise": "tensorwise", "rowwise": "rowwise"}
+_RECIPES = ("tensorwise", "rowwise")  # torchao recipe names, as FastConfig.fp8_scaling spells them
 
 
 def torchao_float8() -> tuple[ModuleType | None, str]:
@@ -50,7 +50,7 @@ def enable_torchao_fp8_training(model: nn.Module, scaling: str = "tensorwise") -
     """Swap the eligible block Linears of `model` for torchao's `Float8Linear` in place; returns
     their count, or None (one log line) where torchao.float8 is unavailable."""
     if scaling not in _RECIPES:
-        raise ValueError(f"fp8_scaling={scaling!r} is invalid for torchao: choose one of {sorted(_RECIPES)}")
+        raise ValueError(f"fp8_scaling={scaling!r} is invalid for torchao: choose one of {_RECIPES}")
     float8, why = torchao_float8()
     if float8 is None:
         log.warning("fp8_training_backend=torchao: torchao.float8 does not import (%s); using the native FP8 "
@@ -66,7 +66,7 @@ def enable_torchao_fp8_training(model: nn.Module, scaling: str = "tensorwise") -
             chosen.add(name)
     if not chosen:
         return 0
-    config = float8.Float8LinearConfig.from_recipe_name(_RECIPES[scaling])
+    config = float8.Float8LinearConfig.from_recipe_name(scaling)
     float8.convert_to_float8_training(model, config=config, module_filter_fn=lambda _mod, fqn: fqn in chosen)
     linear = importlib.import_module("torchao.float8.float8_linear").Float8Linear
     n = sum(1 for name, m in model.named_modules() if name in chosen and type(m) is linear)
