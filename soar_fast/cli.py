@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
 import os
 import re
 import sys
@@ -357,14 +356,10 @@ def _report(line: str, err: BaseException, code: int = 2) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from soar_fast.errors import debug_requested
+    from soar_fast.errors import configure_logging, debug_requested
 
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # import-time noise where torchao (optional) is installed beside other versions: its CUDA-only
-    # kernels failing to load on a CPU, torch's pytree deprecation of its enums, diffusers' quantizer
-    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -19,9 +19,20 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["SHARED", "debug_requested", "explain", "format_error", "is_disk_full"]
+__all__ = ["SHARED", "configure_logging", "debug_requested", "explain", "format_error", "is_disk_full"]
 
 DEBUG_ENV = "SOAR_FAST_DEBUG"
+
+
+def configure_logging() -> None:
+    """The command line's log lines (`LEVEL logger: message`, INFO and up), without the import-time
+    noise of an optional torchao installed beside other versions: its CUDA-only kernels failing to
+    load on a CPU, torch's pytree deprecation of its enums, diffusers' torchao quantizer."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
