@@ -23,21 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_lib as lib  # noqa: E402
 
-from soar_fast.data import build_dataset  # noqa: E402
 from soar_fast.distributed import init_distributed  # noqa: E402
 from soar_fast.models.lora import LoraSettings, apply_lora  # noqa: E402
 from soar_fast.models.spec import get_family  # noqa: E402
 from soar_fast.train.plan import GIB, fit_to_memory  # noqa: E402
 from soar_fast.train.step import build_train_step  # noqa: E402
-
-
-def _inputs(cfg, family, device):
-    mc = family.build(cfg.model.preset, seed=0, device="meta").config
-    text_dim, pooled_dim = family.text_dims(mc)
-    data = build_dataset(cfg.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
-                         latent_channels=family.latent_channels(mc))
-    z0, cond, _ = data.batch(torch.arange(cfg.optim.train_batch_size))
-    return z0.to(device), tuple(t.to(device) for t in cond), tuple(t.to(device) for t in data.uncond())
 
 
 def measure(gib: float, args, info: dict) -> list[dict]:
@@ -67,7 +57,7 @@ def measure(gib: float, args, info: dict) -> list[dict]:
             model = apply_lora(model, LoraSettings(rank=choice.cfg.model.lora_rank,
                                                    target_modules=tuple(family.lora_targets)))
         train_step = build_train_step(family, model, choice.cfg, init_distributed(None, device))
-        z0, cond, uncond = _inputs(choice.cfg, family, device)
+        z0, cond, uncond = lib.step_inputs(choice.cfg, device)
         counter = itertools.count()
         fn = lambda: train_step(next(counter), [(z0, cond, list(range(args.batch)))], uncond)  # noqa: E731
         times = lib.time_steps(fn, device, args.warmup, args.iters)

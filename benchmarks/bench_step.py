@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_lib as lib  # noqa: E402
 
 import soar_fast as sf  # noqa: E402
-from soar_fast.data import build_dataset  # noqa: E402
 from soar_fast.distributed import init_distributed  # noqa: E402
 from soar_fast.fast import RolloutEngine  # noqa: E402
 from soar_fast.loss.cond import broadcast_uncond, cat_cond  # noqa: E402
@@ -96,15 +95,8 @@ class Bench:
         self.peak = lib.measure_bf16_gemm_tflops(self.device)
         self.fp8_peak = lib.measure_fp8_gemm_tflops(self.device)
         probe = lib.variant_config("c", args.precision, self.shape, args.device)
-        mc = self.family.build(args.preset, seed=0, device="meta").config
-        text_dim, pooled_dim = self.family.text_dims(mc)
-        data = build_dataset(probe.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
-                             latent_channels=self.family.latent_channels(mc))
-        z0, cond, _ = data.batch(torch.arange(args.batch))
-        self.z0 = z0.to(self.device)
-        self.cond = tuple(t.to(self.device) for t in cond)
-        self.uncond = tuple(t.to(self.device) for t in data.uncond())
-        self.shape_str = f"B{args.batch}x{tuple(z0.shape[1:])}+txt{args.text_len}"
+        self.z0, self.cond, self.uncond = lib.step_inputs(probe, self.device)
+        self.shape_str = f"B{args.batch}x{tuple(self.z0.shape[1:])}+txt{args.text_len}"
         self.baseline_ms: dict[str, float] = {}
 
     def row(self, spec, name, precision, metric, value, unit, **extra):

@@ -95,6 +95,21 @@ def variant_config(name: str, precision: str, shape: Shape, device: str, *, comp
     return cfg
 
 
+def step_inputs(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, tuple, tuple]:
+    """`(z0, cond, uncond)` on `device`: one batch of `train_batch_size` rows of the config's
+    (synthetic) data, shaped for its model family and preset."""
+    from soar_fast.data import build_dataset
+    from soar_fast.models.spec import get_family
+
+    family = get_family(cfg.model.family)
+    mc = family.build(cfg.model.preset, seed=0, device="meta").config
+    text_dim, pooled_dim = family.text_dims(mc)
+    data = build_dataset(cfg.data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
+                         latent_channels=family.latent_channels(mc))
+    z0, cond, _ = data.batch(torch.arange(cfg.optim.train_batch_size))
+    return z0.to(device), tuple(t.to(device) for t in cond), tuple(t.to(device) for t in data.uncond())
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
