@@ -16,7 +16,6 @@ import json
 
 import torch
 from family_pipelines import (
-    build_tiny_flux2_pipeline,
     cache_with_cli,
     check_full_and_lora_train_export_sample,
     probe_velocity,
@@ -29,13 +28,6 @@ from soar_fast.models.flux2 import Flux2VelocityFn
 
 L = 192  # max_sequence_length: the byte-level tokenizer makes the system message ~170 tokens
 SAMPLE = sample_flags(L, guidance_scale=4.0)
-
-
-@pytest.fixture(scope="module")
-def flux2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_flux2")
-    build_tiny_flux2_pipeline().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

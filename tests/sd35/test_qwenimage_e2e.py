@@ -16,7 +16,6 @@ import json
 
 import torch
 from family_pipelines import (
-    build_tiny_qwenimage_pipeline,
     cache_with_cli,
     check_full_and_lora_train_export_sample,
     probe_velocity,
@@ -30,13 +29,6 @@ from soar_fast.models.qwenimage import QwenImageVelocityFn, latents_to_vae
 
 L = 160  # max_sequence_length: a byte-level tokenizer makes the template's kept part ~125 tokens
 SAMPLE = sample_flags(L, guidance_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwenimage")
-    build_tiny_qwenimage_pipeline().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,32 +11,16 @@ pytest.importorskip("peft")
 import numpy as np
 from family_pipelines import (
     FAST_TRAIN,
-    build_tiny_flux2_pipeline,
-    build_tiny_qwenimage_pipeline,
     run_ok,
 )
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("val_qwen")
-    build_tiny_qwenimage_pipeline().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_flux2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("val_flux2")
-    build_tiny_flux2_pipeline().save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("family, pipe_fixture, recipe, msl", [
     ("flux", "tiny_flux_dir", "tiny-flux", 16),
     ("zimage", "tiny_zimage_dir", "tiny-zimage", 32),
-    ("qwenimage", "tiny_qwen_dir", "tiny-qwenimage", 160),  # the tests' byte-level tokenizer: long templates
-    ("flux2", "tiny_flux2_dir", "tiny-flux2", 192),
+    ("qwenimage", "qwen_dir", "tiny-qwenimage", 160),  # the tests' byte-level tokenizer: long templates
+    ("flux2", "flux2_dir", "tiny-flux2", 192),
 ])
 def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_folder, tmp_path, request):
     pipe_dir = request.getfixturevalue(pipe_fixture)
