@@ -12,13 +12,12 @@ diffusers pipeline computes them (the transformer is never loaded).
 
 Padding. SD3, FLUX.1, FLUX.2 and Wan pipelines themselves feed `max_sequence_length` tokens, the pad
 tokens' own encoder states included, with no mask: the cache stores exactly that. ZImagePipeline
-feeds each prompt's valid tokens only and QwenImagePipeline a mask over zero-padded tokens; the
-trainer's condition is `(prompt_embeds [N, L, D], pooled [N, 0])` today, so for these two families
-the cache zero-pads every prompt (Qwen-Image's own pad value) to L = the longest prompt of the
-cache, empty prompt included (counted by the pipeline's tokenizer beforehand: `text_length`; at
-most `max_sequence_length`), and records each prompt's valid length (`prompt_lengths` in the shard
-metadata, `empty_prompt_length` and `text_length` in index.json). Training sees the zero rows as
-tokens (unmasked) where the pipeline would drop or mask them.
+feeds each prompt's valid tokens only and QwenImagePipeline a mask over zero-padded tokens; for these
+two families the cache zero-pads every prompt (Qwen-Image's own pad value) to L = the longest prompt
+of the cache, empty prompt included (counted by the pipeline's tokenizer beforehand: `text_length`;
+at most `max_sequence_length`), and records each prompt's valid length (`prompt_lengths` in the
+shard metadata, `empty_prompt_length` and `text_length` in index.json). `LatentsDataset` turns them
+into the text mask the adapters use (docs/families.md, "Prompt padding in the cache").
 """
 
 from __future__ import annotations

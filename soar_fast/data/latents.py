@@ -21,7 +21,7 @@ import torch
 
 from soar_fast.config import ConfigError
 
-__all__ = ["LatentsDataset", "verify_cache_hashes"]
+__all__ = ["LatentsDataset", "text_mask", "verify_cache_hashes"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,13 @@ class LatentsDataset:
         shapes = sorted(set(self._ds.keys))
         # aspect buckets: a bucket id per row, so the trainer's sampler draws each batch from one bucket
         self.groups = [shapes.index(k) for k in self._ds.keys] if len(shapes) > 1 else None
+        # Z-Image / Qwen-Image caches zero-pad prompts and record each one's valid tokens: the condition
+        # then carries a third tensor, the text mask (1.0 valid, 0.0 padding), as the pipelines use it
+        info = self._ds.index.get("info", {})
+        self.masked = "empty_prompt_length" in info and self._ds.prompt_length(0) is not None
         self._uncond = tuple(t.float() for t in uncond)
+        if self.masked:
+            self._uncond += (text_mask([int(info["empty_prompt_length"])], uncond[0].shape[0])[0],)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -109,7 +115,8 @@ class LatentsDataset:
         """The shape of row 0 (with aspect buckets only its channel count is shared by all rows)."""
         return tuple(self._ds[0][0].shape)
 
-    def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def uncond(self) -> tuple[torch.Tensor, ...]:
+        """The empty prompt's `(prompt_embeds [L, D], pooled [P][, mask [L]])` (the mask: masked caches)."""
         return self._uncond
 
     @property
@@ -117,9 +124,9 @@ class LatentsDataset:
         """The producer info of index.json: the pipeline folder, family, VAE normalisation, ..."""
         return dict(self._ds.index.get("info", {}))
 
-    def validation(self) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor]] | None:
-        """The cache's validation prompts `(texts, (prompt_embeds [K, L, D], pooled [K, P]))` in fp32, or
-        None when it was made without `--validation_prompts` (shapes checked here, hashes on opening)."""
+    def validation(self) -> tuple[list[str], tuple[torch.Tensor, ...]] | None:
+        """The cache's validation prompts `(texts, (prompt_embeds [K, L, D], pooled [K, P][, mask [K, L]]))` in
+        fp32, or None when it was made without `--validation_prompts` (shapes checked here, hashes on opening)."""
         from safetensors import safe_open
 
         from soar_fast.data.shards import ShardError, verify_shard
@@ -133,10 +140,21 @@ class LatentsDataset:
             raise ConfigError(str(e).splitlines()[0]) from None
         with safe_open(str(Path(self.cache_dir) / entry["file"]), framework="pt") as f:
             cond = (f.get_tensor("prompt_embeds").float(), f.get_tensor("pooled").float())
+        if self.masked:
+            k, length = cond[0].shape[:2]
+            cond += (text_mask(entry.get("prompt_lengths", [length] * k), length),)
         return list(entry["prompts"]), cond
 
     def batch(self, indices: torch.Tensor):
         rows = [self._ds[int(i)] for i in indices]
         z0 = torch.stack([r[0] for r in rows]).float()
         cond = (torch.stack([r[1] for r in rows]).float(), torch.stack([r[2] for r in rows]).float())
+        if self.masked:
+            cond += (text_mask([self._ds.prompt_length(int(i)) for i in indices], cond[0].shape[1]),)
         return z0, cond, None
+
+
+def text_mask(lengths: list[int], length: int) -> torch.Tensor:
+    """`[len(lengths), length]` fp32: 1.0 on each prompt's first `lengths[i]` tokens, 0.0 on its zero padding.
+    (Float so every cast of the condition keeps it; the adapters read it as `mask > 0`.)"""
+    return (torch.arange(length) < torch.tensor(lengths).view(-1, 1)).float()

@@ -13,8 +13,11 @@ What differs from SD3 (and is handled here), read off diffusers' QwenImagePipeli
   is no pooled embedding, so `text_dims` is `(joint_attention_dim, 0)` and the data's pooled
   tensor `[N, 0]` is ignored. `QwenImagePipeline.encode_prompt` drops a mask that is all ones
   (passes None), and so does this adapter for embeddings that are all valid (synthetic ones, or a
-  cache of unpadded prompts); a cache of padded prompts needs the real mask, given as a third
-  element of the condition, `(prompt_embeds, pooled, mask [N, T])`, which is passed through.
+  cache of unpadded prompts); a cache of padded prompts carries the real mask as a third element
+  of the condition, `(prompt_embeds, pooled, mask [N, T])` (`LatentsDataset`: 1.0 on a prompt's
+  valid tokens), passed through as `mask > 0`. Masked attention is exact: a pad key gets no
+  weight and text RoPE positions do not depend on the padded length, so a prompt padded to the
+  cache's L gives the pipeline's velocity (which pads to the batch's longest prompt).
 - Qwen-Image is not guidance-distilled (`guidance_embeds=False`; the model cannot take a guidance
   embedding), so SOAR's rollout uses true CFG against the empty-prompt condition, as for SD3.
   QwenImagePipeline's own true CFG also rescales the guided prediction to the norm of the
@@ -80,7 +83,8 @@ class QwenImageVelocityFn:
 
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         prompt_embeds = cond[0]  # cond[1], the pooled [N, 0], has no counterpart in Qwen-Image
-        mask = cond[2] if len(cond) > 2 else None  # None = every text token valid (the pipeline's all-ones case)
+        # None = every text token valid (the pipeline's all-ones case); a cache's mask is 1.0 / 0.0 floats
+        mask = cond[2] > 0 if len(cond) > 2 else None
         dtype = next(self.transformer.parameters()).dtype
         n, _, h, w = z.shape
         if h % 2 or w % 2:

@@ -55,28 +55,31 @@ _PATCH = "2-1"  # the (patch, frame patch) the pipeline runs: forward's defaults
 
 
 class ZImageVelocityFn:
-    """`velocity_fn(z [N, C, H, W], sigma [N], (prompt_embeds [N, T, D], pooled [N, 0])) -> v [N, C, H, W]`,
+    """`velocity_fn(z [N, C, H, W], sigma [N], (prompt_embeds [N, T, D], pooled [N, 0][, mask [N, T]])) -> v [N, C, H, W]`,
     v = z1 - z0 at z_σ = (1 - σ) z0 + σ z1, exactly as ZImagePipeline feeds its scheduler.
 
-    All T caption tokens are used (the pipeline drops the padded tokens of each prompt; a cache
-    of variable-length prompts must do the same before it stacks them).
+    ZImagePipeline gives the model each prompt's valid tokens only (a list of `[l_i, D]`); the
+    model then pads each to a multiple of 32 with a learned pad token that attention does not
+    mask, so zero padding is not neutral. With a mask (a zero-padded cache: `LatentsDataset`) each
+    row is cut to its valid tokens `prompt_embeds[i, :l_i]` (l_i = the mask's 1.0 count: the mask
+    is a prefix); this reads the lengths on the host, one sync per model call. Without one, all T
+    tokens are used (synthetic embeddings, or a cache whose prompts are all T tokens long).
     """
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        prompt_embeds, _pooled = cond
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        prompt_embeds = cond[0]  # cond[1], the pooled [N, 0], has no counterpart in Z-Image
         dtype = next(self.transformer.parameters()).dtype
+        caps = list(prompt_embeds.to(dtype).unbind(0))
+        if len(cond) > 2:  # the pipeline's ragged prompts: each row's valid prefix
+            lengths = (cond[2] > 0).sum(1).tolist()
+            caps = [c[: max(int(k), 1)] for c, k in zip(caps, lengths)]
         # the pipeline's timestep: t = 1000σ from the scheduler, then (1000 - t) / 1000, in fp32
         t = sigma.float() * 1000
         t = (1000 - t) / 1000
-        out = self.transformer(
-            list(z.to(dtype).unsqueeze(2).unbind(0)),
-            t,
-            list(prompt_embeds.to(dtype).unbind(0)),
-            return_dict=False,
-        )[0]
+        out = self.transformer(list(z.to(dtype).unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
 

@@ -24,7 +24,7 @@ import torch
 import soar_fast as sf
 from soar_fast.config import ConfigError, TrainConfig
 from soar_fast.distributed import init_distributed, unwrap_name
-from soar_fast.loss.cond import broadcast_uncond
+from soar_fast.loss.cond import broadcast_uncond, cat_cond
 from soar_fast.models.spec import get_family
 from soar_fast.train.step import build_train_step
 
@@ -132,7 +132,7 @@ def _run(family, preset, batch, soar, size, seq, seed, variants, device, fp8_sca
             ref_u = ref_c = ref_rollout(z_t, draws.sigma0, cond)
         else:
             ref_u, ref_c = family.velocity(ref_model)(torch.cat([z_t, z_t]), torch.cat([draws.sigma0] * 2),
-                                                       (torch.cat([ub[0], cond[0]]), torch.cat([ub[1], cond[1]]))).chunk(2)
+                                                       cat_cond(ub, cond)).chunk(2)
     ref_cfg = ref_u + soar.guidance_scale * (ref_c - ref_u)
 
     rows: list[ParityRow] = []

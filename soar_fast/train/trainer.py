@@ -136,7 +136,7 @@ class Trainer:
         if tuple(self.dataset.sample_shape)[0] != channels:
             raise ConfigError(f"the data has {self.dataset.sample_shape[0]} channels but the model takes "
                               f"{channels}; pick a matching --model.preset or data.source")
-        got = tuple(int(t.shape[-1]) for t in self.dataset.uncond())
+        got = tuple(int(t.shape[-1]) for t in self.dataset.uncond()[:2])  # (text, pooled); a mask may follow
         if got != (text_dim, pooled_dim):  # e.g. a cache made with another text encoder
             raise ConfigError(f"the data's text embeddings are {got[0]} wide (pooled {got[1]}) but the model takes "
                               f"{text_dim} (pooled {pooled_dim}); cache the data with this model's pipeline, or pick "

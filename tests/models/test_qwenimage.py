@@ -71,6 +71,25 @@ def test_adapter_is_one_qwenimage_pipeline_step():
         assert (got - velocity(z, torch.full((n,), 0.5), (pe, torch.zeros(n, 0)))).abs().max() > 1e-4
 
 
+def test_a_masked_prompt_padded_longer_is_the_unpadded_prompt():
+    """The cache pads every prompt to its longest L with zeros; with the mask (`LatentsDataset`'s float
+    1.0 / 0.0) the velocity equals the one of the prompt padded only to the batch's longest (what
+    QwenImagePipeline feeds), and of a prompt alone without padding."""
+    from soar_fast.data.latents import text_mask
+
+    velocity = QwenImageVelocityFn(get_family("qwenimage").build("tiny").eval())
+    z, sigma = torch.randn(2, 4, 8, 6), torch.tensor([0.6, 0.2])
+    pe = torch.randn(2, 5, 16)
+    pe[1, 3:] = 0  # row 1 has 3 valid tokens
+    padded = torch.cat([pe, torch.zeros(2, 7, 16)], dim=1)  # the cache's longer L = 12
+    with torch.no_grad():
+        tight = velocity(z, sigma, (pe, torch.zeros(2, 0), text_mask([5, 3], 5)))
+        loose = velocity(z, sigma, (padded, torch.zeros(2, 0), text_mask([5, 3], 12)))
+        alone = velocity(z[1:], sigma[1:], (pe[1:, :3], torch.zeros(1, 0)))
+    torch.testing.assert_close(loose, tight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loose[1:], alone, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layers,height,width,text_len", [
     pytest.param(2, 8, 8, 5, id="2-blocks-8x8"),
     pytest.param(1, 6, 10, 7, id="1-block-6x10"),

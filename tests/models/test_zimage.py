@@ -60,6 +60,27 @@ def test_adapter_is_the_pipelines_denoising_step(zimage):
             latents = nxt
 
 
+def test_a_text_mask_gives_the_pipelines_ragged_prompts(zimage):
+    """A zero-padded cache row with its mask (`LatentsDataset`'s third condition tensor) is the
+    pipeline's list of each prompt's valid tokens; without the mask the zero rows change v."""
+    from soar_fast.data.latents import text_mask
+
+    model = zimage.build("tiny").eval()
+    velocity = zimage.velocity(model)
+    z, sigma, lengths = torch.randn(2, 16, 8, 8), torch.tensor([0.7, 0.3]), [5, 9]
+    rows = [torch.randn(k, 32) for k in lengths]
+    padded = torch.zeros(2, 12, 32)
+    for i, r in enumerate(rows):
+        padded[i, : r.shape[0]] = r
+    with torch.no_grad():
+        out = model(list(z.unsqueeze(2).unbind(0)), 1 - sigma, rows, return_dict=False)[0]
+        want = -torch.stack(out).squeeze(2)
+        got = velocity(z, sigma, (padded, torch.zeros(2, 0), text_mask(lengths, 12)))
+        unmasked = velocity(z, sigma, (padded, torch.zeros(2, 0)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (unmasked - want).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize(
     "overrides,height,width,text_len",
     [

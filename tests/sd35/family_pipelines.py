@@ -266,3 +266,29 @@ def train_on_cache_errors(recipe: str, pipe_dir, cache_dir, tmp_path, capsys) ->
                str(tmp_path / "r"), *FAST_TRAIN])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast: error:")]
     return rc, err
+
+
+def check_text_masks(cache_dir) -> None:
+    """A zero-padded cache (Z-Image, Qwen-Image) reaches the trainer with each prompt's mask: the
+    condition's third tensor is 1.0 on exactly the recorded valid tokens, for the rows, the empty
+    prompt and (when cached) the validation prompts."""
+    import json
+    from pathlib import Path
+
+    from soar_fast.data.latents import LatentsDataset
+    from soar_fast.data.shards import ShardDataset
+
+    ds, shards = LatentsDataset(str(cache_dir)), ShardDataset(cache_dir)
+    info = json.loads((Path(cache_dir) / "index.json").read_text())["info"]
+    assert ds.masked
+    _, (pe, pooled, mask), _ = ds.batch(torch.arange(len(ds)))
+    assert mask.shape == pe.shape[:2] and mask.dtype == torch.float32
+    lengths = [shards.prompt_length(i) for i in range(len(ds))]
+    assert mask.sum(1).tolist() == lengths and len(set(lengths)) > 1
+    assert all(mask[i, :k].all() and not mask[i, k:].any() for i, k in enumerate(lengths))  # a prefix
+    u_pe, _, u_mask = ds.uncond()
+    assert u_mask.shape == u_pe.shape[:1] and int(u_mask.sum()) == info["empty_prompt_length"]
+    val = ds.validation()
+    if val is not None:
+        v_pe, _, v_mask = val[1]
+        assert v_mask.shape == v_pe.shape[:2] and 0 < v_mask.sum(1).min()

@@ -18,6 +18,7 @@ import torch
 from family_pipelines import (
     cache_with_cli,
     check_full_and_lora_train_export_sample,
+    check_text_masks,
     probe_velocity,
     sample_flags,
     train_on_cache_errors,
@@ -73,6 +74,10 @@ def test_cache_is_what_qwenimage_pipeline_feeds(qwen_cache, qwen_dir):
     assert k == int(ref_mask[1].sum()) and u_pooled.shape == (0,)
     torch.testing.assert_close(u_pe[:k], ref_pe[1, :k])
     assert index["info"]["vae_latents_std"] == list(pipe.vae.config.latents_std)
+
+
+def test_the_trainer_gets_each_prompts_mask(qwen_cache):
+    check_text_masks(qwen_cache)
 
 
 def test_full_and_lora_train_export_sample(qwen_dir, qwen_cache, tmp_path):

@@ -16,6 +16,7 @@ import json
 import torch
 from family_pipelines import (
     check_full_and_lora_train_export_sample,
+    check_text_masks,
     probe_velocity,
     sample_flags,
     train_on_cache_errors,
@@ -67,6 +68,10 @@ def test_cache_is_what_zimage_pipeline_feeds(zimage_cache, zimage_dir, caption_f
     k = index["info"]["empty_prompt_length"]
     assert k == rows[1].shape[0] and u_pooled.shape == (0,)
     torch.testing.assert_close(u_pe[:k], rows[1])
+
+
+def test_the_trainer_gets_each_prompts_mask(zimage_cache):
+    check_text_masks(zimage_cache)
 
 
 def test_full_and_lora_train_export_sample(zimage_dir, zimage_cache, tmp_path):
