@@ -1,5 +1,5 @@
-"""Local pipeline folders of every image family (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image, FLUX.2):
-load the transformer, export, sample grids.
+"""Local pipeline folders of every family (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image, FLUX.2, Wan video):
+load the transformer, export, sample grids (videos: GIF / MP4 per video and a grid of first frames).
 
 - `load_sd3_transformer(path)` / `load_transformer(path)`: the transformer (`SD3Transformer2DModel`,
   `FluxTransformer2DModel`, ...: the family's class) of a local pipeline folder.
@@ -196,21 +196,32 @@ def load_pipeline(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )
     if lora_path is not None:
-        lp = Path(lora_path)
-        if (lp / "pytorch_lora_weights.safetensors").is_file():
-            lp = lp / "pytorch_lora_weights.safetensors"
-        elif not lp.is_file():
-            raise FileNotFoundError(f"no LoRA weights at {lp}: pass the folder written by save_lora_weights "
-                                    "or a .safetensors file")
-        trained_for = lora_family(lp) if lp.suffix == ".safetensors" else None
-        if trained_for is not None and trained_for != family:
-            raise ConfigError(f"the LoRA {lp} was trained for a {trained_for} model but "
-                              f"{pretrained_model_name_or_path} is a {family} pipeline: pass a {trained_for} "
-                              f"pipeline folder, or a LoRA trained on this {family} model")
-        pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name="soar")
-        if lora_scale != 1.0:
-            pipe.set_adapters(["soar"], adapter_weights=[lora_scale])
+        _load_lora(pipe, Path(lora_path), family, pretrained_model_name_or_path, lora_scale)
     return pipe.to(dev)
+
+
+def _load_lora(pipe, lp: Path, family: str, pipeline_path, lora_scale: float) -> None:
+    """`load_lora_weights` of a LoRA folder or file; a Wan 2.2 export's low-noise expert adapters
+    (`<folder>/transformer_2/`) go into `transformer_2` (diffusers' `load_into_transformer_2`)."""
+    name = "pytorch_lora_weights.safetensors"
+    folder = lp if lp.is_dir() else lp.parent
+    low = folder / "transformer_2" / name if getattr(pipe, "transformer_2", None) is not None else None
+    low = low if low is not None and low.is_file() else None
+    if (lp / name).is_file():
+        lp = lp / name
+    elif not lp.is_file() and low is None:
+        raise FileNotFoundError(f"no LoRA weights at {lp}: pass the folder written by save_lora_weights "
+                                "or a .safetensors file")
+    for path in [q for q in (lp if lp.is_file() else None, low) if q is not None]:
+        trained_for = lora_family(path) if path.suffix == ".safetensors" else None
+        if trained_for is not None and trained_for != family:
+            raise ConfigError(f"the LoRA {path} was trained for a {trained_for} model but {pipeline_path} is a "
+                              f"{family} pipeline: pass a {trained_for} pipeline folder, or a LoRA trained on this "
+                              f"{family} model")
+        into = {"load_into_transformer_2": True} if path == low else {}
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="soar", **into)
+    if lora_scale != 1.0:
+        pipe.set_adapters(["soar"], adapter_weights=[lora_scale])
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -255,8 +266,8 @@ class SampleConfig:
     """Inputs and settings of `soar-fast sample`."""
 
     pretrained_model_name_or_path: str
-    """Local pipeline folder (StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline or
-    Flux2Pipeline), a base checkpoint or an exported one."""
+    """Local pipeline folder (StableDiffusion3Pipeline, FluxPipeline, ZImagePipeline, QwenImagePipeline,
+    Flux2Pipeline or WanPipeline), a base checkpoint or an exported one."""
     output_dir: str
     """Where the PNGs, grid.png and prompts.json go."""
     prompts: list[str] = field(default_factory=list)
@@ -297,12 +308,19 @@ class SampleConfig:
     grid_cols: int | None = None
     """Grid columns; None: images_per_prompt if > 1, else ceil(sqrt(n))."""
     save_images: bool = True
-    """Also save each image as NNNNN_K.png."""
+    """Also save each image as NNNNN_K.png (a video: NNNNN_K.gif, and NNNNN_K.mp4 where imageio is installed)."""
+    num_frames: int = 81
+    """Frames of each video (video pipelines: Wan; 4k + 1, WanPipeline's default 81)."""
+    fps: int = 16
+    """Frame rate of the written videos (Wan 2.1's 16)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_inference_steps", "images_per_prompt", "batch_size", "max_sequence_length"):
+        for name in ("num_inference_steps", "images_per_prompt", "batch_size", "max_sequence_length", "fps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"SampleConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ConfigError(f"SampleConfig.num_frames={self.num_frames} is invalid: Wan's VAE takes 4k + 1 frames "
+                              "(e.g. 81, 49, 5)")
         if self.guidance_scale < 0:
             raise ConfigError(f"SampleConfig.guidance_scale={self.guidance_scale} is invalid: need >= 0")
 
@@ -315,6 +333,9 @@ class SampleResult:
     image_paths: list[Path]
     prompts: list[str]
     images: list[Image.Image]
+    """Each image; for a video pipeline each video's first frame (the grid's cells)."""
+    videos: list[list[Image.Image]] = field(default_factory=list)
+    """The frames of each video (video pipelines only), prompt-major as `images`."""
 
 
 def _guidance_kwargs(pipe, cfg: SampleConfig, n: int) -> dict[str, Any]:
@@ -323,28 +344,51 @@ def _guidance_kwargs(pipe, cfg: SampleConfig, n: int) -> dict[str, Any]:
     negative = {"negative_prompt": [cfg.negative_prompt] * n}
     if family == "qwenimage":  # not guidance-distilled: true CFG; guidance_scale is for distilled checkpoints
         return {"true_cfg_scale": cfg.guidance_scale, "guidance_scale": None, **negative}
-    if family in ("sd3", "zimage"):
+    if family in ("sd3", "zimage", "wan"):  # Wan 2.2's low-noise expert takes the same scale (guidance_scale_2=None)
         return {"guidance_scale": cfg.guidance_scale, **negative}
     return {"guidance_scale": cfg.guidance_scale}
 
 
-def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Image]:
+def _is_video(pipe) -> bool:
+    return type(pipe).__name__ in PIPELINE_FAMILIES["wan"]
+
+
+def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Image] | list[list[Image.Image]]:
     """Images for `prompts` (prompt-major, `images_per_prompt` each), one generator per image so
-    the result does not depend on `batch_size`."""
+    the result does not depend on `batch_size`; a video pipeline gives each video's frames."""
     dev = pipe._execution_device
-    images: list[Image.Image] = []
+    images: list = []
     k = cfg.images_per_prompt
+    video = _is_video(pipe)
     for s in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[s : s + cfg.batch_size]
         gens = [torch.Generator(device=dev).manual_seed(cfg.seed + (s + i) * k + j)
                 for i in range(len(chunk)) for j in range(k)]
-        out = pipe(
-            prompt=chunk, num_images_per_prompt=k, num_inference_steps=cfg.num_inference_steps,
-            height=cfg.height, width=cfg.width, generator=gens, max_sequence_length=cfg.max_sequence_length,
-            output_type="pil", **_guidance_kwargs(pipe, cfg, len(chunk)),
-        )
-        images += out.images
+        args: dict[str, Any] = dict(prompt=chunk, num_inference_steps=cfg.num_inference_steps, generator=gens,
+                                    max_sequence_length=cfg.max_sequence_length, output_type="pil",
+                                    **_guidance_kwargs(pipe, cfg, len(chunk)))
+        if video:  # WanPipeline: num_videos_per_prompt, num_frames; its own 480 x 832 unless a size is given
+            size = {n: v for n, v in (("height", cfg.height), ("width", cfg.width)) if v is not None}
+            images += list(pipe(**args, num_videos_per_prompt=k, num_frames=cfg.num_frames, **size).frames)
+        else:
+            images += pipe(**args, num_images_per_prompt=k, height=cfg.height, width=cfg.width).images
     return images
+
+
+def _save_video(frames: list[Image.Image], path: Path, fps: int) -> list[Path]:
+    """An animated GIF (PIL), and an MP4 where diffusers' `export_to_video` has imageio + ffmpeg."""
+    frames[0].save(path.with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0)
+    out = [path.with_suffix(".gif")]
+    try:
+        import imageio  # noqa: F401  (export_to_video's writer)
+        from diffusers.utils import export_to_video
+
+        export_to_video(frames, str(path.with_suffix(".mp4")), fps=fps)
+        out.append(path.with_suffix(".mp4"))
+    except ImportError:
+        pass
+    return out
 
 
 def run_sample(cfg: SampleConfig, pipe=None) -> SampleResult:
@@ -364,17 +408,23 @@ def run_sample(cfg: SampleConfig, pipe=None) -> SampleResult:
         )
     pipe.set_progress_bar_config(disable=True)
     images = sample_images(pipe, prompts, cfg)
+    videos = images if _is_video(pipe) else []
+    if videos:
+        images = [v[0] for v in videos]  # the grid shows each video's first frame
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     if cfg.save_images:
         for idx, im in enumerate(images):
             p = out / f"{idx // cfg.images_per_prompt:05d}_{idx % cfg.images_per_prompt}.png"
-            im.save(p)
-            paths.append(p)
+            if videos:
+                paths += _save_video(videos[idx], p, cfg.fps)
+            else:
+                im.save(p)
+                paths.append(p)
     cols = cfg.grid_cols or (cfg.images_per_prompt if cfg.images_per_prompt > 1 else None)
     grid_path = out / "grid.png"
     make_grid(images, cols).save(grid_path)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
-    log.info("wrote %d images and %s", len(images), grid_path)
-    return SampleResult(grid_path=grid_path, image_paths=paths, prompts=prompts, images=images)
+    log.info("wrote %d %s and %s", len(images), "videos" if videos else "images", grid_path)
+    return SampleResult(grid_path=grid_path, image_paths=paths, prompts=prompts, images=images, videos=videos)

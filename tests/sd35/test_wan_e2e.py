@@ -22,6 +22,8 @@ from soar_fast.cli import main
 
 L = 16  # max_sequence_length of the tiny runs
 FRAMES = 5  # 4k + 1: two latent frames
+SAMPLE = ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--device", "cpu",
+          "--max_sequence_length", str(L), "--guidance_scale", "2.0"]
 
 
 def build_tiny_wan_pipeline(seed: int = 0):
@@ -127,6 +129,22 @@ def test_full_and_lora_train_export_sample(wan_dir, wan_cache, tmp_path):
                max_sequence_length=L, output_type="pt").frames
     assert out.shape == (1, FRAMES, 3, 32, 32)
 
+    # `soar-fast sample` on video pipelines: a GIF of FRAMES frames per video and a grid of first frames
+    for name, extra in (("full", ["--pipeline", str(final)]),
+                        ("lora", ["--pipeline", str(wan_dir), "--lora", str(tmp_path / "lora" / "final")])):
+        _sample_ok(extra, tmp_path / f"samples_{name}", videos=2)
+
+
+def _sample_ok(flags, out, videos):
+    from PIL import Image
+
+    run_ok(["sample", *flags, "--prompts", "a moving shape", "a still shape", "--output_dir", str(out),
+            "--num_frames", str(FRAMES), *SAMPLE])
+    gifs = sorted(out.glob("*.gif"))
+    assert len(gifs) == videos and (out / "grid.png").is_file()
+    with Image.open(gifs[0]) as gif:
+        assert gif.n_frames == FRAMES and gif.size == (32, 32)
+
 
 def test_bad_video_input_is_one_line(wan_dir, tiny_sd3_dir, caption_folder, tmp_path, capsys):
     def bad(argv, *needles):
@@ -159,3 +177,43 @@ def test_validation_grids_of_a_video_cache(wan_dir, tmp_path):
     assert [g.name for g in grids][:2] == ["step-000001.png", "step-000002.png"], grids
     img = np.asarray(Image.open(grids[-1]).convert("RGB"))
     assert img.shape[1] >= 2 * 32 and img.std() > 0
+
+
+def test_plan_reads_a_video_caches_shape(wan_dir, wan_cache, capsys):
+    """`soar-fast plan` on a clip cache plans its video latents [16, 2, 4, 4] (2 x 2 x 2 = 8 tokens
+    after the (1, 2, 2) patch), not an image of its width."""
+    assert main(["plan", "--recipe", "tiny-wan", "--pretrained_model_name_or_path", str(wan_dir),
+                 "--data.source", "latents", "--data.data_dir", str(wan_cache)]) == 0
+    out = capsys.readouterr().out
+    assert " 8 tokens per sample" in out and "no readable latent cache" not in out
+
+
+def test_wan22_lora_of_both_experts_samples(wan_dir, wan_cache, tmp_path):
+    """A Wan 2.2 folder (the tiny pipeline plus a second expert, boundary 0.75) trains LoRA on both
+    experts; `sample --lora final` loads the low-noise expert's adapters from final/transformer_2/
+    into transformer_2 (and the high one's into transformer) and writes the videos."""
+    from diffusers import WanPipeline
+
+    from soar_fast.models.pipeline import load_pipeline
+    from soar_fast.models.spec import get_family
+
+    base = WanPipeline.from_pretrained(wan_dir, local_files_only=True)
+    second = get_family("wan").cls().from_config(base.transformer.config)
+    wan22 = tmp_path / "wan22"
+    WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                transformer=base.transformer, transformer_2=second, boundary_ratio=0.75).save_pretrained(wan22)
+    run_ok(["train", "--recipe", "tiny-wan", "--pretrained_model_name_or_path", str(wan22), "--data.source",
+            "latents", "--data.data_dir", str(wan_cache), "--model.lora_rank", "4", "--output_dir",
+            str(tmp_path / "run"), *FAST_TRAIN])
+    lora = tmp_path / "run" / "final"
+    pipe = load_pipeline(wan22, lora_path=lora, device="cpu")
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert any("lora" in n for n, _ in expert.named_parameters())
+    _sample_ok(["--pipeline", str(wan22), "--lora", str(lora)], tmp_path / "samples", videos=2)
+
+
+def test_sample_refuses_a_frame_count_wan_cannot_take(wan_dir, tmp_path, capsys):
+    rc = main(["sample", "--pipeline", str(wan_dir), "--prompts", "x", "--output_dir", str(tmp_path / "s"),
+               "--num_frames", "6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "num_frames" in err[0] and "4k + 1" in err[0], err
