@@ -173,7 +173,7 @@ class FamilyRecipe:
     why: str
 
 
-#: One real recipe per image family (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
+#: One real recipe per family, two for Wan (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
 #: constant LR, bf16 compute). Models above ~3B parameters default to LoRA (rank 64, lr 1e-4, the
 #: habit of flow_grpo and diffusers' Flux/SD3.5-L scripts): their fp32 weights + AdamW states alone
 #: exceed one 80 GB GPU. Per-GPU batch splits: docs/families.md "Real recipes" (`soar-fast plan`).
@@ -189,6 +189,12 @@ FAMILY_RECIPES: tuple[FamilyRecipe, ...] = (
                  "true CFG 4.0 (QwenImagePipeline's true_cfg_scale default)"),
     FamilyRecipe("zimage-soar", "zimage", "z-image", "Tongyi-MAI/Z-Image", 64, 4.5, 3.0,
                  "true CFG at SOAR's 4.5 (the pipeline's guidance_scale g is SOAR's g + 1)"),
+    FamilyRecipe("wan21-1.3b-soar", "wan", "wan2.1-t2v-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 0, 5.0, 3.0,
+                 "full fine-tune (1.4B parameters); CFG 5.0 (WanPipeline's default) and shift 3.0 (its "
+                 "scheduler's flow_shift, the 480p setting); a cache of clips (`soar-fast cache --num_frames 81`)"),
+    FamilyRecipe("wan21-14b-soar", "wan", "wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", 64, 5.0, 3.0,
+                 "CFG 5.0 and shift 3.0 as wan21-1.3b-soar; a Wan 2.2 A14B folder (two experts of this config) "
+                 "trains with the same flags, both experts by default (`--model.train_experts`)"),
 )
 
 

@@ -119,13 +119,14 @@ class ModelFamily:
         return [b for lst in self.block_lists(model) for b in lst]
 
     def step_flops(self, model: nn.Module, batch: int, num_aux: int, height: int, width: int, text_len: int,
-                   rollout_rows: int = 2) -> float:
+                   rollout_rows: int = 2, frames: int = 1) -> float:
         """FLOPs of one SOAR step (num_aux=0: SFT): 3F(1+M)B for forward+backward of the (1+M)B
         rows plus 2BF for the no-grad CFG rollout (M > 0; `rollout_rows=1`: BF for a distilled
         rollout). With several rollout paths pass the point rows P·M (`SoarConfig.num_points`):
         the batched step runs all of them (a missing point is a zero-weight row, not a skipped
-        one) and still one rollout."""
-        f = self.forward_flops(model, height, width, text_len)
+        one) and still one rollout. `frames`: latent frames of a video family (Wan's forward_flops
+        takes them; 1 = an image)."""
+        f = self.forward_flops(model, height, width, text_len, *((frames,) if frames != 1 else ()))
         rollout = rollout_rows * batch * f if num_aux > 0 else 0.0
         return 3.0 * f * (1 + num_aux) * batch + rollout
 

@@ -84,7 +84,8 @@ class WanVelocityFn:
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         prompt_embeds = cond[0]  # cond[1], the pooled [N, 0], has no counterpart in Wan
         _check_video(z, tuple(self.transformer.config.patch_size))
-        dtype = next(self.transformer.parameters()).dtype
+        # the patch embedding's dtype: the first parameter (scale_shift_table) may be a kept-fp32 one
+        dtype = self.transformer.patch_embedding.weight.dtype
         return self.transformer(
             hidden_states=z.to(dtype),
             timestep=sigma.float() * 1000,  # the scheduler's timestep t = 1000σ, as WanPipeline passes it
@@ -116,6 +117,10 @@ class WanExperts(nn.Module):
     @property
     def config(self):  # the experts share one architecture (the family's sizes come from it)
         return self.high.config
+
+    @property
+    def _keep_in_fp32_modules(self) -> list[str]:  # each expert's (names match inside `high.` / `low.`)
+        return list(getattr(self.high, "_keep_in_fp32_modules", None) or [])
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """v [N, C, F, H, W] of the rows of one batched call (base, rollout and aux points mixed):

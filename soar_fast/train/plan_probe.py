@@ -159,7 +159,8 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
 
     data = cfg.data
     if data.source == "latents":
-        data = dataclasses.replace(data, source="synthetic", data_dir=None, **_cache_shape(data.data_dir))
+        data = dataclasses.replace(data, source="synthetic", data_dir=None,
+                                   **_cache_shape(data.data_dir, cfg.model.family))
     elif data.source == "digits":
         data = dataclasses.replace(data, source="synthetic", latent_size=data.resolution)
     data = dataclasses.replace(data, num_samples=2)
@@ -172,26 +173,35 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
     return meta(z0), torch.rand(n, device="meta"), cond
 
 
-def _cache_shape(data_dir: str | None) -> dict[str, Any]:
-    """Latent side and text length of a latent cache (read lazily; 512 px and 154 tokens without one)."""
+def _cache_shape(data_dir: str | None, family: str = "sd3") -> dict[str, Any]:
+    """Latent side, text length (and frames of a video cache) of a latent cache, read lazily; the
+    family's default shape (`default_shape`) without one."""
     try:
         from soar_fast.data.latents import LatentsDataset
 
         ds = LatentsDataset(data_dir or "", verify_hashes=False)
         z0, cond, _ = ds.batch(torch.arange(1))
         text = cond[0] if isinstance(cond, tuple) else cond
-        return {"latent_size": int(z0.shape[-1]), "prompt_tokens": int(text.shape[1])}
-    except Exception:  # noqa: BLE001 - no cache yet: plan the SD3.5 default shape
-        return dict(_DEFAULT_SHAPE)
+        shape = {"latent_size": int(z0.shape[-1]), "prompt_tokens": int(text.shape[1])}
+        return shape | ({"latent_frames": int(z0.shape[2])} if z0.dim() == 5 else {})
+    except Exception:  # noqa: BLE001 - no cache yet: plan the family's default shape
+        return default_shape(family)
 
 
+#: What the planner assumes without a cache: 512 px latents (64 x 64) and SD3.5's 154 text tokens;
+#: for video (Wan) 81 frames (21 latent frames) at 512 x 512 px and umT5's 512 padded tokens.
 _DEFAULT_SHAPE = {"latent_size": 64, "prompt_tokens": 154}
+_VIDEO_SHAPE = {"latent_size": 64, "prompt_tokens": 512, "latent_frames": 21}
+
+
+def default_shape(family: str) -> dict[str, int]:
+    return dict(_VIDEO_SHAPE if family == "wan" else _DEFAULT_SHAPE)
 
 
 def _key(cfg: TrainConfig, compute: torch.dtype) -> str:
     """What the measurement depends on: the architecture, LoRA, FP8 training, the data shape, the dtype."""
     data = cfg.data
-    shape = _cache_shape(data.data_dir) if data.source == "latents" else {
+    shape = _cache_shape(data.data_dir, cfg.model.family) if data.source == "latents" else {
         "latent_size": data.resolution if data.source == "digits" else data.latent_size,
         "prompt_tokens": data.prompt_tokens}
     model = dataclasses.asdict(cfg.model)
@@ -241,10 +251,13 @@ def _measure(cfg: TrainConfig, compute: torch.dtype) -> ModelStats:
 
 
 def _assumed(cfg: TrainConfig) -> str:
-    if cfg.data.source != "latents" or _cache_shape(cfg.data.data_dir) != _DEFAULT_SHAPE:
+    shape = default_shape(cfg.model.family)
+    if cfg.data.source != "latents" or _cache_shape(cfg.data.data_dir, cfg.model.family) != shape:
         return ""
-    return (f"no readable latent cache at {cfg.data.data_dir!r}: planned {_DEFAULT_SHAPE['latent_size']}x"
-            f"{_DEFAULT_SHAPE['latent_size']} latents (512 px) and {_DEFAULT_SHAPE['prompt_tokens']} text tokens")
+    px = 8 * shape["latent_size"]
+    frames = f", {4 * (shape['latent_frames'] - 1) + 1} frames" if "latent_frames" in shape else ""
+    return (f"no readable latent cache at {cfg.data.data_dir!r}: planned {shape['latent_size']}x"
+            f"{shape['latent_size']} latents ({px} px{frames}) and {shape['prompt_tokens']} text tokens")
 
 
 def _profile(family: ModelFamily, model: nn.Module, blocks, z, sigma, cond):

@@ -221,11 +221,25 @@ class TrainStep:
         return dict(zip(keys, vec.tolist()))
 
 
-def _to(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move, and cast only where a dtype differs (diffusers warns on every cast)."""
+def _to(model: nn.Module, device: torch.device, dtype: torch.dtype, *, keep_fp32_params: bool = False) -> nn.Module:
+    """Move, and cast to `dtype` but for what the model keeps in fp32 (diffusers' `_keep_in_fp32_modules`,
+    as `from_pretrained(torch_dtype=...)` keeps them; e.g. Wan's RoPE tables, timestep embedder,
+    modulation tables and norms): their buffers always (the RoPE angle tables), their parameters
+    with `keep_fp32_params` (the rollout replica; FSDP2 needs one parameter dtype per unit, so the
+    trained model's are cast, as torchtitan's pure bf16 does)."""
     model = model.to(device=device)
-    if any(p.dtype != dtype for p in model.parameters()):
-        model = model.to(dtype=dtype)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for mod_name, mod in model.named_modules():
+        for slot, keeps in ((mod._parameters, keep_fp32_params), (mod._buffers, True)):
+            for key, t in slot.items():
+                kept = keeps and any(k in f"{mod_name}.{key}".split(".") for k in keep)  # diffusers' name match
+                want = torch.float32 if kept else dtype
+                if t is None or not t.is_floating_point() or t.dtype == want:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(want)
+                else:
+                    slot[key] = t.to(want)
     return model
 
 
@@ -241,7 +255,7 @@ def build_train_step(family: ModelFamily, model: nn.Module, cfg: TrainConfig, en
     if cfg.runtime.step == "fast" and fast.rollout in _REPLICA_MODES:
         # CUDA graphs and FP8 weight copies need plain, unsharded weights: the rollout runs on its
         # own copy in the compute dtype, refreshed after every optimizer step.
-        replica = _to(copy.deepcopy(model), env.device, compute).requires_grad_(False).eval()
+        replica = _to(copy.deepcopy(model), env.device, compute, keep_fp32_params=True).requires_grad_(False).eval()
     if fast.fp8_training and enable_fp8_training(model, backend=fast.fp8_training_backend,
                                                  scaling=fast.fp8_scaling) == 0:
         log.warning("fp8_training: no eligible Linear layer; training stays in full precision")

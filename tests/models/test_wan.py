@@ -163,6 +163,61 @@ def test_train_step_through_two_experts(tmp_path, step, train):
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_step_flops_count_every_frame():
+    """The step's FLOPs of a video use the frames (3F(1+M)B + 2BF with F = wan_forward_flops of F frames)."""
+    model = FAMILY.build("tiny")
+    f2 = wan_forward_flops(model, 8, 8, 5, 2)
+    assert f2 > wan_forward_flops(model, 8, 8, 5)
+    assert FAMILY.step_flops(model, 2, 3, 8, 8, 5, frames=2) == 3 * f2 * 4 * 2 + 2 * 2 * f2
+
+
+def test_a_bf16_cast_keeps_what_diffusers_keeps_in_fp32(tmp_path):
+    """`_to` (the trained model's pure-bf16 cast and the rollout replica's) leaves Wan's
+    `_keep_in_fp32_modules` in fp32 as `from_pretrained(torch_dtype=bfloat16)` does: the RoPE
+    tables always, the parameters in the (unsharded) replica; the trained model's parameters are
+    all bf16 (FSDP2 takes one dtype per unit). Both experts of a WanExperts alike."""
+    from soar_fast.train.step import _to
+
+    FAMILY.build("tiny").save_pretrained(tmp_path / "t")
+    ref = FAMILY.cls().from_pretrained(tmp_path / "t", torch_dtype=torch.bfloat16)
+    want = {n: t.dtype for n, t in [*ref.named_parameters(), *ref.named_buffers()]}
+    assert want["rope.freqs_cos"] == torch.float32 and want["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    replica = _to(FAMILY.build("tiny"), torch.device("cpu"), torch.bfloat16, keep_fp32_params=True)
+    assert {n: t.dtype for n, t in [*replica.named_parameters(), *replica.named_buffers()]} == want
+    trained = _to(FAMILY.build("tiny"), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    assert {n: b.dtype for n, b in trained.named_buffers()} == {n: b.dtype for n, b in ref.named_buffers()}
+    experts = _to(WanExperts(FAMILY.build("tiny"), FAMILY.build("tiny"), 0.5), torch.device("cpu"), torch.bfloat16)
+    assert experts.high.rope.freqs_cos.dtype == experts.low.rope.freqs_sin.dtype == torch.float32
+    assert experts.low.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+def test_the_fp8_rollout_replica_keeps_fp32_modules_and_trains():
+    """The FP8 rollout's replica (pure bf16 weights) keeps Wan's fp32 modules; the step runs and the
+    refresh after an optimizer step copies bf16 weights into them (the adapter feeds the patch
+    embedding's dtype, not the kept-fp32 first parameter's)."""
+    import dataclasses
+
+    from soar_fast.config import TrainConfig
+    from soar_fast.distributed import init_distributed
+    from soar_fast.train.step import build_train_step
+
+    cfg = TrainConfig()
+    cfg.runtime = dataclasses.replace(cfg.runtime, step="fast", device="cpu", weight_dtype="bf16")
+    cfg.fast = dataclasses.replace(cfg.fast, rollout="fp8")
+    cfg.soar = soar = sf.SoarConfig(num_aux=2, rollout_steps=3)
+    ts = build_train_step(FAMILY, FAMILY.build("tiny"), cfg, init_distributed(cfg.parallel, "cpu"))
+    rep = ts.replica
+    assert rep.rope.freqs_cos.dtype == rep.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert rep.scale_shift_table.dtype == torch.float32
+    z0, cond = _inputs(n=2, h=4, w=4)
+    uncond = (torch.zeros(5, 16), torch.zeros(0))
+    loss = ts.micro_step(z0, cond, uncond, sf.sample_draws(z0, soar, torch.Generator().manual_seed(0))).loss
+    assert torch.isfinite(loss)
+    ts.refresh_rollout()
+    assert rep.scale_shift_table.dtype == torch.float32
+
+
 @pytest.mark.parametrize("overrides,frames,height,width,text_len", [
     pytest.param(dict(), 2, 8, 8, 5, id="2-blocks-2x8x8-text5"),
     pytest.param(dict(num_layers=1, patch_size=(2, 2, 2)), 4, 4, 6, 7, id="1-block-patch222-4x4x6-text7"),
