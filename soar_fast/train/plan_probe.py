@@ -229,7 +229,9 @@ def _measure(cfg: TrainConfig, compute: torch.dtype) -> ModelStats:
         from soar_fast.fast.fp8 import enable_fp8_training
 
         enable_fp8_training(model)
-    model = model.to(dtype=compute)
+    from soar_fast.train.step import _to
+
+    model = _to(model, torch.device("meta"), compute)  # as the trainer casts (fp32 modules kept)
     from soar_fast.fast.fp8 import _eligible
 
     blocks = family.blocks(model)
