@@ -106,6 +106,11 @@ class LatentsDataset:
         self._uncond = tuple(t.float() for t in uncond)
         if self.masked:
             self._uncond += (text_mask([int(info["empty_prompt_length"])], uncond[0].shape[0])[0],)
+        # FLUX.1 Kontext: the reference image's latents are the condition's third tensor; CFG keeps
+        # them (the uncond's part is None: each row keeps its own image, `loss.cond.broadcast_uncond`)
+        self.has_reference = self._ds.has_reference
+        if self.has_reference:
+            self._uncond += (None,)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -115,8 +120,9 @@ class LatentsDataset:
         """The shape of row 0 (with aspect buckets only its channel count is shared by all rows)."""
         return tuple(self._ds[0][0].shape)
 
-    def uncond(self) -> tuple[torch.Tensor, ...]:
-        """The empty prompt's `(prompt_embeds [L, D], pooled [P][, mask [L]])` (the mask: masked caches)."""
+    def uncond(self) -> tuple[torch.Tensor | None, ...]:
+        """The empty prompt's `(prompt_embeds [L, D], pooled [P][, mask [L]])` (the mask: masked caches;
+        a Kontext cache adds None: the reference image is kept, not dropped)."""
         return self._uncond
 
     @property
@@ -151,6 +157,8 @@ class LatentsDataset:
         cond = (torch.stack([r[1] for r in rows]).float(), torch.stack([r[2] for r in rows]).float())
         if self.masked:
             cond += (text_mask([self._ds.prompt_length(int(i)) for i in indices], cond[0].shape[1]),)
+        if self.has_reference:
+            cond += (torch.stack([self._ds.reference(int(i)) for i in indices]).float(),)
         return z0, cond, None
 
 

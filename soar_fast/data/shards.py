@@ -35,6 +35,7 @@ __all__ = [
     "EMPTY_PROMPT_FILE",
     "FORMAT",
     "INDEX_FILE",
+    "REFERENCE",
     "TENSOR_NAMES",
     "ShardDataset",
     "ShardError",
@@ -50,6 +51,8 @@ FORMAT = "soar_fast.shards/1"
 INDEX_FILE = "index.json"
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 TENSOR_NAMES = ("latents", "prompt_embeds", "pooled")
+#: An optional per-sample tensor: FLUX.1 Kontext's reference-image latents `[C, h, w]` (all shards or none).
+REFERENCE = "reference"
 FIX = "delete it (or the cache folder) and re-run `soar-fast cache` with the same arguments"
 
 Verify = Literal["none", "shape", "hash"]
@@ -156,7 +159,8 @@ class ShardWriter:
     ) -> dict[str, Any]:
         """Write shard i (`tensors` with the names of TENSOR_NAMES, batched on dim 0) and record it.
         `extra_meta`: more per-shard metadata (JSON values), e.g. `prompt_lengths` (one int a sample)."""
-        if set(tensors) != set(TENSOR_NAMES) or {v.shape[0] for v in tensors.values()} != {len(captions)}:
+        names = set(tensors) - {REFERENCE}
+        if names != set(TENSOR_NAMES) or {v.shape[0] for v in tensors.values()} != {len(captions)}:
             raise ValueError(f"shard {i}: need {TENSOR_NAMES} with one batch size matching captions, got "
                              f"{ {k: tuple(v.shape) for k, v in tensors.items()} } and {len(captions)} captions")
         name = self.shard_name(i)
@@ -229,6 +233,8 @@ def verify_cache(cache_dir: str | Path, check_hash: bool = True, require_complet
         shapes.add(tuple(tuple(e["tensors"][k]["shape"][1:]) for k in ("prompt_embeds", "pooled")))
     if len(shapes) > 1:
         raise ShardError(f"cache {cache_dir}: shards disagree on text-embedding shapes {sorted(shapes)}; {FIX}")
+    if len({REFERENCE in e["tensors"] for e in index["shards"]}) > 1:
+        raise ShardError(f"cache {cache_dir}: some shards hold reference latents and some do not; {FIX}")
     return index
 
 
@@ -258,6 +264,8 @@ class ShardDataset(torch.utils.data.Dataset):
         for si, e in enumerate(self.index["shards"]):
             self.locate += [(si, r) for r in range(e["num_samples"])]
         self.keys = [tuple(self.index["shards"][si]["tensors"]["latents"]["shape"][1:]) for si, _ in self.locate]
+        #: FLUX.1 Kontext caches: every sample has reference-image latents (`reference(i)`)
+        self.has_reference = bool(self.index["shards"]) and REFERENCE in self.index["shards"][0]["tensors"]
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
         self._meta_cache: dict[tuple[int, str], list[str]] = {}
@@ -295,6 +303,11 @@ class ShardDataset(torch.utils.data.Dataset):
         if "prompt_lengths" not in (self._handle(si).metadata() or {}):
             return None
         return int(self._meta(si, "prompt_lengths")[r])
+
+    def reference(self, i: int) -> torch.Tensor:
+        """Sample i's reference-image latents `[C, h, w]` (a Kontext cache: `has_reference`)."""
+        si, r = self.locate[i]
+        return self._handle(si).get_slice(REFERENCE)[r]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         si, r = self.locate[i]

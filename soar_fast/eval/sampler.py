@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from soar_fast.loss.cond import to_device
 from soar_fast.loss.schedule import shift_sigma
 
 __all__ = ["cfg_velocity", "euler_sample", "generate_digits", "sampler_sigmas"]
@@ -73,7 +74,7 @@ def generate_digits(velocity_fn, dataset, labels: torch.Tensor, *, num_steps: in
     g = torch.Generator().manual_seed(seed)
     z1 = torch.randn(labels.shape[0], *dataset.sample_shape, generator=g).to(device)
     cond = tuple(t.to(device) for t in dataset.condition(labels))
-    uncond = tuple(t.to(device) for t in dataset.uncond())
+    uncond = to_device(dataset.uncond(), device)
     z0 = euler_sample(velocity_fn, z1, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
                       shift=shift, batch_size=batch_size)
     return z0.clamp(-1, 1).cpu()

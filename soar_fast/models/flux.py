@@ -76,27 +76,40 @@ def _image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torc
 
 
 class FluxVelocityFn:
-    """`velocity_fn(z [N, C, H, W], sigma [N], (prompt_embeds [N, T, D], pooled [N, P])) -> v`."""
+    """`velocity_fn(z [N, C, H, W], sigma [N], (prompt_embeds [N, T, D], pooled [N, P][, reference [N, C, h, w]])) -> v`.
+
+    FLUX.1 Kontext: a third condition tensor is the reference image's latents (normalised as `z`);
+    as FluxKontextPipeline does, they are packed into tokens appended after the noisy latent's,
+    with position ids whose first axis is 1, and the output keeps the noisy latent's tokens only.
+    The reference is never dropped for CFG: the empty-prompt condition keeps each row's own.
+    """
 
     def __init__(self, transformer: nn.Module, guidance: float | None = 3.5):
         self.transformer = transformer
         self.guidance = guidance if transformer.config.guidance_embeds else None
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        prompt_embeds, pooled = cond
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        prompt_embeds, pooled = cond[0], cond[1]
         dtype = next(self.transformer.parameters()).dtype
         n, _, h, w = z.shape
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((n,), self.guidance, device=z.device, dtype=dtype)
+        tokens, ids = pack_latents(z.to(dtype)), _image_ids(h, w, z.device, dtype)
+        n_tokens = tokens.shape[1]
+        if len(cond) > 2:  # Kontext: FluxKontextPipeline's cat([latents, image_latents]) and image_ids[..., 0] = 1
+            ref = cond[2]
+            ref_ids = _image_ids(ref.shape[-2], ref.shape[-1], z.device, dtype)
+            ref_ids[:, 0] = 1
+            tokens, ids = torch.cat([tokens, pack_latents(ref.to(dtype))], dim=1), torch.cat([ids, ref_ids])
         out = self.transformer(
-            hidden_states=pack_latents(z.to(dtype)),
+            hidden_states=tokens,
             encoder_hidden_states=prompt_embeds.to(dtype),
             pooled_projections=pooled.to(dtype),
             timestep=sigma.to(dtype),
-            img_ids=_image_ids(h, w, z.device, dtype),
+            img_ids=ids,
             txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=z.device, dtype=dtype),
             guidance=guidance,
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w)
+        return unpack_latents(out[:, :n_tokens], h, w)

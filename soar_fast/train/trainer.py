@@ -33,6 +33,7 @@ from soar_fast.data import BatchStream, ResumableSampler, build_dataset, default
 from soar_fast.distributed import barrier, cleanup, init_distributed
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import generate_digits
+from soar_fast.loss.cond import to_device
 from soar_fast.train.build import build_model
 from soar_fast.train.checkpoint import (
     checkpoint_step,
@@ -150,7 +151,7 @@ class Trainer:
                                    pin_memory=self.device.type == "cuda")
         self.step_fn = build_train_step(self.family, model, cfg, self.env)
         self.model = self.step_fn.model
-        self.uncond = tuple(t.to(self.device) for t in self.dataset.uncond())
+        self.uncond = to_device(self.dataset.uncond(), self.device)
         self.step, self.nan_skipped, self.nan_streak = 0, 0, 0
         self._stop_signal: int | None = None
 
@@ -203,7 +204,7 @@ class Trainer:
         out = []
         for k in range(self.cfg.optim.gradient_accumulation_steps):
             idx, (z0, cond, _labels) = next(self.batches)  # advances self.sampler by what is consumed
-            cond = tuple(t.to(self.device, non_blocking=True) for t in cond)
+            cond = to_device(cond, self.device, non_blocking=True)
             first = (k * w + r) * b
             out.append((z0.to(self.device, non_blocking=True), cond, list(range(first, first + len(idx)))))
         return out
