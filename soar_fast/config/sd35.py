@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
-FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")
 ZIMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 QWENIMAGE_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
 FLUX2_PIPELINES = ("Flux2Pipeline",)
@@ -100,8 +100,24 @@ def check_pipeline_folder(path: str | Path, expect: tuple[str, ...] = SD3_PIPELI
     return name
 
 
+def pipeline_class_name(path: str | Path) -> str:
+    """The `_class_name` of a local pipeline folder of any supported family (`NotAPipelineError` otherwise)."""
+    return check_pipeline_folder(path, tuple(n for names in PIPELINE_FAMILIES.values() for n in names))
+
+
+#: Folders of these classes load as themselves (a variant that samples differently); any other folder of a
+#: family (Img2Img, Inpaint, ...) loads as the family's text-to-image pipeline (`ModelFamily.pipeline_class`).
+OWN_CLASS_PIPELINES = ("FluxKontextPipeline",)
+
+
+def pipeline_load_class(path: str | Path) -> str | None:
+    """The diffusers class name to load the folder with when it is not its family's text-to-image one."""
+    name = pipeline_class_name(path)
+    return name if name in OWN_CLASS_PIPELINES else None
+
+
 def pipeline_family(path: str | Path) -> str:
     """The family ('sd3', 'flux', 'zimage', 'qwenimage', 'flux2' or 'wan') of a local pipeline folder of any
     of them (from its model_index.json `_class_name`); `NotAPipelineError` otherwise."""
-    name = check_pipeline_folder(path, tuple(n for names in PIPELINE_FAMILIES.values() for n in names))
+    name = pipeline_class_name(path)
     return next(fam for fam, names in PIPELINE_FAMILIES.items() if name in names)

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import pipeline_family
+from soar_fast.config.sd35 import pipeline_class_name, pipeline_family
 from soar_fast.data.encoders import (
     MASKED_FAMILIES,
     MAX_SEQUENCE_LENGTH,
@@ -47,6 +47,7 @@ from soar_fast.data.encoders import (
     text_length,
 )
 from soar_fast.data.images import (
+    IMAGE_EXTENSIONS,
     CaptionError,
     ImageFolderConfig,
     ImageRecord,
@@ -58,6 +59,7 @@ from soar_fast.data.images import (
 from soar_fast.data.shards import (
     EMPTY_PROMPT_FILE,
     INDEX_FILE,
+    REFERENCE,
     ShardError,
     ShardWriter,
     _save_atomic,
@@ -120,6 +122,10 @@ class CacheConfig:
     num_frames: int = 17
     """Wan (video) pipelines only: frames per clip, 4k + 1 (each clip's first ones; 81 is WanPipeline's
     default length). The input is a folder of clips, each a subfolder of frames (soar_fast.data.video)."""
+    reference_root: str | None = None
+    """FLUX.1 Kontext (FluxKontextPipeline folders) only: the folder of reference (input) images, one for each
+    image of `data.root` at the same relative path (any image extension: `refs/a/x.jpg` for `data.root/a/x.png`);
+    each is resized and cropped to its image's size and cached as `reference` latents. A separate folder."""
     validation_prompts: str | None = None
     """A .txt file of prompts (one a line; blank lines and `#` comments skipped) to encode too, for the
     validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there)."""
@@ -189,10 +195,13 @@ def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
 @torch.no_grad()
 def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig, text_len: int,
                   device: torch.device, generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], list[int]]:
-    lat = encode_latents(pipe, family, pixels, cfg.latent_sampling, generator)
+    reference = pixels.dim() == 5 and family != "wan"  # [B, 2, 3, h, w]: images and their Kontext references
+    lat = encode_latents(pipe, family, pixels[:, 0] if reference else pixels, cfg.latent_sampling, generator)
     pe, pooled, lengths = encode_prompts(pipe, family, captions, cfg.max_sequence_length, device, text_len)
     store = getattr(torch, cfg.store_dtype)
     tensors = {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
+    if reference:  # FluxKontextPipeline._encode_vae_image: the posterior mode, normalised as the latents
+        tensors[REFERENCE] = encode_latents(pipe, family, pixels[:, 1], "mode", None).to(store).cpu()
     return tensors, lengths
 
 
@@ -250,35 +259,70 @@ def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str]
     writer.flush()
 
 
-def _load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0) -> torch.Tensor | BaseException:
+def _reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
+    """The reference image of record r: the same path relative to `root` under `reference_root`, any image extension."""
+    rel = Path(r.path).resolve().relative_to(Path(root).resolve())
+    for ext in dict.fromkeys((rel.suffix, *IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS))):
+        if (q := Path(reference_root) / rel.with_suffix(ext)).is_file():
+            return q
+    raise FileNotFoundError(f"no reference image {Path(reference_root) / rel.with_suffix('.*')} for it")
+
+
+def _load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0,
+                 reference: tuple[str, str] | None = None) -> torch.Tensor | BaseException:
+    """Pixels [3, h, w] (a clip: [3, F, h, w]; with `reference = (root, reference_root)`: [2, 3, h, w], the
+    image and its reference at the image's size), or the error that stops them."""
     try:
         if num_frames:  # a video clip: [3, F, h, w]
             return load_clip(r, num_frames, center_crop)
-        return image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
+        px = image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
+        if reference is None:
+            return px
+        ref = resize_center_crop(load_image(str(_reference_file(r, *reference))), r.bucket, center_crop)
+        return torch.stack([px, image_to_tensor(ref)])
     except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
         return e
 
 
 def _load_batches(
     records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None,
-    num_frames: int = 0,
+    num_frames: int = 0, reference: tuple[str, str] | None = None,
 ) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
     """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]) or the load error); with a pool,
     the next two batches decode in threads while the current one is encoded (PIL releases the GIL)."""
     batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
     if pool is None:
         for b in batches:
-            yield [(r, _load_pixels(r, center_crop, num_frames)) for r in b]
+            yield [(r, _load_pixels(r, center_crop, num_frames, reference)) for r in b]
         return
     pending: deque = deque()
     for b in batches:
-        pending.append((b, [pool.submit(_load_pixels, r, center_crop, num_frames) for r in b]))
+        pending.append((b, [pool.submit(_load_pixels, r, center_crop, num_frames, reference) for r in b]))
         if len(pending) > 2:
             rb, futs = pending.popleft()
             yield list(zip(rb, (f.result() for f in futs), strict=True))
     while pending:
         rb, futs = pending.popleft()
         yield list(zip(rb, (f.result() for f in futs), strict=True))
+
+
+def _check_reference(cfg: CacheConfig, family: str, val_prompts: list[str] | None) -> tuple[str, str] | None:
+    """`(data.root, reference_root)` for a FLUX.1 Kontext folder, None for any other; one-line errors for a
+    Kontext folder without references (or with validation prompts) and for references given to another folder."""
+    kontext = pipeline_class_name(cfg.pretrained_model_name_or_path) == "FluxKontextPipeline"
+    if not kontext:
+        if cfg.reference_root:
+            raise ConfigError(f"--reference_root is for FLUX.1 Kontext (FluxKontextPipeline) folders, but "
+                              f"{cfg.pretrained_model_name_or_path} is a {family} text-to-image pipeline; drop it")
+        return None
+    if not cfg.reference_root or not Path(cfg.reference_root).is_dir():
+        raise ConfigError(f"{cfg.pretrained_model_name_or_path} is a FLUX.1 Kontext pipeline: pass --reference_root "
+                          f"<folder of the input images, same relative paths as {cfg.data.root}>"
+                          + (f" ({cfg.reference_root} is not a folder)" if cfg.reference_root else ""))
+    if val_prompts:
+        raise ConfigError("--validation_prompts: validation grids of a FLUX.1 Kontext cache would need reference "
+                          "images too (not supported); drop --validation_prompts")
+    return cfg.data.root, cfg.reference_root
 
 
 def run_cache(cfg: CacheConfig) -> CacheResult:
@@ -295,6 +339,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
                           f"pipeline: it takes <= {MAX_SEQUENCE_LENGTH[family]} tokens")
     video = family == "wan"
+    reference = _check_reference(cfg, family, val_prompts)
     try:
         scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
     except (CaptionError, FileNotFoundError) as e:
@@ -317,6 +362,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         "buckets": scan.buckets,
         "latent_sampling": cfg.latent_sampling,
         **({"num_frames": cfg.num_frames} if video else {}),
+        **({"reference_root": str(Path(cfg.reference_root).resolve())} if reference else {}),
     }
     if cfg.resume and (out / INDEX_FILE).is_file():  # a cache of another family: say so (not just "other settings")
         prev = read_index(out).get("info", {}).get("family")
@@ -356,7 +402,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             parts: list[dict[str, torch.Tensor]] = []
             captions, sources, shard_skipped, lengths = [], [], [], []
             for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool,
-                                       cfg.num_frames if video else 0):
+                                       cfg.num_frames if video else 0, reference):
                 batch_px, batch_caps = [], []
                 for r, px in batch:
                     if isinstance(px, BaseException):  # unreadable since the scan: skip and report

@@ -11,6 +11,7 @@ load the transformer, export, sample grids (videos: GIF / MP4 per video and a gr
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from soar_fast.config.sd35 import (
     SD3_PIPELINES,
     check_pipeline_folder,
     pipeline_family,
+    pipeline_load_class,
 )
 from soar_fast.models.lora import lora_family
 from soar_fast.models.spec import get_family
@@ -192,7 +194,9 @@ def load_pipeline(
         kwargs["transformer"] = get_family(family).cls().from_pretrained(
             tp, subfolder=sub, torch_dtype=td, local_files_only=True
         )
-    pipe = get_family(family).pipeline_cls().from_pretrained(
+    own = pipeline_load_class(pretrained_model_name_or_path)  # e.g. FluxKontextPipeline
+    cls = getattr(importlib.import_module("diffusers"), own) if own else get_family(family).pipeline_cls()
+    pipe = cls.from_pretrained(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )
     if lora_path is not None:
@@ -309,6 +313,10 @@ class SampleConfig:
     """Grid columns; None: images_per_prompt if > 1, else ceil(sqrt(n))."""
     save_images: bool = True
     """Also save each image as NNNNN_K.png (a video: NNNNN_K.gif, and NNNNN_K.mp4 where imageio is installed)."""
+    image: str | None = None
+    """The input image every prompt edits (FLUX.1 Kontext pipelines: FluxKontextPipeline's `image`). Without
+    --height/--width the pipeline picks the size (its preferred resolutions, 1024² area); with both, the output
+    has that area and the input image keeps its own size."""
     num_frames: int = 81
     """Frames of each video (video pipelines: Wan; 4k + 1, WanPipeline's default 81)."""
     fps: int = 16
@@ -360,6 +368,7 @@ def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Ima
     images: list = []
     k = cfg.images_per_prompt
     video = _is_video(pipe)
+    image = _input_image(pipe, cfg)
     for s in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[s : s + cfg.batch_size]
         gens = [torch.Generator(device=dev).manual_seed(cfg.seed + (s + i) * k + j)
@@ -371,8 +380,27 @@ def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Ima
             size = {n: v for n, v in (("height", cfg.height), ("width", cfg.width)) if v is not None}
             images += list(pipe(**args, num_videos_per_prompt=k, num_frames=cfg.num_frames, **size).frames)
         else:
-            images += pipe(**args, num_images_per_prompt=k, height=cfg.height, width=cfg.width).images
+            extra = {"image": image} if image is not None else {}
+            if image is not None and cfg.height and cfg.width:  # Kontext sizes its output by max_area, not
+                # height/width, and resizes the input to its preferred resolutions: honour the size asked for
+                extra.update(max_area=cfg.height * cfg.width, _auto_resize=False)
+            images += pipe(**args, num_images_per_prompt=k, height=cfg.height, width=cfg.width, **extra).images
     return images
+
+
+def _input_image(pipe, cfg: SampleConfig) -> Image.Image | None:
+    """The `--image` of an image-conditioned pipeline (FLUX.1 Kontext), RGB; one-line errors when it is missing
+    for one, or given to a text-to-image pipeline."""
+    kontext = type(pipe).__name__ == "FluxKontextPipeline"
+    if not kontext:
+        if cfg.image:
+            raise ConfigError(f"--image is for FLUX.1 Kontext pipelines, not a {type(pipe).__name__}; drop it")
+        return None
+    if not cfg.image or not Path(cfg.image).is_file():
+        raise ConfigError("a FLUX.1 Kontext pipeline edits an input image: pass --image <file>"
+                          + (f" ({cfg.image} is not a file)" if cfg.image else ""))
+    with Image.open(cfg.image) as im:
+        return im.convert("RGB")
 
 
 def _save_video(frames: list[Image.Image], path: Path, fps: int) -> list[Path]:

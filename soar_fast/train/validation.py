@@ -63,8 +63,11 @@ class LatentValidation:
         lc = cfg.logging
         if cfg.data.source != "latents" or not lc.validation_steps or not lc.validation_images_per_class:
             return None
-        val = dataset.validation()
         where = dataset.cache_dir
+        if getattr(dataset, "has_reference", False):
+            raise ConfigError(f"--validation_steps {lc.validation_steps}: {where} is a FLUX.1 Kontext cache, whose "
+                              "validation would need reference images (not supported); pass --validation_steps 0")
+        val = dataset.validation()
         if val is None:
             raise ConfigError(f"--validation_steps {lc.validation_steps}: the latent cache {where} holds no validation "
                               f"prompts; re-run `soar-fast cache ... --output_dir {where} --validation_prompts FILE` "

@@ -1,0 +1,125 @@
+"""FLUX.1 Kontext end to end through `soar-fast` commands, on the tiny Flux pipeline saved as a
+FluxKontextPipeline folder: a folder of images + captions and a folder of their reference (input)
+images -> `soar-fast cache --reference_root` (the references' latents as FluxKontextPipeline's
+`_encode_vae_image` makes them) -> `soar-fast train` SOAR 2 steps (full and LoRA; the reference
+tokens in every model call) -> FluxKontextPipeline loads the export and `sample --image` edits an
+image. Bad input: a Kontext folder without references, references for a text-to-image folder, a
+Kontext pipeline sampled without an image: one line each."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import json
+import shutil
+
+import torch
+from family_pipelines import FAST_TRAIN, run_ok
+from safetensors.torch import load_file
+from sd35_helpers import write_image
+
+from soar_fast.cli import main
+
+L = 16
+SAMPLE = ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--device", "cpu",
+          "--max_sequence_length", str(L), "--guidance_scale", "2.5"]
+
+
+@pytest.fixture(scope="module")
+def kontext_dir(tiny_flux_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_kontext") / "pipe"
+    shutil.copytree(tiny_flux_dir, path)
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def references(caption_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("refs")
+    for i, img in enumerate(sorted(caption_folder.glob("*.png"))):
+        write_image(root / img.with_suffix(".jpg" if i == 0 else ".png").name, seed=100 + i)  # any extension
+    return root
+
+
+def _cache_argv(pipe_dir, images, out, *extra):
+    return ["cache", "--pretrained_model_name_or_path", str(pipe_dir), "--data.root", str(images),
+            "--data.resolution", "32", "--output_dir", str(out), "--max_sequence_length", str(L),
+            "--batch_size", "4", "--shard_size", "4", "--num_workers", "0", "--no-progress",
+            "--store_dtype", "float32", *extra]
+
+
+@pytest.fixture(scope="module")
+def kontext_cache(kontext_dir, caption_folder, references, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kontext_cache") / "cache"
+    run_ok(_cache_argv(kontext_dir, caption_folder, out, "--reference_root", str(references)))
+    return out
+
+
+def test_cache_holds_each_images_reference_latents(kontext_cache, kontext_dir, references):
+    from diffusers import FluxKontextPipeline
+
+    from soar_fast.data.images import image_to_tensor, load_image
+    from soar_fast.data.latents import LatentsDataset
+
+    index = json.loads((kontext_cache / "index.json").read_text())
+    assert index["info"]["family"] == "flux" and index["info"]["reference_root"] == str(references.resolve())
+    shard = load_file(str(kontext_cache / index["shards"][0]["file"]))
+    assert shard["reference"].shape == shard["latents"].shape == (4, 4, 16, 16)
+    pipe = FluxKontextPipeline.from_pretrained(kontext_dir, local_files_only=True)
+    ref_px = image_to_tensor(load_image(str(sorted(references.glob("*"))[0])))[None]
+    with torch.no_grad():
+        want = pipe._encode_vae_image(ref_px, generator=None)  # (mode - shift) * scale
+    torch.testing.assert_close(shard["reference"][0], want[0], rtol=1e-5, atol=1e-5)
+    ds = LatentsDataset(str(kontext_cache))
+    _, cond, _ = ds.batch(torch.arange(2))
+    assert len(cond) == 3 and cond[2].shape == (2, 4, 16, 16) and ds.uncond()[2] is None
+
+
+def test_train_full_and_lora_then_the_kontext_pipeline_edits(kontext_dir, kontext_cache, tmp_path, references):
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    folder = ["--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir), "--data.source",
+              "latents", "--data.data_dir", str(kontext_cache)]
+    run_ok(["train", *folder, "--output_dir", str(tmp_path / "full"), *FAST_TRAIN])
+    final = tmp_path / "full" / "final"
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
+    pipe = FluxKontextPipeline.from_pretrained(final, local_files_only=True)
+    image = Image.open(sorted(references.glob("*.png"))[0]).convert("RGB")
+    out = pipe(prompt="make it red", image=image, num_inference_steps=2, height=32, width=32, max_area=32 * 32,
+               _auto_resize=False, max_sequence_length=L, output_type="pt").images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    ref = str(sorted(references.glob("*.png"))[0])
+    run_ok(["sample", "--pipeline", str(final), "--image", ref, "--prompts", "make it red", "make it blue",
+            "--output_dir", str(tmp_path / "s1"), *SAMPLE])
+    assert len(list((tmp_path / "s1").glob("0000*_0.png"))) == 2
+
+    run_ok(["train", *folder, "--model.lora_rank", "4", "--output_dir", str(tmp_path / "lora"), *FAST_TRAIN])
+    run_ok(["sample", "--pipeline", str(kontext_dir), "--lora", str(tmp_path / "lora" / "final"), "--image", ref,
+            "--prompts", "make it red", "--output_dir", str(tmp_path / "s2"), *SAMPLE])
+    assert (tmp_path / "s2" / "00000_0.png").is_file()
+
+
+def test_bad_kontext_input_is_one_line(kontext_dir, tiny_flux_dir, caption_folder, references, tmp_path, capsys):
+    def bad(argv, *needles):
+        rc = main(argv)
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast")]
+        assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), err
+
+    bad(_cache_argv(kontext_dir, caption_folder, tmp_path / "c1"), "Kontext", "--reference_root")
+    bad(_cache_argv(tiny_flux_dir, caption_folder, tmp_path / "c2", "--reference_root", str(references)),
+        "--reference_root", "drop it")
+    bad(["sample", "--pipeline", str(kontext_dir), "--prompts", "x", "--output_dir", str(tmp_path / "s"), *SAMPLE],
+        "--image")
+    bad(["sample", "--pipeline", str(tiny_flux_dir), "--image", str(sorted(references.glob("*.png"))[0]), "--prompts",
+         "x", "--output_dir", str(tmp_path / "s"), *SAMPLE], "--image", "drop it")
+
+
+def test_validation_of_a_kontext_cache_is_one_line(kontext_dir, kontext_cache, tmp_path, capsys):
+    rc = main(["train", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir),
+               "--data.source", "latents", "--data.data_dir", str(kontext_cache), "--output_dir", str(tmp_path / "r"),
+               *FAST_TRAIN, "--validation_steps", "1", "--logging.validation_images_per_class", "1"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast")]
+    assert rc == 2 and len(err) == 1 and "Kontext" in err[0] and "--validation_steps 0" in err[0], err
