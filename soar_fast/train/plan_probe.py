@@ -157,10 +157,11 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
     """Meta inputs of `n` samples with the shapes the run's data has."""
     from soar_fast.data import build_dataset
 
-    data = cfg.data
+    data, reference = cfg.data, False
     if data.source == "latents":
-        data = dataclasses.replace(data, source="synthetic", data_dir=None,
-                                   **_cache_shape(data.data_dir, cfg.model.family))
+        shape = _cache_shape(data.data_dir, cfg.model.family)
+        reference = bool(shape.pop("reference", False))
+        data = dataclasses.replace(data, source="synthetic", data_dir=None, **shape)
     elif data.source == "digits":
         data = dataclasses.replace(data, source="synthetic", latent_size=data.resolution)
     data = dataclasses.replace(data, num_samples=2)
@@ -168,6 +169,8 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
     ds = build_dataset(data, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
                        latent_channels=family.latent_channels(model.config))
     z0, cond, _ = ds.batch(torch.arange(n))
+    if reference:  # a FLUX.1 Kontext cache: reference latents of the image's size ride in every model call
+        cond = (*cond, z0.clone())
     meta = lambda t: t.to(device="meta", dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
     cond = tuple(meta(c) for c in cond) if isinstance(cond, tuple) else meta(cond)
     return meta(z0), torch.rand(n, device="meta"), cond
@@ -183,6 +186,7 @@ def _cache_shape(data_dir: str | None, family: str = "sd3") -> dict[str, Any]:
         z0, cond, _ = ds.batch(torch.arange(1))
         text = cond[0] if isinstance(cond, tuple) else cond
         shape = {"latent_size": int(z0.shape[-1]), "prompt_tokens": int(text.shape[1])}
+        shape |= {"reference": 1} if getattr(ds, "has_reference", False) else {}
         return shape | ({"latent_frames": int(z0.shape[2])} if z0.dim() == 5 else {})
     except Exception:  # noqa: BLE001 - no cache yet: plan the family's default shape
         return default_shape(family)

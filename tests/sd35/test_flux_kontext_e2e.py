@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import json
+import re
 import shutil
 
 import torch
@@ -123,3 +124,17 @@ def test_validation_of_a_kontext_cache_is_one_line(kontext_dir, kontext_cache, t
                *FAST_TRAIN, "--validation_steps", "1", "--logging.validation_images_per_class", "1"])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast")]
     assert rc == 2 and len(err) == 1 and "Kontext" in err[0] and "--validation_steps 0" in err[0], err
+
+
+def test_plan_counts_the_reference_tokens(kontext_dir, kontext_cache, tiny_flux_dir, caption_folder, tmp_path, capsys):
+    """`soar-fast plan` on a Kontext cache plans image + reference tokens (2 x 64 for 16 x 16 latents), twice
+    the text-to-image cache's."""
+    plain = tmp_path / "plain"
+    run_ok(_cache_argv(tiny_flux_dir, caption_folder, plain))
+    capsys.readouterr()
+    tokens = {}
+    for name, pipe, cache in (("kontext", kontext_dir, kontext_cache), ("plain", tiny_flux_dir, plain)):
+        assert main(["plan", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(pipe), "--data.source",
+                     "latents", "--data.data_dir", str(cache)]) == 0
+        tokens[name] = int(re.search(r"(\d+) tokens per sample", capsys.readouterr().out)[1])
+    assert tokens["kontext"] == 2 * 64 + L and tokens["plain"] == 64 + L
