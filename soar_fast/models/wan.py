@@ -124,11 +124,22 @@ class WanExperts(nn.Module):
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """v [N, C, F, H, W] of the rows of one batched call (base, rollout and aux points mixed):
-        split by σ, each expert on its own rows, scattered back in order."""
+        split by σ, each expert on its own rows, scattered back in order.
+
+        Under FSDP2 over W > 1 ranks every rank runs both experts in every call, high first: their
+        block all-gathers and gradient reduce-scatters are collectives matched by order, so a rank
+        whose rows all belong to one expert runs the other on a single row whose output is weighted
+        0 (value and gradient exactly 0) instead of skipping it."""
         high = sigma >= self.boundary
         n_high = int(high.sum())  # one host sync per call: the split needs the counts
         if n_high in (0, z.shape[0]):
-            return WanVelocityFn(self.high if n_high else self.low)(z, sigma, cond)
+            if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+                return WanVelocityFn(self.high if n_high else self.low)(z, sigma, cond)
+            one = (z[:1], sigma[:1], tuple(c[:1] for c in cond))
+            v_h = WanVelocityFn(self.high)(*((z, sigma, cond) if n_high else one))
+            v_l = WanVelocityFn(self.low)(*(one if n_high else (z, sigma, cond)))
+            v, idle = (v_h, v_l) if n_high else (v_l, v_h)
+            return v + idle.float().nan_to_num(0.0, 0.0, 0.0).sum().to(v.dtype) * 0
         idx_h, idx_l = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
         v_h = WanVelocityFn(self.high)(z[idx_h], sigma[idx_h], tuple(c[idx_h] for c in cond))
         v_l = WanVelocityFn(self.low)(z[idx_l], sigma[idx_l], tuple(c[idx_l] for c in cond))

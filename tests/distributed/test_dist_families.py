@@ -46,3 +46,21 @@ def test_several_rollout_paths_normalise_by_the_global_counts(tmp_path):
     one = _train(1, "sd3", 8, tmp_path / "one", paths)
     for step in (1, 2):
         assert math.isclose(two[step]["train/grad_norm"], one[step]["train/grad_norm"], rel_tol=1e-5), step
+
+
+def test_wan22_two_experts_two_ranks_equal_one_process(tmp_path):
+    """Wan 2.2's two experts (a WanExperts, every call routed by σ; boundary 0.75 gives both rows) under
+    FSDP2: 2 ranks equal 1 process, LoRA on both experts."""
+    from soar_fast.models.spec import get_family
+
+    wan, folder = get_family("wan"), tmp_path / "wan22"
+    wan.build("tiny", seed=0).save_pretrained(folder / "transformer")
+    wan.build("tiny", seed=1).save_pretrained(folder / "transformer_2")
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "boundary_ratio": 0.75, "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    extra = ("--pretrained_model_name_or_path", str(folder))
+    two, one = _train(2, "wan", 2, tmp_path / "two", extra), _train(1, "wan", 4, tmp_path / "one", extra)
+    for step in (1, 2):
+        for key in ("train/loss", "train/aux_loss", "train/grad_norm"):
+            assert math.isclose(two[step][key], one[step][key], rel_tol=1e-5), (step, key)
