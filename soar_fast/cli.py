@@ -192,7 +192,7 @@ def _cmd_plan(argv: Sequence[str]) -> int:
     return 0
 
 
-# `sample --pipeline ...` short flags -> the fields of soar_fast.models.pipeline.SampleConfig.
+# `sample --pipeline ...` short flags -> the fields of soar_fast.models.sampling.SampleConfig.
 _PIPELINE_SAMPLE_ALIASES = {"--pipeline": "--pretrained_model_name_or_path", "--transformer": "--transformer_path",
                             "--lora": "--lora_path"}
 
@@ -227,7 +227,7 @@ def _pipeline_sample_args(argv: Sequence[str]) -> list[str]:
 
 def _cmd_sample_pipeline(argv: Sequence[str]) -> int:
     from soar_fast.config.sd35 import NotAPipelineError
-    from soar_fast.models.pipeline import SampleConfig, run_sample
+    from soar_fast.models.sampling import SampleConfig, run_sample
 
     desc = ("Sample a prompt file through a local SD3 (or Flux) pipeline folder: --pipeline <folder> "
             "[--transformer <final/transformer or export folder>] [--lora <final folder or .safetensors>] "

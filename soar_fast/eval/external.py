@@ -356,7 +356,8 @@ def run_external_eval(cfg: ExternalEvalConfig, pipe=None, scorers: Sequence[Scor
     """Sample the prompt file and score the images; writes and returns `results.json`'s content:
     {"scores": {name: {"mean", "per_image"}}, "skipped": {name: reason}, "prompts", "images",
     "config"}. `pipe` / `scorers` may be given to reuse loaded ones (then `cfg.scorers` is ignored)."""
-    from soar_fast.models.pipeline import SampleConfig, load_pipeline, read_prompts, sample_images
+    from soar_fast.models.pipeline import load_pipeline
+    from soar_fast.models.sampling import SampleConfig, read_prompts, sample_images
 
     rows = read_prompts(cfg.prompt_file)[: cfg.limit]
     prompts = [r["prompt"] for r in rows]

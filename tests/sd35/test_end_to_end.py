@@ -26,13 +26,8 @@ from soar_fast.models.lora import (
     save_lora_weights,
     trainable_parameters,
 )
-from soar_fast.models.pipeline import (
-    SampleConfig,
-    export_transformer,
-    load_pipeline,
-    load_sd3_transformer,
-    run_sample,
-)
+from soar_fast.models.pipeline import export_transformer, load_pipeline, load_sd3_transformer
+from soar_fast.models.sampling import SampleConfig, run_sample
 from soar_fast.models.sd3 import SD3VelocityFn
 
 PROMPTS = ["a red square", "a blue sky"]

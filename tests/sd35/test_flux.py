@@ -22,13 +22,12 @@ from soar_fast.data.shards import load_empty_prompt
 from soar_fast.models.flux import FluxVelocityFn
 from soar_fast.models.lora import LoraSettings, apply_lora, save_lora_weights, trainable_parameters
 from soar_fast.models.pipeline import (
-    SampleConfig,
     export_transformer,
     load_pipeline,
     load_sd3_transformer,
     load_transformer,
-    run_sample,
 )
+from soar_fast.models.sampling import SampleConfig, run_sample
 from soar_fast.models.spec import get_family
 
 
