@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,15 +45,12 @@ from soar_fast.data.encoders import (
     text_length,
 )
 from soar_fast.data.images import (
-    IMAGE_EXTENSIONS,
     CaptionError,
     ImageFolderConfig,
     ImageRecord,
-    image_to_tensor,
-    load_image,
-    resize_center_crop,
     scan_image_folder,
 )
+from soar_fast.data.pixels import load_batches
 from soar_fast.data.shards import (
     EMPTY_PROMPT_FILE,
     INDEX_FILE,
@@ -68,7 +63,7 @@ from soar_fast.data.shards import (
     verify_cache,
     verify_shard,
 )
-from soar_fast.data.video import check_num_frames, holds_clips, load_clip, scan_clip_folder
+from soar_fast.data.video import check_num_frames, holds_clips, scan_clip_folder
 
 __all__ = ["VALIDATION_FILE", "CacheConfig", "CacheResult", "plan_shards", "read_validation_prompts", "run_cache"]
 
@@ -259,53 +254,6 @@ def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str]
     writer.flush()
 
 
-def _reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
-    """The reference image of record r: the same path relative to `root` under `reference_root`, any image extension."""
-    rel = Path(r.path).resolve().relative_to(Path(root).resolve())
-    for ext in dict.fromkeys((rel.suffix, *IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS))):
-        if (q := Path(reference_root) / rel.with_suffix(ext)).is_file():
-            return q
-    raise FileNotFoundError(f"no reference image {Path(reference_root) / rel.with_suffix('.*')} for it")
-
-
-def _load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0,
-                 reference: tuple[str, str] | None = None) -> torch.Tensor | BaseException:
-    """Pixels [3, h, w] (a clip: [3, F, h, w]; with `reference = (root, reference_root)`: [2, 3, h, w], the
-    image and its reference at the image's size), or the error that stops them."""
-    try:
-        if num_frames:  # a video clip: [3, F, h, w]
-            return load_clip(r, num_frames, center_crop)
-        px = image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
-        if reference is None:
-            return px
-        ref = resize_center_crop(load_image(str(_reference_file(r, *reference))), r.bucket, center_crop)
-        return torch.stack([px, image_to_tensor(ref)])
-    except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
-        return e
-
-
-def _load_batches(
-    records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None,
-    num_frames: int = 0, reference: tuple[str, str] | None = None,
-) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
-    """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]) or the load error); with a pool,
-    the next two batches decode in threads while the current one is encoded (PIL releases the GIL)."""
-    batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
-    if pool is None:
-        for b in batches:
-            yield [(r, _load_pixels(r, center_crop, num_frames, reference)) for r in b]
-        return
-    pending: deque = deque()
-    for b in batches:
-        pending.append((b, [pool.submit(_load_pixels, r, center_crop, num_frames, reference) for r in b]))
-        if len(pending) > 2:
-            rb, futs = pending.popleft()
-            yield list(zip(rb, (f.result() for f in futs), strict=True))
-    while pending:
-        rb, futs = pending.popleft()
-        yield list(zip(rb, (f.result() for f in futs), strict=True))
-
-
 def _check_reference(cfg: CacheConfig, family: str, val_prompts: list[str] | None) -> tuple[str, str] | None:
     """`(data.root, reference_root)` for a FLUX.1 Kontext folder, None for any other; one-line errors for a
     Kontext folder without references (or with validation prompts) and for references given to another folder."""
@@ -401,7 +349,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             gen = torch.Generator(device).manual_seed(cfg.seed + i) if cfg.latent_sampling == "sample" else None
             parts: list[dict[str, torch.Tensor]] = []
             captions, sources, shard_skipped, lengths = [], [], [], []
-            for batch in _load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool,
+            for batch in load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool,
                                        cfg.num_frames if video else 0, reference):
                 batch_px, batch_caps = [], []
                 for r, px in batch:
