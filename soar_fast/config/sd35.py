@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
-FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")
+#: FLUX.1 Kontext: image editing; its caches carry reference latents and its samples an input image.
+KONTEXT_PIPELINE = "FluxKontextPipeline"
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", KONTEXT_PIPELINE)
 ZIMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 QWENIMAGE_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
 FLUX2_PIPELINES = ("Flux2Pipeline",)
@@ -107,7 +109,7 @@ def pipeline_class_name(path: str | Path) -> str:
 
 #: Folders of these classes load as themselves (a variant that samples differently); any other folder of a
 #: family (Img2Img, Inpaint, ...) loads as the family's text-to-image pipeline (`ModelFamily.pipeline_class`).
-OWN_CLASS_PIPELINES = ("FluxKontextPipeline",)
+OWN_CLASS_PIPELINES = (KONTEXT_PIPELINE,)
 
 
 def pipeline_load_class(path: str | Path) -> str | None:

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import pipeline_class_name, pipeline_family
+from soar_fast.config.sd35 import KONTEXT_PIPELINE, pipeline_class_name, pipeline_family
 from soar_fast.data.encoders import (
     MASKED_FAMILIES,
     MAX_SEQUENCE_LENGTH,
@@ -257,7 +257,7 @@ def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str]
 def _check_reference(cfg: CacheConfig, family: str, val_prompts: list[str] | None) -> tuple[str, str] | None:
     """`(data.root, reference_root)` for a FLUX.1 Kontext folder, None for any other; one-line errors for a
     Kontext folder without references (or with validation prompts) and for references given to another folder."""
-    kontext = pipeline_class_name(cfg.pretrained_model_name_or_path) == "FluxKontextPipeline"
+    kontext = pipeline_class_name(cfg.pretrained_model_name_or_path) == KONTEXT_PIPELINE
     if not kontext:
         if cfg.reference_root:
             raise ConfigError(f"--reference_root is for FLUX.1 Kontext (FluxKontextPipeline) folders, but "

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from soar_fast.config import ConfigError
-from soar_fast.config.sd35 import PIPELINE_FAMILIES
+from soar_fast.config.sd35 import KONTEXT_PIPELINE, PIPELINE_FAMILIES
 from soar_fast.models.pipeline import load_pipeline
 
 __all__ = ["SampleConfig", "SampleResult", "make_grid", "read_prompts", "run_sample", "sample_images"]
@@ -190,7 +190,7 @@ def sample_images(pipe, prompts: list[str], cfg: SampleConfig) -> list[Image.Ima
 def _input_image(pipe, cfg: SampleConfig) -> Image.Image | None:
     """The `--image` of an image-conditioned pipeline (FLUX.1 Kontext), RGB; one-line errors when it is missing
     for one, or given to a text-to-image pipeline."""
-    kontext = type(pipe).__name__ == "FluxKontextPipeline"
+    kontext = type(pipe).__name__ == KONTEXT_PIPELINE
     if not kontext:
         if cfg.image:
             raise ConfigError(f"--image is for FLUX.1 Kontext pipelines, not a {type(pipe).__name__}; drop it")
