@@ -102,7 +102,7 @@ class LatentsDataset:
         # Z-Image / Qwen-Image caches zero-pad prompts and record each one's valid tokens: the condition
         # then carries a third tensor, the text mask (1.0 valid, 0.0 padding), as the pipelines use it
         info = self._ds.index.get("info", {})
-        self.masked = "empty_prompt_length" in info and self._ds.prompt_length(0) is not None
+        self.masked = "empty_prompt_length" in info and len(self._ds) > 0 and self._ds.prompt_length(0) is not None
         self._uncond = tuple(t.float() for t in uncond)
         if self.masked:
             self._uncond += (text_mask([int(info["empty_prompt_length"])], uncond[0].shape[0])[0],)
