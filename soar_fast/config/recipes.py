@@ -185,6 +185,9 @@ FAMILY_RECIPES: tuple[FamilyRecipe, ...] = (
                  "≈ its dynamic shift at 1024 px (e^1.15 = 3.16; 1.9 at 512 px)"),
     FamilyRecipe("flux2-dev-soar", "flux2", "flux2-dev", "black-forest-labs/FLUX.2-dev", 64, 4.0, 3.0,
                  "distilled rollout with 4.0 in the guidance embedding (Flux2Pipeline's default)"),
+    FamilyRecipe("flux2-klein-4b-soar", "flux2", "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", 64, 4.0, 3.0,
+                 "true CFG 4.0 (Flux2KleinPipeline's guidance_scale default; klein has no guidance embedding), "
+                 "a Flux2KleinPipeline folder and its cache"),
     FamilyRecipe("qwenimage-soar", "qwenimage", "qwen-image", "Qwen/Qwen-Image", 64, 4.0, 3.0,
                  "true CFG 4.0 (QwenImagePipeline's true_cfg_scale default)"),
     FamilyRecipe("zimage-soar", "zimage", "z-image", "Tongyi-MAI/Z-Image", 64, 4.5, 3.0,

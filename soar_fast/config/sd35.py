@@ -13,6 +13,9 @@ from typing import Any
 __all__ = [
     "FLUX2_PIPELINES",
     "FLUX_PIPELINES",
+    "KLEIN_PIPELINE",
+    "KONTEXT_PIPELINE",
+    "OWN_CLASS_PIPELINES",
     "PIPELINE_FAMILIES",
     "QWENIMAGE_PIPELINES",
     "WAN_PIPELINES",
@@ -30,7 +33,9 @@ KONTEXT_PIPELINE = "FluxKontextPipeline"
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", KONTEXT_PIPELINE)
 ZIMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 QWENIMAGE_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
-FLUX2_PIPELINES = ("Flux2Pipeline",)
+#: FLUX.2 [klein]: a Qwen3 text encoder and true CFG (no guidance embedding) instead of dev's Mistral-3.
+KLEIN_PIPELINE = "Flux2KleinPipeline"
+FLUX2_PIPELINES = ("Flux2Pipeline", KLEIN_PIPELINE)
 WAN_PIPELINES = ("WanPipeline",)
 #: The pipeline classes `soar-fast cache` / `sample --pipeline` take, by family (soar_fast.models.spec names).
 PIPELINE_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -107,9 +112,9 @@ def pipeline_class_name(path: str | Path) -> str:
     return check_pipeline_folder(path, tuple(n for names in PIPELINE_FAMILIES.values() for n in names))
 
 
-#: Folders of these classes load as themselves (a variant that samples differently); any other folder of a
-#: family (Img2Img, Inpaint, ...) loads as the family's text-to-image pipeline (`ModelFamily.pipeline_class`).
-OWN_CLASS_PIPELINES = (KONTEXT_PIPELINE,)
+#: Folders of these classes load as themselves (a variant that encodes or samples differently); any other folder
+#: of a family (Img2Img, Inpaint, ...) loads as the family's text-to-image pipeline (`ModelFamily.pipeline_class`).
+OWN_CLASS_PIPELINES = (KONTEXT_PIPELINE, KLEIN_PIPELINE)
 
 
 def pipeline_load_class(path: str | Path) -> str | None:

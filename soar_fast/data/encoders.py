@@ -44,7 +44,7 @@ def load_encoders(path: str, family: str, *, device: torch.device, encoder_dtype
     from soar_fast.models.spec import get_family
 
     extra = {"transformer_2": None} if family == "wan" else {}  # Wan 2.2's second expert: not loaded either
-    pipe = get_family(family).pipeline_cls().from_pretrained(
+    pipe = get_family(family).pipeline_cls(path).from_pretrained(
         path, transformer=None, local_files_only=True, variant=variant, torch_dtype=encoder_dtype, **extra,
     )
     pipe.vae.to(device=device, dtype=vae_dtype)

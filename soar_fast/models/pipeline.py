@@ -11,7 +11,6 @@ load the pipeline or its transformer, export (`soar_fast.models.sampling` sample
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -26,7 +25,6 @@ from soar_fast.config.sd35 import (
     SD3_PIPELINES,
     check_pipeline_folder,
     pipeline_family,
-    pipeline_load_class,
 )
 from soar_fast.models.lora import lora_family
 from soar_fast.models.spec import get_family
@@ -178,8 +176,7 @@ def load_pipeline(
         kwargs["transformer"] = get_family(family).cls().from_pretrained(
             tp, subfolder=sub, torch_dtype=td, local_files_only=True
         )
-    own = pipeline_load_class(pretrained_model_name_or_path)  # e.g. FluxKontextPipeline
-    cls = getattr(importlib.import_module("diffusers"), own) if own else get_family(family).pipeline_cls()
+    cls = get_family(family).pipeline_cls(pretrained_model_name_or_path)  # e.g. FluxKontextPipeline
     pipe = cls.from_pretrained(
         pretrained_model_name_or_path, local_files_only=True, torch_dtype=td, variant=variant, **kwargs
     )

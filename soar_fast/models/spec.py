@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from soar_fast.config.errors import ConfigError
+from soar_fast.config.sd35 import pipeline_load_class
 
 __all__ = ["FAMILIES", "ModelFamily", "family_names", "family_of", "family_of_folder", "get_family", "preset_table"]
 
@@ -98,10 +99,13 @@ class ModelFamily:
             torch.manual_seed(seed)
             return make()
 
-    def pipeline_cls(self) -> type:
+    def pipeline_cls(self, folder: str | Path | None = None) -> type:
+        """The family's text-to-image pipeline class; for a local `folder` of a variant that loads as itself
+        (`config.sd35.OWN_CLASS_PIPELINES`: FLUX.1 Kontext, FLUX.2 klein) that variant's class."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)
+        own = pipeline_load_class(folder) if folder is not None else None
+        return getattr(diffusers, own or self.pipeline_class)
 
     def from_pretrained(self, path: str | Path, subfolder: str | None = None, **kwargs: Any) -> nn.Module:
         """The transformer of a local diffusers folder (local files only)."""

@@ -184,6 +184,16 @@ def flux2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux2_klein_dir(tmp_path_factory) -> Path:
+    """A saved tiny Flux2KleinPipeline folder (tests/sd35/family_pipelines.py)."""
+    from family_pipelines import build_tiny_flux2_klein_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_flux2_klein")
+    build_tiny_flux2_klein_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_zimage_cache(tiny_zimage_dir, caption_folder, tmp_path_factory) -> Path:
     """The caption folder cached with `soar-fast cache` and the tiny Z-Image pipeline (32 tokens)."""
     from family_pipelines import cache_with_cli

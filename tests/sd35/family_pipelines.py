@@ -180,6 +180,29 @@ def build_tiny_flux2_pipeline(seed: int = 0):
                          tokenizer=tok, transformer=transformer)
 
 
+
+def build_tiny_flux2_klein_pipeline(seed: int = 0):
+    """A tiny random Flux2KleinPipeline: the FLUX.2 tiny transformer preset without the guidance
+    embedding (klein samples with true CFG), text width 48, a Qwen3 causal LM of width 16 and 27
+    layers (the pipeline stacks hidden states 9, 18 and 27: 3 x 16 = 48), the byte-level Qwen
+    tokenizer, and the same AutoencoderKLFlux2 as `build_tiny_flux2_pipeline`."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from soar_fast.models.spec import get_family
+
+    base = build_tiny_flux2_pipeline(seed)
+    tok = qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = get_family("flux2").build("tiny", seed=seed, joint_attention_dim=48, guidance_embeds=False)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            hidden_size=16, intermediate_size=37, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=8, vocab_size=len(tok), max_position_embeddings=512,
+        ))
+    return Flux2KleinPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder, tokenizer=tok,
+                              transformer=transformer)
+
 # --- the end-to-end skeleton of the family tests -----------------------------------------------
 
 # `soar-fast train` flags of the tiny runs: 2 SOAR steps on CPU in fp32, no logging or checkpoints.

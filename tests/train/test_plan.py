@@ -205,6 +205,7 @@ def test_bench_plan_only_smoke_rows(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, gib", [("sd35l-soar", 48), ("flux-dev-soar", 48), ("flux2-dev-soar", 141),
+                                         ("flux2-klein-4b-soar", 24),
                                          ("qwenimage-soar", 80), ("zimage-soar", 48), ("wan21-1.3b-soar", 48),
                                          ("wan21-14b-soar", 0)])
 def test_each_family_real_recipe_plans_a_fitting_choice(recipe, gib, capsys):
