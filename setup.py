@@ -46,11 +46,14 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # the tests build tiny SD3/Flux pipelines (CLIP, T5) and LoRA adapters locally: transformers, peft
+    # the tests build tiny SD3/Flux pipelines (CLIP, T5) and LoRA adapters locally: transformers, peft;
+    # they write and cache small .mp4 clips: av
     "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.8.0; platform_system=='Linux'",
-             "transformers>=4.44", "peft>=0.12", "torchao>=0.12", "ruff"],
+             "transformers>=4.44", "peft>=0.12", "torchao>=0.12", "ruff", "av>=12"],
     "diffusers": ["transformers>=4.44", "peft>=0.12", "sentencepiece", "accelerate"],
     "gpu": ["triton>=3.2", "nvtx", "torchao>=0.12"],
+    # Wan: video files (.mp4, .mov, .mkv, .webm, .avi) as `soar-fast cache` input and MP4 samples (PyAV's ffmpeg)
+    "video": ["av>=12"],
 }
 EXTRAS["all"] = sorted({r for v in EXTRAS.values() for r in v})
 

@@ -115,8 +115,12 @@ class CacheConfig:
     progress: bool = True
     """Show a tqdm progress bar."""
     num_frames: int = 17
-    """Wan (video) pipelines only: frames per clip, 4k + 1 (each clip's first ones; 81 is WanPipeline's
-    default length). The input is a folder of clips, each a subfolder of frames (soar_fast.data.video)."""
+    """Wan (video) pipelines only: frames per clip, 4k + 1 (81 is WanPipeline's default length, at 16 fps). The
+    input is a folder of clips, each a video file (.mp4 etc. with PyAV, .gif) or a subfolder of frames
+    (soar_fast.data.video)."""
+    frame_stride: int = 1
+    """Wan only: take every k-th frame of each clip from its first (2 turns 30 fps footage into 15 fps, near
+    Wan's 16); a clip needs (num_frames - 1) * frame_stride + 1 frames."""
     reference_root: str | None = None
     """FLUX.1 Kontext (FluxKontextPipeline folders) only: the folder of reference (input) images, one for each
     image of `data.root` at the same relative path (any image extension: `refs/a/x.jpg` for `data.root/a/x.png`);
@@ -131,6 +135,8 @@ class CacheConfig:
         for name in ("max_sequence_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CacheConfig.{name}={getattr(self, name)} is invalid: need >= 1")
+        if self.frame_stride < 1:
+            raise ConfigError(f"CacheConfig.frame_stride={self.frame_stride} is invalid: need >= 1")
         if (why := check_num_frames(self.num_frames)) is not None:
             raise ConfigError(f"CacheConfig.num_frames={self.num_frames} is invalid: {why}")
         if self.max_sequence_length > max(MAX_SEQUENCE_LENGTH.values()):
@@ -289,11 +295,11 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     video = family == "wan"
     reference = _check_reference(cfg, family, val_prompts)
     try:
-        scan = scan_clip_folder(cfg.data, cfg.num_frames) if video else scan_image_folder(cfg.data)
+        scan = scan_clip_folder(cfg.data, cfg.num_frames, cfg.frame_stride) if video else scan_image_folder(cfg.data)
     except (CaptionError, FileNotFoundError) as e:
         if video or not holds_clips(cfg.data):
             raise
-        raise type(e)(f"{e} ({cfg.data.root} holds video clips, subfolders of frames: a {family} pipeline caches "
+        raise type(e)(f"{e} ({cfg.data.root} holds video clips: a {family} pipeline caches "
                       "images; cache the clips with a Wan pipeline, or give a folder of images)") from None
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
     plan = plan_shards(scan.records, cfg.shard_size)
@@ -309,7 +315,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         "resolution": cfg.data.resolution,
         "buckets": scan.buckets,
         "latent_sampling": cfg.latent_sampling,
-        **({"num_frames": cfg.num_frames} if video else {}),
+        **({"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride} if video else {}),
         **({"reference_root": str(Path(cfg.reference_root).resolve())} if reference else {}),
     }
     if cfg.resume and (out / INDEX_FILE).is_file():  # a cache of another family: say so (not just "other settings")
@@ -350,7 +356,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             parts: list[dict[str, torch.Tensor]] = []
             captions, sources, shard_skipped, lengths = [], [], [], []
             for batch in load_batches(plan[i], cfg.batch_size, cfg.data.center_crop, pool,
-                                       cfg.num_frames if video else 0, reference):
+                                       (cfg.num_frames, cfg.frame_stride) if video else None, reference):
                 batch_px, batch_caps = [], []
                 for r, px in batch:
                     if isinstance(px, BaseException):  # unreadable since the scan: skip and report

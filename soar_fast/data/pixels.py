@@ -31,13 +31,14 @@ def reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
     raise FileNotFoundError(f"no reference image {Path(reference_root) / rel.with_suffix('.*')} for it")
 
 
-def load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0,
+def load_pixels(r: ImageRecord, center_crop: bool, clip: tuple[int, int] | None = None,
                  reference: tuple[str, str] | None = None) -> torch.Tensor | BaseException:
-    """Pixels [3, h, w] (a clip: [3, F, h, w]; with `reference = (root, reference_root)`: [2, 3, h, w], the
-    image and its reference at the image's size), or the error that stops them."""
+    """Pixels [3, h, w] (with `clip = (num_frames, frame_stride)`, a video clip: [3, F, h, w]; with
+    `reference = (root, reference_root)`: [2, 3, h, w], the image and its reference at the image's size),
+    or the error that stops them."""
     try:
-        if num_frames:  # a video clip: [3, F, h, w]
-            return load_clip(r, num_frames, center_crop)
+        if clip is not None:  # a video clip: [3, F, h, w]
+            return load_clip(r, *clip, center_crop=center_crop)
         px = image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
         if reference is None:
             return px
@@ -49,18 +50,18 @@ def load_pixels(r: ImageRecord, center_crop: bool, num_frames: int = 0,
 
 def load_batches(
     records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None,
-    num_frames: int = 0, reference: tuple[str, str] | None = None,
+    clip: tuple[int, int] | None = None, reference: tuple[str, str] | None = None,
 ) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
     """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]) or the load error); with a pool,
     the next two batches decode in threads while the current one is encoded (PIL releases the GIL)."""
     batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
     if pool is None:
         for b in batches:
-            yield [(r, load_pixels(r, center_crop, num_frames, reference)) for r in b]
+            yield [(r, load_pixels(r, center_crop, clip, reference)) for r in b]
         return
     pending: deque = deque()
     for b in batches:
-        pending.append((b, [pool.submit(load_pixels, r, center_crop, num_frames, reference) for r in b]))
+        pending.append((b, [pool.submit(load_pixels, r, center_crop, clip, reference) for r in b]))
         if len(pending) > 2:
             rb, futs = pending.popleft()
             yield list(zip(rb, (f.result() for f in futs), strict=True))

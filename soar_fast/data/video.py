@@ -1,11 +1,14 @@
-"""Video clips for `soar-fast cache` with a Wan pipeline: a folder of clips, each clip a subfolder of
-frame images (PNG/JPG/..., in name order), its caption in `<clip>.txt` beside the subfolder,
-`<clip>/caption.txt` inside it, or a `metadata.jsonl`/`.csv` row whose file_name is the clip folder.
+"""Video clips for `soar-fast cache` with a Wan pipeline: a folder of clips, each clip a video file
+(`VIDEO_EXTENSIONS`: .mp4/.mov/.mkv/.webm/.avi decoded with PyAV, `pip install av`; animated .gif
+with PIL) or a subfolder of frame images (PNG/JPG/..., in name order); its caption in `<clip>.txt`
+beside it (`clip.mp4` -> `clip.txt`), `<clip>/caption.txt` inside a frame folder, or a
+`metadata.jsonl`/`.csv` row whose file_name is the clip.
 
-Every clip gives its first `num_frames` frames (Wan's VAE compresses time 4x after the first frame,
-so `num_frames` is 4k + 1: 81 is the pipelines' default, 17 or 33 fit smaller GPUs), each resized
-and cropped as the images are (`ImageFolderConfig.resolution`, a square crop), stacked to
-`[3, F, H, W]` in [-1, 1]. A clip with fewer frames is skipped and reported, not padded.
+Every clip gives `num_frames` frames, every `frame_stride`-th from the first (Wan's VAE compresses
+time 4x after the first frame, so `num_frames` is 4k + 1: 81 is the pipelines' default at 16 fps;
+a 30 fps video at stride 2 is 15 fps), each resized and cropped as the images are
+(`ImageFolderConfig.resolution`, a square crop), stacked to `[3, F, H, W]` in [-1, 1]. A clip with
+fewer frames is skipped and reported, not padded.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageSequence
 
+from soar_fast.config import ConfigError
 from soar_fast.data.images import (
     IMAGE_EXTENSIONS,
     CaptionError,
@@ -29,7 +34,10 @@ from soar_fast.data.images import (
     resize_center_crop,
 )
 
-__all__ = ["check_num_frames", "holds_clips", "load_clip", "scan_clip_folder"]
+__all__ = ["VIDEO_EXTENSIONS", "check_num_frames", "clip_frames", "frame_count", "holds_clips", "load_clip", "scan_clip_folder"]
+
+#: Clip files (the rest of a clip folder's entries are frame subfolders); all but .gif need PyAV.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +51,70 @@ def check_num_frames(n: int) -> str | None:
 
 
 def holds_clips(cfg: ImageFolderConfig) -> bool:
-    """Whether `cfg.root` looks like a folder of clips: a subfolder of frames with its caption file
-    (`_caption_file`; what an image pipeline given clips meant to cache)."""
+    """Whether `cfg.root` looks like a folder of clips: a video file or a subfolder of frames, with its
+    caption file (`_caption_file`; what an image pipeline given clips meant to cache)."""
     root = Path(cfg.root)
-    return root.is_dir() and any(d.is_dir() and _frames(d) and _caption_file(cfg, d) for d in root.iterdir())
+    return root.is_dir() and any(_is_clip(d) and _caption_file(cfg, d) for d in root.iterdir())
 
 
 def _frames(clip: Path) -> list[Path]:
     return sorted(p for p in clip.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _is_video_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _is_clip(p: Path) -> bool:
+    return _is_video_file(p) or (p.is_dir() and bool(_frames(p)))
+
+
+def _av(path: Path):
+    try:
+        import av
+    except ImportError:
+        raise ConfigError(f"reading {path} needs PyAV: pip install av (or soar-fast[video]), or give the clip as a "
+                          "folder of frame images") from None
+    return av
+
+
+def frame_count(clip: Path) -> int:
+    """How many frames the clip has (a video container's own count where it keeps one, else decoded)."""
+    if clip.is_dir():
+        return len(_frames(clip))
+    if clip.suffix.lower() == ".gif":
+        with Image.open(clip) as im:
+            return getattr(im, "n_frames", 1)
+    with _av(clip).open(str(clip)) as container:
+        stream = container.streams.video[0]
+        return stream.frames or sum(1 for _ in container.decode(stream))
+
+
+def clip_frames(clip: Path, count: int, stride: int = 1) -> list[Image.Image]:
+    """The clip's frames 0, stride, 2·stride, ... (`count` of them, RGB; fewer if it is shorter), from a
+    frame folder, an animated GIF (PIL) or a video file (PyAV); decoding stops at the last one needed."""
+    need = (count - 1) * stride + 1
+    if clip.is_dir():
+        return [load_image(f) for f in _frames(clip)[:need:stride]]
+    if clip.suffix.lower() == ".gif":
+        with Image.open(clip) as im:
+            return [f.convert("RGB") for i, f in zip(range(need), ImageSequence.Iterator(im), strict=False)
+                    if i % stride == 0]
+    out = []
+    with _av(clip).open(str(clip)) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i >= need:
+                break
+            if i % stride == 0:
+                out.append(frame.to_image().convert("RGB"))
+    return out
+
+
 def _caption_file(cfg: ImageFolderConfig, clip: Path) -> Path | None:
-    """`<clip><ext>` beside the clip's folder, else `caption<ext>` in it, else None."""
-    return next((t for t in (clip.parent / (clip.name + cfg.caption_extension), clip / f"caption{cfg.caption_extension}")
-                 if t.is_file()), None)
+    """`<clip><ext>` beside the clip (a video's suffix replaced), else `caption<ext>` in its folder, else None."""
+    beside = clip.with_suffix(cfg.caption_extension) if clip.is_file() else clip.parent / (clip.name + cfg.caption_extension)
+    inside = [] if clip.is_file() else [clip / f"caption{cfg.caption_extension}"]
+    return next((t for t in (beside, *inside) if t.is_file()), None)
 
 
 def _caption(cfg: ImageFolderConfig, clip: Path) -> str | None:
@@ -64,36 +122,41 @@ def _caption(cfg: ImageFolderConfig, clip: Path) -> str | None:
     return None if txt is None else txt.read_text(encoding="utf-8").strip()
 
 
-def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int) -> ScanResult:
+def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int, frame_stride: int = 1) -> ScanResult:
     """The clips of `cfg.root` (sorted by path) with their captions; one square bucket of `cfg.resolution`."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"clip folder {root} does not exist")
     meta = metadata_file(cfg)
     if meta is not None:
-        pairs = [(p, c) for p, c in _read_metadata(cfg, meta) if p.is_dir()]
+        pairs = [(p, c) for p, c in _read_metadata(cfg, meta) if _is_clip(p)]
     else:
-        pairs = [(d, _caption(cfg, d)) for d in sorted(root.iterdir()) if d.is_dir() and _frames(d)]
+        pairs = [(d, _caption(cfg, d)) for d in sorted(root.iterdir()) if _is_clip(d)]
     if not pairs:
         images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file())
         hint = (" (it holds images: a Wan pipeline caches videos; put each clip's frames in a subfolder of "
                 f"{root}, or cache the images with an image pipeline)" if images else "")
-        raise FileNotFoundError(f"no clips found in {root}: each clip is a subfolder of frame images "
-                                f"({', '.join(IMAGE_EXTENSIONS)}){hint}")
+        raise FileNotFoundError(f"no clips found in {root}: each clip is a video file ({', '.join(VIDEO_EXTENSIONS)}) "
+                                f"or a subfolder of frame images ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     bucket = (cfg.resolution, cfg.resolution)
+    need = (num_frames - 1) * frame_stride + 1
     records, skipped = [], []
     for clip, caption in sorted(pairs, key=lambda pc: str(pc[0])):
         if not caption:
             if not cfg.allow_empty_captions:
-                raise CaptionError(f"{clip}: missing caption (no {clip.name}{cfg.caption_extension} beside it, no "
-                                   f"caption{cfg.caption_extension} in it); add one or set allow_empty_captions=True")
+                raise CaptionError(f"{clip}: missing caption (no {_caption_name(cfg, clip)} beside it"
+                                   f"{'' if clip.is_file() else f', no caption{cfg.caption_extension} in it'}); "
+                                   "add one or set allow_empty_captions=True")
             caption = ""
-        frames = _frames(clip)
-        if len(frames) < num_frames:
-            skipped.append(SkippedFile(str(clip), f"{len(frames)} frame(s), fewer than --num_frames {num_frames}"))
-            continue
         try:
-            size = load_image(frames[0]).size
+            count = frame_count(clip)
+            if count < need:
+                stride = f" at --frame_stride {frame_stride} ({need})" if frame_stride > 1 else ""
+                skipped.append(SkippedFile(str(clip), f"{count} frame(s), fewer than --num_frames {num_frames}{stride}"))
+                continue
+            size = clip_frames(clip, 1)[0].size
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure: skip and report
             skipped.append(SkippedFile(str(clip), f"{type(e).__name__}: {e}"))
             continue
@@ -105,9 +168,13 @@ def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int) -> ScanResult:
     return ScanResult(records=records, skipped=skipped, buckets=[bucket])
 
 
-def load_clip(r: ImageRecord, num_frames: int, center_crop: bool) -> torch.Tensor:
-    """The clip's first `num_frames` frames as `[3, F, H, W]` in [-1, 1]."""
-    frames = _frames(Path(r.path))[:num_frames]
+def _caption_name(cfg: ImageFolderConfig, clip: Path) -> str:
+    return clip.with_suffix(cfg.caption_extension).name if clip.is_file() else clip.name + cfg.caption_extension
+
+
+def load_clip(r: ImageRecord, num_frames: int, frame_stride: int = 1, center_crop: bool = True) -> torch.Tensor:
+    """The clip's `num_frames` frames (every `frame_stride`-th from the first) as `[3, F, H, W]` in [-1, 1]."""
+    frames = clip_frames(Path(r.path), num_frames, frame_stride)
     if len(frames) < num_frames:
-        raise ValueError(f"{len(frames)} frame(s), fewer than --num_frames {num_frames}")
-    return torch.stack([image_to_tensor(resize_center_crop(load_image(f), r.bucket, center_crop)) for f in frames], 1)
+        raise ValueError(f"{len(frames)} frame(s) at stride {frame_stride}, fewer than --num_frames {num_frames}")
+    return torch.stack([image_to_tensor(resize_center_crop(f, r.bucket, center_crop)) for f in frames], 1)
