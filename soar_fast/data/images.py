@@ -40,6 +40,7 @@ __all__ = [
     "SkippedFile",
     "image_to_tensor",
     "load_image",
+    "folder_buckets",
     "make_buckets",
     "nearest_bucket",
     "resize_center_crop",
@@ -138,6 +139,13 @@ def make_buckets(resolution: int, step: int = 64, max_aspect_ratio: float = 2.0)
             buckets.add((w, h))
         w += step
     return sorted(buckets, key=lambda hw: (hw[1] / hw[0], hw[0]))
+
+
+def folder_buckets(cfg: ImageFolderConfig) -> list[tuple[int, int]]:
+    """The (height, width) crops of a folder's images or clips: `make_buckets` with aspect buckets, else the square."""
+    if cfg.aspect_buckets:
+        return make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+    return [(cfg.resolution, cfg.resolution)]
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -259,11 +267,7 @@ def scan_image_folder(cfg: ImageFolderConfig) -> ScanResult:
     if not pairs:
         raise FileNotFoundError(f"no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
 
-    buckets = (
-        make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
-        if cfg.aspect_buckets
-        else [(cfg.resolution, cfg.resolution)]
-    )
+    buckets = folder_buckets(cfg)
     records, skipped = [], []
     for path, caption in sorted(pairs, key=lambda pc: str(pc[0])):
         if not caption or not caption.strip():

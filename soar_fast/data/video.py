@@ -7,7 +7,8 @@ beside it (`clip.mp4` -> `clip.txt`), `<clip>/caption.txt` inside a frame folder
 Every clip gives `num_frames` frames, every `frame_stride`-th from the first (Wan's VAE compresses
 time 4x after the first frame, so `num_frames` is 4k + 1: 81 is the pipelines' default at 16 fps;
 a 30 fps video at stride 2 is 15 fps), each resized and cropped as the images are
-(`ImageFolderConfig.resolution`, a square crop), stacked to `[3, F, H, W]` in [-1, 1]. A clip with
+(`ImageFolderConfig.resolution`: a square crop, or with `aspect_buckets` the bucket of the clip's
+aspect ratio), stacked to `[3, F, H, W]` in [-1, 1]. A clip with
 fewer frames is skipped and reported, not padded.
 """
 
@@ -28,9 +29,11 @@ from soar_fast.data.images import (
     ScanResult,
     SkippedFile,
     _read_metadata,
+    folder_buckets,
     image_to_tensor,
     load_image,
     metadata_file,
+    nearest_bucket,
     resize_center_crop,
 )
 
@@ -123,7 +126,8 @@ def _caption(cfg: ImageFolderConfig, clip: Path) -> str | None:
 
 
 def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int, frame_stride: int = 1) -> ScanResult:
-    """The clips of `cfg.root` (sorted by path) with their captions; one square bucket of `cfg.resolution`."""
+    """The clips of `cfg.root` (sorted by path) with their captions, each in the bucket of its first frame
+    (`cfg.aspect_buckets`: the nearest aspect ratio, as images; else the square of `cfg.resolution`)."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"clip folder {root} does not exist")
@@ -138,7 +142,7 @@ def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int, frame_stride: int 
                 f"{root}, or cache the images with an image pipeline)" if images else "")
         raise FileNotFoundError(f"no clips found in {root}: each clip is a video file ({', '.join(VIDEO_EXTENSIONS)}) "
                                 f"or a subfolder of frame images ({', '.join(IMAGE_EXTENSIONS)}){hint}")
-    bucket = (cfg.resolution, cfg.resolution)
+    buckets = folder_buckets(cfg)
     need = (num_frames - 1) * frame_stride + 1
     records, skipped = [], []
     for clip, caption in sorted(pairs, key=lambda pc: str(pc[0])):
@@ -160,12 +164,12 @@ def scan_clip_folder(cfg: ImageFolderConfig, num_frames: int, frame_stride: int 
         except Exception as e:  # noqa: BLE001 - any decoder failure: skip and report
             skipped.append(SkippedFile(str(clip), f"{type(e).__name__}: {e}"))
             continue
-        records.append(ImageRecord(str(clip), caption.strip(), size, bucket))
+        records.append(ImageRecord(str(clip), caption.strip(), size, nearest_bucket(*size, buckets)))
     for s in skipped:
         log.warning("skipping %s: %s", s.path, s.reason)
     if not records:
         raise FileNotFoundError(f"no usable clips in {root}; {len(skipped)} skipped ({skipped[0].reason})")
-    return ScanResult(records=records, skipped=skipped, buckets=[bucket])
+    return ScanResult(records=records, skipped=skipped, buckets=buckets)
 
 
 def _caption_name(cfg: ImageFolderConfig, clip: Path) -> str:

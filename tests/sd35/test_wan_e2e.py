@@ -192,6 +192,30 @@ def test_cache_of_video_files_at_a_frame_stride(wan_dir, tmp_path):
     assert (a - b).abs().mean() < 0.1 * b.abs().mean()
 
 
+def test_aspect_buckets_of_clips_cache_and_train(wan_dir, tmp_path):
+    """`--data.aspect_buckets` buckets clips by their first frame's aspect ratio as it does images: a
+    landscape and a portrait pair cache into shards of two latent shapes, and SOAR trains on them."""
+    from soar_fast.data.latents import LatentsDataset
+
+    clips = tmp_path / "clips"
+    for i, size in enumerate([(64, 32), (64, 32), (32, 64), (32, 64)]):  # (width, height)
+        (clips / f"clip{i}").mkdir(parents=True)
+        for k in range(FRAMES):
+            write_image(clips / f"clip{i}" / f"{k:03d}.png", size=size, seed=10 * i + k)
+        (clips / f"clip{i}.txt").write_text(f"a moving shape number {i}", encoding="utf-8")
+    argv = _cache_argv(wan_dir, clips, tmp_path / "cache")
+    argv[argv.index("--data.resolution") + 1] = "48"
+    run_ok([*argv, "--data.aspect_buckets", "--data.bucket_step", "16"])
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert [tuple(b) for b in index["info"]["buckets"]] == [(64, 32), (48, 48), (32, 64)]
+    shapes = sorted(tuple(load_file(str(tmp_path / "cache" / s["file"]))["latents"].shape) for s in index["shards"])
+    assert shapes == [(2, 16, 2, 4, 8), (2, 16, 2, 8, 4)]  # [N, C, f, H / 8, W / 8] per bucket
+    assert len(LatentsDataset(str(tmp_path / "cache"))) == 4
+    run_ok(["train", "--recipe", "tiny-wan", "--pretrained_model_name_or_path", str(wan_dir), "--data.source",
+            "latents", "--data.data_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run"), *FAST_TRAIN])
+    assert (tmp_path / "run" / "final" / "transformer").is_dir()
+
+
 def test_bad_video_input_is_one_line(wan_dir, tiny_sd3_dir, caption_folder, tmp_path, capsys):
     def bad(argv, *needles):
         rc = main(argv)
