@@ -13,10 +13,10 @@ Resuming: the plan (which images go to which shard) is a deterministic function 
 image list and the settings, summarised by a fingerprint stored in index.json. Re-running with
 the same arguments skips shards that are complete and verify, and rewrites the rest.
 
-Validation prompts (`--validation_prompts FILE`, one prompt a line): encoded by the same prompt
-encoder into `validation.safetensors` (`prompt_embeds [K, L, D]`, `pooled [K, P]`, L as the
-shards'), the texts in index.json's `validation` entry; `soar-fast train --validation_steps N`
-samples them (soar_fast.train.validation). They are not part of the fingerprint: adding them to
+Validation prompts (`--validation_prompts FILE`, one prompt a line; FLUX.1 Kontext: a .jsonl of
+prompts and input images): encoded by the same encoders into `validation.safetensors`
+(soar_fast.data.validation_prompts); `soar-fast train --validation_steps N` samples them
+(soar_fast.train.validation). They are not part of the fingerprint: adding them to
 an existing cache (or changing them) re-encodes only them; a re-run with the same prompts, or
 without the flag, keeps them.
 """
@@ -57,22 +57,25 @@ from soar_fast.data.shards import (
     REFERENCE,
     ShardError,
     ShardWriter,
-    _save_atomic,
-    _tensor_info,
     read_index,
     verify_cache,
-    verify_shard,
+)
+from soar_fast.data.validation_prompts import (
+    VALIDATION_FILE,
+    ValidationSet,
+    read_validation_set,
+    validation_done,
+    write_validation,
 )
 from soar_fast.data.video import check_num_frames, holds_clips, scan_clip_folder
 
-__all__ = ["VALIDATION_FILE", "CacheConfig", "CacheResult", "plan_shards", "read_validation_prompts", "run_cache"]
+__all__ = ["CacheConfig", "CacheResult", "plan_shards", "run_cache"]
 
 log = logging.getLogger(__name__)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 #: The validation prompts' embeddings in a cache folder (see the module doc).
-VALIDATION_FILE = "validation.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -127,7 +130,8 @@ class CacheConfig:
     each is resized and cropped to its image's size and cached as `reference` latents. A separate folder."""
     validation_prompts: str | None = None
     """A .txt file of prompts (one a line; blank lines and `#` comments skipped) to encode too, for the
-    validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there)."""
+    validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there).
+    FLUX.1 Kontext: a .jsonl of `{"prompt": ..., "image": ...}` rows, the input image of each edit."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -206,76 +210,27 @@ def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], 
     return tensors, lengths
 
 
-def read_validation_prompts(path: str) -> list[str]:
-    """The prompts of a `--validation_prompts` file: one a line, blank lines and `#` comments skipped.
-    A missing or empty file is a one-line `ConfigError`."""
-    p = Path(path).expanduser()
-    fix = "pass a .txt file with one prompt a line"
-    if not p.is_file():
-        raise ConfigError(f"--validation_prompts {path}: {'a folder' if p.is_dir() else 'no such file'}; {fix}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"--validation_prompts {path} is not UTF-8 text; {fix}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--validation_prompts {path} holds no prompts; {fix}")
-    return prompts
-
-
-def _validation_done(writer: ShardWriter, prompts: list[str] | None) -> bool:
-    """True when nothing is asked, or the cache already holds exactly `prompts` and its file verifies."""
-    if prompts is None:
-        return True
-    e = writer.index.get("validation")
-    if e is None or e.get("prompts") != prompts:
-        return False
-    try:
-        verify_shard(writer.dir, e)
-    except ShardError:
-        return False
-    return True
-
-
-@torch.no_grad()
-def _write_validation(writer: ShardWriter, pipe, family: str, prompts: list[str], cfg: CacheConfig, text_len: int,
-                      device: torch.device) -> None:
-    """Encode `prompts` like the captions (padded to the shards' L; the zero-padded families truncate
-    a longer prompt to L) into VALIDATION_FILE and record them in index.json."""
-    msl = min(cfg.max_sequence_length, text_len) if family in MASKED_FAMILIES else cfg.max_sequence_length
-    pes, pooleds, lengths = [], [], []
-    for s in range(0, len(prompts), cfg.batch_size):
-        pe, pooled, n = encode_prompts(pipe, family, prompts[s : s + cfg.batch_size], msl, device, text_len)
-        pes.append(pe)
-        pooleds.append(pooled)
-        lengths += n
-    store = getattr(torch, cfg.store_dtype)
-    tensors = {"prompt_embeds": torch.cat(pes).to(store).cpu().contiguous(),
-               "pooled": torch.cat(pooleds).to(store).cpu().contiguous()}
-    digest = _save_atomic(tensors, writer.dir / VALIDATION_FILE)
-    entry = {"file": VALIDATION_FILE, "tensors": _tensor_info(tensors), "sha256": digest, "prompts": prompts}
-    if family in MASKED_FAMILIES:
-        entry["prompt_lengths"] = lengths
-    writer.index["validation"] = entry
-    writer.flush()
-
-
-def _check_reference(cfg: CacheConfig, family: str, val_prompts: list[str] | None) -> tuple[str, str] | None:
+def _check_reference(cfg: CacheConfig, family: str, val: ValidationSet | None) -> tuple[str, str] | None:
     """`(data.root, reference_root)` for a FLUX.1 Kontext folder, None for any other; one-line errors for a
-    Kontext folder without references (or with validation prompts) and for references given to another folder."""
+    Kontext folder without references (or with validation prompts without images) and for references or
+    validation images given to another folder."""
     kontext = pipeline_class_name(cfg.pretrained_model_name_or_path) == KONTEXT_PIPELINE
     if not kontext:
         if cfg.reference_root:
             raise ConfigError(f"--reference_root is for FLUX.1 Kontext (FluxKontextPipeline) folders, but "
                               f"{cfg.pretrained_model_name_or_path} is a {family} text-to-image pipeline; drop it")
+        if val is not None and val.images is not None:
+            raise ConfigError(f"--validation_prompts {cfg.validation_prompts}: input images are for FLUX.1 Kontext "
+                              f"folders, but {cfg.pretrained_model_name_or_path} is a {family} text-to-image pipeline; "
+                              "pass a .txt of prompts")
         return None
     if not cfg.reference_root or not Path(cfg.reference_root).is_dir():
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} is a FLUX.1 Kontext pipeline: pass --reference_root "
                           f"<folder of the input images, same relative paths as {cfg.data.root}>"
                           + (f" ({cfg.reference_root} is not a folder)" if cfg.reference_root else ""))
-    if val_prompts:
-        raise ConfigError("--validation_prompts: validation grids of a FLUX.1 Kontext cache would need reference "
-                          "images too (not supported); drop --validation_prompts")
+    if val is not None and val.images is None:
+        raise ConfigError(f"--validation_prompts {cfg.validation_prompts}: a FLUX.1 Kontext validation edits an input "
+                          "image per prompt; pass a .jsonl of {\"prompt\": ..., \"image\": ...} rows")
     return cfg.data.root, cfg.reference_root
 
 
@@ -287,7 +242,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     """
     from tqdm.auto import tqdm
 
-    val_prompts = read_validation_prompts(cfg.validation_prompts) if cfg.validation_prompts else None
+    val_prompts = read_validation_set(cfg.validation_prompts) if cfg.validation_prompts else None
     family = pipeline_family(cfg.pretrained_model_name_or_path)
     if cfg.max_sequence_length > MAX_SEQUENCE_LENGTH[family]:
         raise ConfigError(f"CacheConfig.max_sequence_length={cfg.max_sequence_length} is invalid for a {family} "
@@ -326,7 +281,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     writer = ShardWriter(out, _fingerprint(cfg, plan), info)
     todo = [i for i in range(len(plan)) if not writer.is_done(i)]
     need_empty = not writer.is_done_empty()
-    need_validation = not _validation_done(writer, val_prompts)
+    need_validation = not validation_done(writer, val_prompts)
     reused = len(plan) - len(todo)
     pipe, text_len = None, cfg.max_sequence_length
     if todo or need_empty or need_validation:
@@ -345,7 +300,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         store = getattr(torch, cfg.store_dtype)
         writer.write_empty_prompt(pe[0].to(store).cpu(), pooled[0].to(store).cpu())
     if need_validation:
-        _write_validation(writer, pipe, family, val_prompts, cfg, text_len, device)
+        write_validation(writer, pipe, family, val_prompts, cfg, text_len, device)
 
     done_samples = sum(len(plan[i]) for i in set(range(len(plan))) - set(todo))
     bar = tqdm(total=len(scan.records), initial=done_samples, desc="cache", unit="img", disable=not cfg.progress)

@@ -131,11 +131,12 @@ class LatentsDataset:
         return dict(self._ds.index.get("info", {}))
 
     def validation(self) -> tuple[list[str], tuple[torch.Tensor, ...]] | None:
-        """The cache's validation prompts `(texts, (prompt_embeds [K, L, D], pooled [K, P][, mask [K, L]]))` in
-        fp32, or None when it was made without `--validation_prompts` (shapes checked here, hashes on opening)."""
+        """The cache's validation prompts `(texts, (prompt_embeds [K, L, D], pooled [K, P][, mask [K, L]]
+        [, reference [K, C, h, w]]))` in fp32 (reference: a Kontext cache's input images), or None when it was
+        made without `--validation_prompts` (shapes checked here, hashes on opening)."""
         from safetensors import safe_open
 
-        from soar_fast.data.shards import ShardError, verify_shard
+        from soar_fast.data.shards import REFERENCE, ShardError, verify_shard
 
         entry = self._ds.index.get("validation")
         if entry is None:
@@ -146,9 +147,11 @@ class LatentsDataset:
             raise ConfigError(str(e).splitlines()[0]) from None
         with safe_open(str(Path(self.cache_dir) / entry["file"]), framework="pt") as f:
             cond = (f.get_tensor("prompt_embeds").float(), f.get_tensor("pooled").float())
-        if self.masked:
-            k, length = cond[0].shape[:2]
-            cond += (text_mask(entry.get("prompt_lengths", [length] * k), length),)
+            if self.masked:
+                k, length = cond[0].shape[:2]
+                cond += (text_mask(entry.get("prompt_lengths", [length] * k), length),)
+            if REFERENCE in f.keys():  # FLUX.1 Kontext: each validation edit's input image
+                cond += (f.get_tensor(REFERENCE).float(),)
         return list(entry["prompts"]), cond
 
     def batch(self, indices: torch.Tensor):

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from soar_fast.eval.sampler import _expand, cfg_velocity, sampler_sigmas
+from soar_fast.eval.sampler import cfg_velocity, sampler_sigmas
+from soar_fast.loss.cond import broadcast_uncond
 
 __all__ = ["conditional_accuracy", "exposure_bias", "frechet_distance", "gaussian_stats", "precision_recall_coverage"]
 
@@ -75,7 +76,7 @@ def exposure_bias(velocity_fn, z0: torch.Tensor, cond: Any, uncond: Any, *, num_
     z1 = torch.randn(z0.shape, generator=g).to(z0.device)
     sig = sampler_sigmas(num_steps, shift, z0.device)
     ks = np.unique(np.linspace(1, num_steps - 1, min(num_sigmas, num_steps - 1)).round().astype(int))
-    ub = _expand(uncond, z0.shape[0])
+    ub = broadcast_uncond(uncond, cond, z0.shape[0])
     out: dict[str, list[float]] = {k: [] for k in ("sigma", "err_own", "err_true", "x0_own", "x0_true", "drift")}
     for k in ks.tolist():
         j = max(k - window, 0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from soar_fast.loss.cond import to_device
+from soar_fast.loss.cond import broadcast_uncond, cat_cond, to_device
 from soar_fast.loss.schedule import shift_sigma
 
 __all__ = ["cfg_velocity", "euler_sample", "generate_digits", "sampler_sigmas"]
@@ -22,18 +22,6 @@ def sampler_sigmas(num_steps: int, shift: float, device: torch.device | str = "c
     return shift_sigma(u, shift).to(device=device, dtype=torch.float32)
 
 
-def _expand(uncond: Any, n: int) -> Any:
-    parts = uncond if isinstance(uncond, tuple) else (uncond,)
-    out = tuple(p.unsqueeze(0).expand(n, *p.shape) for p in parts)
-    return out if isinstance(uncond, tuple) else out[0]
-
-
-def _cat(a: Any, b: Any) -> Any:
-    if isinstance(a, tuple):
-        return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
-    return torch.cat([a, b])
-
-
 @torch.no_grad()
 def cfg_velocity(velocity_fn, z: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond_b: Any,
                  guidance_scale: float) -> torch.Tensor:
@@ -42,7 +30,7 @@ def cfg_velocity(velocity_fn, z: torch.Tensor, sigma: torch.Tensor, cond: Any, u
         return velocity_fn(z, sigma, cond).float()
     if guidance_scale == 0.0:
         return velocity_fn(z, sigma, uncond_b).float()
-    v_u, v_c = velocity_fn(torch.cat([z, z]), torch.cat([sigma, sigma]), _cat(uncond_b, cond)).float().chunk(2)
+    v_u, v_c = velocity_fn(torch.cat([z, z]), torch.cat([sigma, sigma]), cat_cond(uncond_b, cond)).float().chunk(2)
     return v_u + guidance_scale * (v_c - v_u)
 
 
@@ -58,7 +46,7 @@ def euler_sample(velocity_fn, z1: torch.Tensor, cond: Any, uncond: Any, *, num_s
         rows = slice(start, min(start + bs, n))
         z = z1[rows].float()
         c = tuple(t[rows] for t in cond) if isinstance(cond, tuple) else cond[rows]
-        ub = _expand(uncond, z.shape[0])
+        ub = broadcast_uncond(uncond, c, z.shape[0])  # a None part (Kontext's image) keeps each row's own
         for i in range(num_steps):
             s = sig[i].expand(z.shape[0])
             z = z + (sig[i + 1] - sig[i]) * cfg_velocity(velocity_fn, z, s, c, ub, guidance_scale)

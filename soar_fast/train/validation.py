@@ -3,7 +3,7 @@
 The cache's validation prompts (`soar-fast cache ... --validation_prompts FILE`) are sampled with
 fixed noise (its own generator: the training RNG and the data sampler are untouched, so a run
 resumes bitwise across a validation) through the family's velocity and the Euler/CFG sampler on
-latents. Every rank runs the sharded model on the same noise (the FSDP2 forward is collective);
+latents (FLUX.1 Kontext: each edit of its input image, shown in the grid's first row). Every rank runs the sharded model on the same noise (the FSDP2 forward is collective);
 rank 0 alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU
 between validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
 validation's cost in seconds (TensorBoard `validation/seconds` and `samples/validation.jsonl`;
@@ -52,8 +52,9 @@ class LatentValidation:
     """Built by `maybe(...)` when a latent-cache run asks for validation images."""
 
     def __init__(self, prompts: list[str], cond: tuple[torch.Tensor, ...], shape: tuple[int, ...], pipeline: str,
-                 family: str):
+                 family: str, reference: bool = False):
         self.prompts, self.cond, self.shape, self.pipeline, self.family = prompts, cond, shape, pipeline, family
+        self.reference = reference  # FLUX.1 Kontext: cond[-1] holds the input images; the grid shows them first
         self.vae: Any = None
 
     @classmethod
@@ -64,13 +65,13 @@ class LatentValidation:
         if cfg.data.source != "latents" or not lc.validation_steps or not lc.validation_images_per_class:
             return None
         where = dataset.cache_dir
-        if getattr(dataset, "has_reference", False):
-            raise ConfigError(f"--validation_steps {lc.validation_steps}: {where} is a FLUX.1 Kontext cache, whose "
-                              "validation would need reference images (not supported); pass --validation_steps 0")
+        kontext = getattr(dataset, "has_reference", False)
         val = dataset.validation()
-        if val is None:
+        if val is None or (kontext and len(val[1]) < len(dataset.uncond())):
+            what = "edits (prompts with input images)" if kontext else "prompts"
+            file = "EDITS.jsonl" if kontext else "FILE"
             raise ConfigError(f"--validation_steps {lc.validation_steps}: the latent cache {where} holds no validation "
-                              f"prompts; re-run `soar-fast cache ... --output_dir {where} --validation_prompts FILE` "
+                              f"{what}; re-run `soar-fast cache ... --output_dir {where} --validation_prompts {file}` "
                               "(it keeps the shards) or pass --validation_steps 0")
         info = dataset.info
         pipeline = info.get("pipeline") or ""
@@ -81,7 +82,9 @@ class LatentValidation:
             else:
                 raise ConfigError(f"--validation_steps: the pipeline folder {pipeline!r} the cache {where} was made "
                                   "from is gone (its VAE decodes the images); restore it or pass --validation_steps 0")
-        return cls(val[0], val[1], tuple(dataset.sample_shape), pipeline, info.get("family", "sd3"))
+        # Kontext edits come out at their input image's size (the reference latents' shape)
+        shape = tuple(val[1][-1].shape[1:]) if kontext else tuple(dataset.sample_shape)
+        return cls(val[0], val[1], shape, pipeline, info.get("family", "sd3"), kontext)
 
     def _load_vae(self):
         if self.vae is None:
@@ -110,7 +113,8 @@ class LatentValidation:
             return None
         vae = self._load_vae().to(device)
         try:
-            imgs = torch.cat([decode_latents(vae, self.family, z0[i : i + 1]) for i in range(z0.shape[0])])
+            rows = torch.cat([self.cond[-1].to(device), z0]) if self.reference else z0  # inputs, then edits
+            imgs = torch.cat([decode_latents(vae, self.family, rows[i : i + 1]) for i in range(rows.shape[0])])
         finally:
             self.vae = vae.to("cpu")
         grid = make_grid(imgs, nrow=k, scale=1, pad=2)

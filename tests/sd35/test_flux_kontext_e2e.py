@@ -118,12 +118,53 @@ def test_bad_kontext_input_is_one_line(kontext_dir, tiny_flux_dir, caption_folde
          "x", "--output_dir", str(tmp_path / "s"), *SAMPLE], "--image", "drop it")
 
 
-def test_validation_of_a_kontext_cache_is_one_line(kontext_dir, kontext_cache, tmp_path, capsys):
-    rc = main(["train", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir),
-               "--data.source", "latents", "--data.data_dir", str(kontext_cache), "--output_dir", str(tmp_path / "r"),
-               *FAST_TRAIN, "--validation_steps", "1", "--logging.validation_images_per_class", "1"])
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast")]
-    assert rc == 2 and len(err) == 1 and "Kontext" in err[0] and "--validation_steps 0" in err[0], err
+def test_validation_edits_of_a_kontext_cache(kontext_dir, kontext_cache, references, tiny_flux_dir, caption_folder,
+                                             tmp_path, capsys):
+    """`--validation_prompts edits.jsonl` (prompt + input image rows) adds the edits to a Kontext cache (its
+    shards kept): the images' latents as the shards' references; `train --validation_steps 1` writes a grid
+    of the inputs over their edits. A .txt for a Kontext folder, images for a text-to-image folder and a
+    Kontext cache without edits are one line each."""
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    shutil.copytree(kontext_cache, cache)
+    refs = sorted(references.glob("*.png"))[:2]
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"prompt": f"make it blue {i}", "image": str(r)}) + "\n"
+                             for i, r in enumerate(refs)), encoding="utf-8")
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*.safetensors")}
+    run_ok(_cache_argv(kontext_dir, caption_folder, cache, "--reference_root", str(references),
+                       "--validation_prompts", str(edits)))
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*.safetensors")} == before
+    entry = json.loads((cache / "index.json").read_text())["validation"]
+    assert entry["prompts"] == ["make it blue 0", "make it blue 1"] and entry["images"] == [str(r.resolve()) for r in refs]
+    val = load_file(str(cache / "validation.safetensors"))
+    shard = load_file(str(sorted(cache.glob("shard-*.safetensors"))[0]))
+    assert val["reference"].shape == (2, *shard["reference"].shape[1:])
+    assert shard["reference"].shape[1:] == shard["latents"].shape[1:]
+
+    out = tmp_path / "run"
+    run_ok(["train", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir), "--data.source",
+            "latents", "--data.data_dir", str(cache), "--output_dir", str(out), *FAST_TRAIN, "--validation_steps", "1",
+            "--logging.validation_images_per_class", "1", "--logging.validation_inference_steps", "2"])
+    grid = Image.open(out / "samples" / "step-000001.png")
+    assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2 edits: the inputs' row over the edits' row, pad 2
+
+    def bad(argv, *needles):
+        rc = main(argv)
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("soar-fast")]
+        assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (rc, err)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    bad(_cache_argv(kontext_dir, caption_folder, tmp_path / "c1", "--reference_root", str(references),
+                    "--validation_prompts", str(prompts)), "input image per prompt", ".jsonl")
+    bad(_cache_argv(tiny_flux_dir, caption_folder, tmp_path / "c2", "--validation_prompts", str(edits)),
+        "input images are for FLUX.1 Kontext", "pass a .txt of prompts")
+    bad(["train", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir), "--data.source",
+         "latents", "--data.data_dir", str(kontext_cache), "--output_dir", str(tmp_path / "r"), *FAST_TRAIN,
+         "--validation_steps", "1", "--logging.validation_images_per_class", "1"],
+        "holds no validation edits", "--validation_prompts EDITS.jsonl")
 
 
 def test_plan_counts_the_reference_tokens(kontext_dir, kontext_cache, tiny_flux_dir, caption_folder, tmp_path, capsys):
