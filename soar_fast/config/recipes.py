@@ -171,9 +171,11 @@ class FamilyRecipe:
     guidance_scale: float
     shift: float
     why: str
+    reference: bool = False
+    """FLUX.1 Kontext: its caches carry the input images' latents (the planner assumes them without a cache)."""
 
 
-#: One real recipe per family, two for Wan (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
+#: One real recipe per family, two for Wan and FLUX.2 (dev, klein), FLUX.1 Kontext beside FLUX.1-dev (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
 #: constant LR, bf16 compute). Models above ~3B parameters default to LoRA (rank 64, lr 1e-4, the
 #: habit of flow_grpo and diffusers' Flux/SD3.5-L scripts): their fp32 weights + AdamW states alone
 #: exceed one 80 GB GPU. Per-GPU batch splits: docs/families.md "Real recipes" (`soar-fast plan`).
@@ -183,6 +185,10 @@ FAMILY_RECIPES: tuple[FamilyRecipe, ...] = (
     FamilyRecipe("flux-dev-soar", "flux", "flux1-dev", "black-forest-labs/FLUX.1-dev", 64, 3.5, 3.0,
                  "distilled rollout with 3.5 in the guidance embedding (FluxPipeline's default); shift 3.0 "
                  "≈ its dynamic shift at 1024 px (e^1.15 = 3.16; 1.9 at 512 px)"),
+    FamilyRecipe("flux-kontext-dev-soar", "flux", "flux1-dev", "black-forest-labs/FLUX.1-Kontext-dev", 64, 3.5, 3.0,
+                 "image editing: a FluxKontextPipeline folder and a cache made with --reference_root; distilled "
+                 "rollout with 3.5 in the guidance embedding (FluxKontextPipeline's default), the input image's "
+                 "tokens in every model call", reference=True),
     FamilyRecipe("flux2-dev-soar", "flux2", "flux2-dev", "black-forest-labs/FLUX.2-dev", 64, 4.0, 3.0,
                  "distilled rollout with 4.0 in the guidance embedding (Flux2Pipeline's default)"),
     FamilyRecipe("flux2-klein-4b-soar", "flux2", "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", 64, 4.0, 3.0,

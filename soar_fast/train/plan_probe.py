@@ -159,7 +159,7 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
 
     data, reference = cfg.data, False
     if data.source == "latents":
-        shape = _cache_shape(data.data_dir, cfg.model.family)
+        shape = _cache_shape(data.data_dir, cfg.model.family, cfg.recipe)
         reference = bool(shape.pop("reference", False))
         data = dataclasses.replace(data, source="synthetic", data_dir=None, **shape)
     elif data.source == "digits":
@@ -176,7 +176,7 @@ def _inputs(cfg: TrainConfig, family: ModelFamily, model: nn.Module, n: int, dty
     return meta(z0), torch.rand(n, device="meta"), cond
 
 
-def _cache_shape(data_dir: str | None, family: str = "sd3") -> dict[str, Any]:
+def _cache_shape(data_dir: str | None, family: str = "sd3", recipe: str | None = None) -> dict[str, Any]:
     """Latent side, text length (and frames of a video cache) of a latent cache, read lazily; the
     family's default shape (`default_shape`) without one."""
     try:
@@ -189,7 +189,7 @@ def _cache_shape(data_dir: str | None, family: str = "sd3") -> dict[str, Any]:
         shape |= {"reference": 1} if getattr(ds, "has_reference", False) else {}
         return shape | ({"latent_frames": int(z0.shape[2])} if z0.dim() == 5 else {})
     except Exception:  # noqa: BLE001 - no cache yet: plan the family's default shape
-        return default_shape(family)
+        return default_shape(family, recipe)
 
 
 #: What the planner assumes without a cache: 512 px latents (64 x 64) and SD3.5's 154 text tokens;
@@ -198,14 +198,18 @@ _DEFAULT_SHAPE = {"latent_size": 64, "prompt_tokens": 154}
 _VIDEO_SHAPE = {"latent_size": 64, "prompt_tokens": 512, "latent_frames": 21}
 
 
-def default_shape(family: str) -> dict[str, int]:
-    return dict(_VIDEO_SHAPE if family == "wan" else _DEFAULT_SHAPE)
+def default_shape(family: str, recipe: str | None = None) -> dict[str, int]:
+    """The shape planned without a cache; a Kontext recipe's (`FamilyRecipe.reference`) adds its reference latents."""
+    from soar_fast.config.recipes import FAMILY_RECIPES
+
+    kontext = any(r.reference for r in FAMILY_RECIPES if r.name == recipe)
+    return dict(_VIDEO_SHAPE if family == "wan" else _DEFAULT_SHAPE) | ({"reference": 1} if kontext else {})
 
 
 def _key(cfg: TrainConfig, compute: torch.dtype) -> str:
     """What the measurement depends on: the architecture, LoRA, FP8 training, the data shape, the dtype."""
     data = cfg.data
-    shape = _cache_shape(data.data_dir, cfg.model.family) if data.source == "latents" else {
+    shape = _cache_shape(data.data_dir, cfg.model.family, cfg.recipe) if data.source == "latents" else {
         "latent_size": data.resolution if data.source == "digits" else data.latent_size,
         "prompt_tokens": data.prompt_tokens}
     model = dataclasses.asdict(cfg.model)
@@ -257,13 +261,14 @@ def _measure(cfg: TrainConfig, compute: torch.dtype) -> ModelStats:
 
 
 def _assumed(cfg: TrainConfig) -> str:
-    shape = default_shape(cfg.model.family)
-    if cfg.data.source != "latents" or _cache_shape(cfg.data.data_dir, cfg.model.family) != shape:
+    shape = default_shape(cfg.model.family, cfg.recipe)
+    if cfg.data.source != "latents" or _cache_shape(cfg.data.data_dir, cfg.model.family, cfg.recipe) != shape:
         return ""
     px = 8 * shape["latent_size"]
     frames = f", {4 * (shape['latent_frames'] - 1) + 1} frames" if "latent_frames" in shape else ""
+    ref = ", an input image of the same size" if shape.get("reference") else ""
     return (f"no readable latent cache at {cfg.data.data_dir!r}: planned {shape['latent_size']}x"
-            f"{shape['latent_size']} latents ({px} px{frames}) and {shape['prompt_tokens']} text tokens")
+            f"{shape['latent_size']} latents ({px} px{frames}{ref}) and {shape['prompt_tokens']} text tokens")
 
 
 def _profile(family: ModelFamily, model: nn.Module, blocks, z, sigma, cond):

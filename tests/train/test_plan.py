@@ -204,9 +204,8 @@ def test_bench_plan_only_smoke_rows(tmp_path):
     assert by["f"]["parts_gib"]["fp8_weight_copies"] > 0
 
 
-@pytest.mark.parametrize("recipe, gib", [("sd35l-soar", 48), ("flux-dev-soar", 48), ("flux2-dev-soar", 141),
-                                         ("flux2-klein-4b-soar", 24),
-                                         ("qwenimage-soar", 80), ("zimage-soar", 48), ("wan21-1.3b-soar", 48),
+@pytest.mark.parametrize("recipe, gib", [("sd35l-soar", 48), ("flux-dev-soar", 48), ("flux-kontext-dev-soar", 48),
+                                         ("flux2-dev-soar", 141), ("flux2-klein-4b-soar", 24), ("qwenimage-soar", 80), ("zimage-soar", 48), ("wan21-1.3b-soar", 48),
                                          ("wan21-14b-soar", 0)])
 def test_each_family_real_recipe_plans_a_fitting_choice(recipe, gib, capsys):
     """The real recipes plan from their preset alone (no weights, no cache) and fit the GPU sizes
@@ -229,6 +228,8 @@ def test_each_family_real_recipe_plans_a_fitting_choice(recipe, gib, capsys):
     assert choice and float(choice[2]) <= float(choice[3])
     if spec.family == "wan":  # no cache: a video shape (81 frames at 512 px, umT5's 512 tokens), not an image
         assert "(512 px, 81 frames) and 512 text tokens" in out
+    if spec.reference:  # Kontext without a cache: the input image's tokens planned beside the output's
+        assert "(512 px, an input image of the same size)" in out
     assert main(["train", "--recipe", recipe, "--data.data_dir", "no_cache"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pretrained_model_name_or_path" in err[0], err
