@@ -55,6 +55,12 @@ FLUX2_PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
     ),
+    # the same without the guidance embedding: klein's form (true CFG rollout), for its parity test
+    "tiny-klein": dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ),
     # black-forest-labs/FLUX.2-dev transformer/config.json, as diffusers'
     # scripts/convert_flux2_to_diffusers.py writes it (model_type "flux2-dev"; guidance_embeds is
     # the class default True: dev is guidance-distilled). ~32B parameters.

@@ -141,6 +141,8 @@ def test_train_export_and_load_back_into_diffusers(tmp_path):
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
-def test_parity_eager_and_batched():
-    rows = run_parity("tiny", family="flux2", variants=("eager_step", "batched"))
+@pytest.mark.parametrize("preset", ["tiny", "tiny-klein"])  # distilled rollout (dev); true CFG (klein)
+def test_parity_eager_and_batched(preset):
+    rows = run_parity(preset, family="flux2", variants=("eager_step", "batched"))
     assert rows and all(r.ok for r in rows), [(r.variant, r.metric, r.value) for r in rows]
+    assert all(r.config["rollout_guidance"] == ("distilled" if preset == "tiny" else "cfg") for r in rows)
