@@ -48,6 +48,7 @@ from soar_fast.distributed import init_distributed  # noqa: E402
 from soar_fast.fast import RolloutEngine  # noqa: E402
 from soar_fast.loss.cond import broadcast_uncond, cat_cond  # noqa: E402
 from soar_fast.models.spec import get_family  # noqa: E402
+from soar_fast.train.build import build_model  # noqa: E402
 from soar_fast.train.step import build_train_step, precision_dtypes  # noqa: E402
 
 VARIANTS = tuple(lib.VARIANTS)  # cheapest first: a timeout keeps the most
@@ -57,7 +58,7 @@ def release_style_step(vf, z0, cond, uncond, config, draws, dtype):
     """SOAR as the reference release structures it: rollout with autograd recording, M separate
     auxiliary passes, targets in the model dtype. Same math; the baseline of the benchmark."""
     b, m, g = z0.shape[0], config.num_aux, config.guidance_scale
-    view = lambda s: s.to(dtype).view(-1, 1, 1, 1)  # noqa: E731
+    view = lambda s: s.to(dtype).view(-1, *([1] * (z0.dim() - 1)))  # noqa: E731  (images and video)
     z0b, z1 = z0.to(dtype), draws.z1.to(dtype)
     z_t = (1 - view(draws.sigma0)) * z0b + view(draws.sigma0) * z1
     v = vf(z_t, draws.sigma0, cond)
@@ -81,6 +82,12 @@ def release_style_step(vf, z0, cond, uncond, config, draws, dtype):
     return loss.detach()
 
 
+def shape_of(args) -> lib.Shape:
+    return lib.Shape(family=args.family, preset=args.preset, batch=args.batch, num_aux=args.num_aux, latent=args.latent,
+                     text_len=args.text_len, micro_chunks=args.micro_chunks, frames=args.frames,
+                     lora_rank=args.lora_rank, activation_checkpointing=args.activation_checkpointing)
+
+
 class Bench:
     """One run: the shape, the measured peak, the inputs, the rows."""
 
@@ -88,8 +95,7 @@ class Bench:
         self.args, self.results = args, results
         self.device = torch.device(args.device)
         self.family = get_family(args.family)
-        self.shape = lib.Shape(family=args.family, preset=args.preset, batch=args.batch, num_aux=args.num_aux,
-                               latent=args.latent, text_len=args.text_len, micro_chunks=args.micro_chunks)
+        self.shape = shape_of(args)
         self.env = init_distributed(None, self.device)
         self.info = lib.env_info(self.device)
         self.peak = lib.measure_bf16_gemm_tflops(self.device)
@@ -103,6 +109,7 @@ class Bench:
         num_aux = self.shape.num_aux if lib.VARIANTS[name][2] else 0
         return {"bench": "soar_step", "provider": spec, "variant": name, "variant_desc": lib.VARIANTS[name][0],
                 "model": f"{self.args.family}/{self.args.preset}", "shape": self.shape_str, "num_aux": num_aux,
+                "lora_rank": self.args.lora_rank, "activation_checkpointing": self.args.activation_checkpointing,
                 "precision": precision, "dtype": "fp32" if precision == "fp32" else "bf16", "metric": metric,
                 "value": value, "unit": unit, **self.info, **extra}
 
@@ -112,8 +119,9 @@ class Bench:
         name, precision = lib.parse_variant(spec, a.precision)
         cfg = lib.variant_config(name, precision, self.shape, a.device, compile_off=a.no_compile)
         lib.free_memory(self.device)
-        model = self.family.build(a.preset, seed=0, device=self.device)
-        flops = self.family.step_flops(model, a.batch, cfg.soar.num_points, a.latent, a.latent, a.text_len)
+        model = build_model(cfg.model, device=self.device)[1]  # the trainer's model (LoRA included)
+        flops = self.family.step_flops(model, a.batch, cfg.soar.num_points, a.latent, a.latent, a.text_len,
+                                       frames=max(1, a.frames))
         if name == "a":
             fn, step, config = self._release_step(model, cfg), None, self._release_config(cfg, precision)
         else:
@@ -170,9 +178,12 @@ class Bench:
 
     def _release_step(self, model, cfg):
         """(a): plain module in the policy's weight dtype, bf16 autocast when compute differs (as
-        accelerate's mixed precision does), torch AdamW, clipping."""
+        accelerate's mixed precision does), diffusers' gradient checkpointing when the shape asks for
+        activation checkpointing, torch AdamW, clipping."""
         weight, compute, _ = precision_dtypes(cfg)
         model = model.to(dtype=weight).train()
+        if cfg.fast.activation_checkpointing:  # as a diffusers trainer does it (--gradient_checkpointing)
+            model.enable_gradient_checkpointing()
         vf = self.family.velocity(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.learning_rate)
@@ -311,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=list(lib.PRECISIONS),
                    help="policy of variants without ':precision' (default trainer; fp32 with --smoke)")
     p.add_argument("--micro_chunks", type=int, default=1)
+    p.add_argument("--frames", type=int, default=0, help="latent frames of a video family (Wan; 9 = 33 frames); "
+                   "0 = images")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (the family's targets); 0 = full")
+    p.add_argument("--activation_checkpointing", action="store_true", help="FastConfig.activation_checkpointing")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of name[:precision]")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -358,9 +373,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results = lib.Results(args.out)
     if args.plan_only:  # the planner's prediction per variant, keyed like the measured rows
-        shape = lib.Shape(family=args.family, preset=args.preset, batch=args.batch, num_aux=args.num_aux,
-                          latent=args.latent, text_len=args.text_len, micro_chunks=args.micro_chunks)
-        rows = lib.plan_rows(args.variants, args.precision, shape, lib.env_info(torch.device("cpu")), args.plan_harness)
+        rows = lib.plan_rows(args.variants, args.precision, shape_of(args), lib.env_info(torch.device("cpu")), args.plan_harness)
         for r in rows:
             print(f"{r['provider']:>12} {r['variant_desc']:<42} predicted peak {r['value']:7.2f} GiB ({r['phase']})")
         results.add(rows)

@@ -4,7 +4,7 @@
 # under its own timeout, clipped to what is left of BUDGET seconds (default 540), most valuable
 # first: a cut-off run keeps every stage before the cut. Every stage writes JSON into OUTDIR as it
 # goes; `benchmarks/summarize_gpu.py OUTDIR` prints the tables (also run at the end).
-#   bash benchmarks/run_gpu_suite.sh OUTDIR [BUDGET_S]
+#   bash benchmarks/run_gpu_suite.sh OUTDIR [BUDGET_S]     (SUITE=families: the per-family step rows instead)
 # Commit OUTDIR under benchmarks/results/<gpu>/: the rows carry device, date and commit. A copied
 # working tree (the device tool's) can carry stale git metadata: set SOAR_FAST_COMMIT=<hash> then.
 # The GPU image lacks diffusers (and its lazy-importer, importlib_metadata), nvtx and torchao (variant
@@ -45,6 +45,27 @@ stage() {
   echo "$name rc=$rc $(( $(date +%s) - s ))s" | tee -a "$OUT/stages.txt"
 }
 
+BENCH="$PY benchmarks/bench_step.py $SMOKE"
+# SUITE=families (issue 16): instead of the stages below, the step of each family's real config that fits
+# one GPU (random weights, B=1, M=6, 512 px; LoRA 64 but Wan 2.1-1.3B full at 33 frames; activation
+# checkpointing where the planner predicts more than one H200 without it: `bench_step.py --plan_only`),
+# (a) the reference-release structure and (c) the fast step uncompiled; FAMILY_VARIANTS overrides.
+if [ "${SUITE:-all}" = families ]; then
+  F="--batch 1 --resolution 512 --warmup 2 --iters 5 --variants ${FAMILY_VARIANTS:-a,c}"
+  stage family_sd3 100 $BENCH --family sd3 --preset sd35-large --lora_rank 64 --text_len 154 $F --out "$OUT/family_sd3.json"
+  stage family_zimage 100 $BENCH --family zimage --preset z-image --lora_rank 64 --text_len 154 $F --out "$OUT/family_zimage.json"
+  stage family_wan 100 $BENCH --family wan --preset wan2.1-t2v-1.3b --frames 9 --text_len 512 --activation_checkpointing $F \
+      --out "$OUT/family_wan.json"
+  stage family_flux2 100 $BENCH --family flux2 --preset flux2-klein-4b --lora_rank 64 --text_len 512 --activation_checkpointing \
+      $F --out "$OUT/family_flux2.json"
+  stage family_flux 120 $BENCH --family flux --preset flux1-dev --lora_rank 64 --text_len 512 $F --out "$OUT/family_flux.json"
+  stage family_qwenimage 120 $BENCH --family qwenimage --preset qwen-image --lora_rank 64 --text_len 154 \
+      --activation_checkpointing $F --out "$OUT/family_qwenimage.json"
+  $PY benchmarks/summarize_gpu.py "$OUT" | tee "$OUT/summary.md"
+  echo "families done in $(( $(date +%s) - T0 )) s (status $status); results in $OUT"
+  exit $status
+fi
+
 # The native op (C++/CUDA, issue 7) builds in the background on a few cores meanwhile.
 BUILD=build/native_gpu
 ( GEN=""; command -v ninja >/dev/null && GEN="-G Ninja"
@@ -53,7 +74,6 @@ BUILD=build/native_gpu
   && timeout 240 nice -n 19 cmake --build "$BUILD" -j 4 ) > "$OUT/native_build.log" 2>&1 &
 build_pid=$!
 
-BENCH="$PY benchmarks/bench_step.py $SMOKE"
 # 1. The step table, SD3.5-M 512 px, B=2, M=6 (issues 8, 12, 18), with the profile breakdown of (e), (g)
 #    and (g_ao) (3 profiled steps each, after their timing): variants a..g built by
 #    build_train_step in the trainer's precision policy, plus (e) in the old pure-bf16 one; each

@@ -50,7 +50,8 @@ PRECISIONS = {"trainer": ("bf16", "fp32"), "pure_bf16": ("bf16", "bf16"), "fp32"
 
 @dataclass(frozen=True)
 class Shape:
-    """The benchmark's problem: model, per-rank batch, auxiliary points, latent side, text length."""
+    """The benchmark's problem: model, per-rank batch, auxiliary points, latent side, text length, video frames,
+    LoRA rank (0: full fine-tune), activation checkpointing."""
 
     family: str = "sd3"
     preset: str = "sd35-medium"
@@ -59,6 +60,10 @@ class Shape:
     latent: int = 64
     text_len: int = 154
     micro_chunks: int = 1
+    frames: int = 0
+    """Latent frames of a video family's clips (Wan); 0 = images."""
+    lora_rank: int = 0
+    activation_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -84,14 +89,15 @@ def variant_config(name: str, precision: str, shape: Shape, device: str, *, comp
         fast = {**fast, "compile": "none"}
     cfg = TrainConfig()
     cfg.recipe = f"bench-{name}"
-    cfg.model = dataclasses.replace(cfg.model, family=shape.family, preset=shape.preset)
+    cfg.model = dataclasses.replace(cfg.model, family=shape.family, preset=shape.preset, lora_rank=shape.lora_rank)
     cfg.data = dataclasses.replace(cfg.data, source="synthetic", latent_size=shape.latent, prompt_tokens=shape.text_len,
-                                   num_samples=max(64, 32 * shape.batch))
+                                   latent_frames=shape.frames, num_samples=max(64, 32 * shape.batch))
     cfg.optim = dataclasses.replace(cfg.optim, train_batch_size=shape.batch, learning_rate=learning_rate)
     cfg.soar = sf.SoarConfig(num_aux=shape.num_aux if soar else 0)
     cfg.runtime = dataclasses.replace(cfg.runtime, step="eager" if name == "a" else "fast", device=device,
                                       mixed_precision=mixed, weight_dtype=weights)
-    cfg.fast = dataclasses.replace(FastConfig(), micro_chunks=shape.micro_chunks, **fast)
+    cfg.fast = dataclasses.replace(FastConfig(), micro_chunks=shape.micro_chunks,
+                                   activation_checkpointing=shape.activation_checkpointing, **fast)
     return cfg
 
 

@@ -21,10 +21,10 @@ __all__ = ["build_model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def build_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
+def build_model(cfg: ModelConfig, device: str | None = None) -> tuple[ModelFamily, nn.Module]:
     """(family, transformer) of `cfg`; with `cfg.lora_rank >= 1` the base is frozen and only the
-    LoRA adapters train."""
-    family, model = _build_base_model(cfg)
+    LoRA adapters train. `device`: where a random-init preset is built (a folder loads on the CPU)."""
+    family, model = _build_base_model(cfg, device)
     return family, _with_lora(model, cfg, family)
 
 
@@ -43,7 +43,7 @@ def _with_lora(model: nn.Module, cfg: ModelConfig, family: ModelFamily) -> nn.Mo
     return apply_lora(model, settings)
 
 
-def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
+def _build_base_model(cfg: ModelConfig, device: str | None = None) -> tuple[ModelFamily, nn.Module]:
     path = cfg.pretrained_model_name_or_path
     if path is not None:
         local = os.path.expanduser(path)
@@ -81,7 +81,7 @@ def _build_base_model(cfg: ModelConfig) -> tuple[ModelFamily, nn.Module]:
             raise ConfigError(f"model.attention_head_dim={head} does not fit the {cfg.family} preset {cfg.preset!r}: "
                               f"its rotary axes {axes} need a head dim of {sum(axes)}; pass --model.attention_head_dim "
                               f"{sum(axes)} (or leave it unset)")
-    return family, family.build(cfg.preset, seed=cfg.init_seed, **overrides)
+    return family, family.build(cfg.preset, seed=cfg.init_seed, device=device, **overrides)
 
 
 def _from_folder(path: str, subfolder: str) -> tuple[ModelFamily, nn.Module]:

@@ -127,3 +127,23 @@ def test_bench_memory_smoke_rows(tmp_path):
     ran = by[("24GiB", "ms_per_step_p50")]
     assert ran["value"] > 0 and ran["flags"] == "(as is)" and ran["predicted_peak_gib"] > 0
     assert 0 < ran["trainable_parameters"] < ran["parameters"] / 5  # LoRA adapters only
+
+
+def test_bench_step_runs_a_video_family_with_lora(tmp_path):
+    """--family wan --frames 2 --lora_rank 4: video latents [B, C, F, H, W] through (a) and the fast step, the
+    model built as the trainer builds it (adapters only train), FLOPs counted for all frames."""
+    from soar_fast.config import ModelConfig
+    from soar_fast.train.build import build_model
+
+    bench = _load_bench()
+    out = tmp_path / "wan.json"
+    assert bench.main(["--smoke", "--family", "wan", "--frames", "2", "--lora_rank", "4", "--variants", "a,c",
+                       "--no_compile", "--batch", "1", "--num_aux", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    assert by[("c", "mfu")]["shape"].startswith("B1x(") and ", 2, 8, 8)" in by[("c", "mfu")]["shape"]
+    assert by[("c", "mfu")]["lora_rank"] == 4 and by[("c", "speedup_vs_a")]["value"] > 0
+    fam, model = build_model(ModelConfig(family="wan", preset="tiny", lora_rank=4))  # the adapters' GEMMs count too
+    flops = fam.step_flops(model, 1, 2, 8, 8, 7, frames=2)
+    assert by[("c", "tflops")]["flops_per_step"] == pytest.approx(flops)
+    assert flops > fam.step_flops(model, 1, 2, 8, 8, 7) * 1.5  # both latent frames counted
