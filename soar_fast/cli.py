@@ -329,8 +329,9 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
 
     if [a for a in argv if a != "--presets"]:
         raise UsageError(f"recipes takes only --presets, not {' '.join(a for a in argv if a != '--presets')}")
+    width = max(len(n) for n in RECIPES)
     for name, fn in sorted(RECIPES.items()):
-        print(f"{name:18s} {(fn.__doc__ or '').splitlines()[0]}")
+        print(f"{name:{width}s}  {(fn.__doc__ or '').splitlines()[0]}")
     if "--presets" in argv:
         from soar_fast.models.spec import preset_table
 
