@@ -27,11 +27,12 @@ import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 
 from soar_fast.config import ConfigError
 from soar_fast.config.sd35 import KONTEXT_PIPELINE, pipeline_class_name, pipeline_family
@@ -48,9 +49,10 @@ from soar_fast.data.images import (
     CaptionError,
     ImageFolderConfig,
     ImageRecord,
+    nearest_bucket,
     scan_image_folder,
 )
-from soar_fast.data.pixels import load_batches
+from soar_fast.data.pixels import load_batches, reference_file
 from soar_fast.data.shards import (
     EMPTY_PROMPT_FILE,
     INDEX_FILE,
@@ -127,7 +129,12 @@ class CacheConfig:
     reference_root: str | None = None
     """FLUX.1 Kontext (FluxKontextPipeline folders) only: the folder of reference (input) images, one for each
     image of `data.root` at the same relative path (any image extension: `refs/a/x.jpg` for `data.root/a/x.png`);
-    each is resized and cropped to its image's size and cached as `reference` latents. A separate folder."""
+    each is resized and cropped to its image's size (see `reference_size`) and cached as `reference` latents. A
+    separate folder."""
+    reference_size: Literal["image", "own"] = "image"
+    """FLUX.1 Kontext: 'image' crops each reference to its image's bucket; 'own' to the bucket of its own aspect
+    ratio (`data.aspect_buckets`' list, else the square): an edit may change the aspect ratio. Shards then group
+    by (image bucket, reference bucket)."""
     validation_prompts: str | None = None
     """A .txt file of prompts (one a line; blank lines and `#` comments skipped) to encode too, for the
     validation images of `soar-fast train --validation_steps N`; a re-run keeps them (None: keep any there).
@@ -177,10 +184,11 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def plan_shards(records: list[ImageRecord], shard_size: int) -> list[list[ImageRecord]]:
-    """Records grouped by bucket (sorted), then cut into shards of at most `shard_size`."""
-    by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
+    """Records grouped by bucket (with Kontext references of their own size: by the pair of image and
+    reference buckets; sorted), then cut into shards of at most `shard_size`."""
+    by_bucket: dict[tuple, list[ImageRecord]] = {}
     for r in records:
-        by_bucket.setdefault(r.bucket, []).append(r)
+        by_bucket.setdefault((*r.bucket, *(r.reference_bucket or r.bucket)), []).append(r)
     plan = []
     for bucket in sorted(by_bucket):
         rs = by_bucket[bucket]
@@ -193,20 +201,21 @@ def _fingerprint(cfg: CacheConfig, plan: list[list[ImageRecord]]) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     settings["data"].pop("verify_decode", None)
     settings["pretrained_model_name_or_path"] = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    settings["plan"] = [[(r.path, r.caption, r.bucket) for r in shard] for shard in plan]
+    settings["plan"] = [[(r.path, r.caption, r.bucket, *((r.reference_bucket,) if r.reference_bucket else ()))
+                         for r in shard] for shard in plan]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
 def _encode_batch(pipe, family: str, pixels: torch.Tensor, captions: list[str], cfg: CacheConfig, text_len: int,
-                  device: torch.device, generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], list[int]]:
-    reference = pixels.dim() == 5 and family != "wan"  # [B, 2, 3, h, w]: images and their Kontext references
-    lat = encode_latents(pipe, family, pixels[:, 0] if reference else pixels, cfg.latent_sampling, generator)
+                  device: torch.device, generator: torch.Generator | None,
+                  references: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], list[int]]:
+    lat = encode_latents(pipe, family, pixels, cfg.latent_sampling, generator)
     pe, pooled, lengths = encode_prompts(pipe, family, captions, cfg.max_sequence_length, device, text_len)
     store = getattr(torch, cfg.store_dtype)
     tensors = {"latents": lat.to(store).cpu(), "prompt_embeds": pe.to(store).cpu(), "pooled": pooled.to(store).cpu()}
-    if reference:  # FluxKontextPipeline._encode_vae_image: the posterior mode, normalised as the latents
-        tensors[REFERENCE] = encode_latents(pipe, family, pixels[:, 1], "mode", None).to(store).cpu()
+    if references is not None:  # FluxKontextPipeline._encode_vae_image: the posterior mode, normalised as the latents
+        tensors[REFERENCE] = encode_latents(pipe, family, references, "mode", None).to(store).cpu()
     return tensors, lengths
 
 
@@ -218,6 +227,9 @@ def _check_reference(cfg: CacheConfig, family: str, val: ValidationSet | None) -
     if not kontext:
         if cfg.reference_root:
             raise ConfigError(f"--reference_root is for FLUX.1 Kontext (FluxKontextPipeline) folders, but "
+                              f"{cfg.pretrained_model_name_or_path} is a {family} text-to-image pipeline; drop it")
+        if cfg.reference_size != "image":
+            raise ConfigError(f"--reference_size is for FLUX.1 Kontext (FluxKontextPipeline) folders, but "
                               f"{cfg.pretrained_model_name_or_path} is a {family} text-to-image pipeline; drop it")
         if val is not None and val.images is not None:
             raise ConfigError(f"--validation_prompts {cfg.validation_prompts}: input images are for FLUX.1 Kontext "
@@ -232,6 +244,16 @@ def _check_reference(cfg: CacheConfig, family: str, val: ValidationSet | None) -
         raise ConfigError(f"--validation_prompts {cfg.validation_prompts}: a FLUX.1 Kontext validation edits an input "
                           "image per prompt; pass a .jsonl of {\"prompt\": ..., \"image\": ...} rows")
     return cfg.data.root, cfg.reference_root
+
+
+def _own_reference_bucket(r: ImageRecord, reference: tuple[str, str], buckets) -> ImageRecord:
+    """r with the bucket of its reference's own aspect ratio; unchanged when the reference cannot be read (its
+    load then skips r and says why)."""
+    try:
+        with Image.open(reference_file(r, *reference)) as im:
+            return replace(r, reference_bucket=nearest_bucket(*im.size, buckets))
+    except Exception:  # noqa: BLE001 - missing or unreadable: reported when the shard is written
+        return r
 
 
 def run_cache(cfg: CacheConfig) -> CacheResult:
@@ -257,7 +279,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         raise type(e)(f"{e} ({cfg.data.root} holds video clips: a {family} pipeline caches "
                       "images; cache the clips with a Wan pipeline, or give a folder of images)") from None
     skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
-    plan = plan_shards(scan.records, cfg.shard_size)
+    records = scan.records
+    if reference and cfg.reference_size == "own":
+        records = [_own_reference_bucket(r, reference, scan.buckets) for r in records]
+    plan = plan_shards(records, cfg.shard_size)
     out = Path(cfg.output_dir)
     if not cfg.resume and out.is_dir():
         for p in [out / INDEX_FILE, out / EMPTY_PROMPT_FILE, out / VALIDATION_FILE, *out.glob("shard-*.safetensors*")]:
@@ -271,7 +296,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         "buckets": scan.buckets,
         "latent_sampling": cfg.latent_sampling,
         **({"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride} if video else {}),
-        **({"reference_root": str(Path(cfg.reference_root).resolve())} if reference else {}),
+        **({"reference_root": str(Path(cfg.reference_root).resolve()), "reference_size": cfg.reference_size}
+           if reference else {}),
     }
     if cfg.resume and (out / INDEX_FILE).is_file():  # a cache of another family: say so (not just "other settings")
         prev = read_index(out).get("info", {}).get("family")
@@ -321,8 +347,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                     batch_caps.append(r.caption)
                     sources.append(r.path)
                 if batch_px:
-                    tensors, batch_lengths = _encode_batch(pipe, family, torch.stack(batch_px), batch_caps, cfg,
-                                                           text_len, device, gen)
+                    refs = torch.stack([q for _, q in batch_px]) if reference else None  # Kontext: (image, ref)
+                    px = torch.stack([p for p, _ in batch_px] if reference else batch_px)
+                    tensors, batch_lengths = _encode_batch(pipe, family, px, batch_caps, cfg, text_len, device, gen,
+                                                           refs)
                     parts.append(tensors)
                     captions += batch_caps
                     lengths += batch_lengths

@@ -108,6 +108,7 @@ class ImageRecord:
     caption: str
     size: tuple[int, int]  # (width, height) as PIL reports it
     bucket: tuple[int, int]  # (height, width) of the crop
+    reference_bucket: tuple[int, int] | None = None  # FLUX.1 Kontext: the input image's crop (None: `bucket`)
 
 
 @dataclass(frozen=True)

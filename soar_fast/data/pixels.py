@@ -32,18 +32,19 @@ def reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
 
 
 def load_pixels(r: ImageRecord, center_crop: bool, clip: tuple[int, int] | None = None,
-                 reference: tuple[str, str] | None = None) -> torch.Tensor | BaseException:
+                 reference: tuple[str, str] | None = None) -> torch.Tensor | tuple | BaseException:
     """Pixels [3, h, w] (with `clip = (num_frames, frame_stride)`, a video clip: [3, F, h, w]; with
-    `reference = (root, reference_root)`: [2, 3, h, w], the image and its reference at the image's size),
-    or the error that stops them."""
+    `reference = (root, reference_root)`: the pair (image [3, h, w], its reference [3, h', w'] at
+    `r.reference_bucket`, else at the image's size)), or the error that stops them."""
     try:
         if clip is not None:  # a video clip: [3, F, h, w]
             return load_clip(r, *clip, center_crop=center_crop)
         px = image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
         if reference is None:
             return px
-        ref = resize_center_crop(load_image(str(reference_file(r, *reference))), r.bucket, center_crop)
-        return torch.stack([px, image_to_tensor(ref)])
+        ref = resize_center_crop(load_image(str(reference_file(r, *reference))), r.reference_bucket or r.bucket,
+                                 center_crop)
+        return px, image_to_tensor(ref)
     except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
         return e
 
@@ -51,9 +52,10 @@ def load_pixels(r: ImageRecord, center_crop: bool, clip: tuple[int, int] | None 
 def load_batches(
     records: list[ImageRecord], batch_size: int, center_crop: bool, pool: ThreadPoolExecutor | None,
     clip: tuple[int, int] | None = None, reference: tuple[str, str] | None = None,
-) -> Iterator[list[tuple[ImageRecord, torch.Tensor | BaseException]]]:
-    """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]) or the load error); with a pool,
-    the next two batches decode in threads while the current one is encoded (PIL releases the GIL)."""
+) -> Iterator[list[tuple[ImageRecord, torch.Tensor | tuple | BaseException]]]:
+    """Batches of (record, pixels [3, h, w] (clips: [3, F, h, w]; Kontext: (image, reference)) or the load
+    error); with a pool, the next two batches decode in threads while the current one is encoded (PIL
+    releases the GIL)."""
     batches = [records[s : s + batch_size] for s in range(0, len(records), batch_size)]
     if pool is None:
         for b in batches:

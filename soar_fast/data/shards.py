@@ -263,9 +263,11 @@ class ShardDataset(torch.utils.data.Dataset):
         self.locate: list[tuple[int, int]] = []
         for si, e in enumerate(self.index["shards"]):
             self.locate += [(si, r) for r in range(e["num_samples"])]
-        self.keys = [tuple(self.index["shards"][si]["tensors"]["latents"]["shape"][1:]) for si, _ in self.locate]
         #: FLUX.1 Kontext caches: every sample has reference-image latents (`reference(i)`)
         self.has_reference = bool(self.index["shards"]) and REFERENCE in self.index["shards"][0]["tensors"]
+        #: per sample, the shapes a batch must share: its latents' (a Kontext cache: and its reference's)
+        self.keys = [tuple(s for k in ("latents", REFERENCE)[: 1 + self.has_reference]
+                           for s in self.index["shards"][si]["tensors"][k]["shape"][1:]) for si, _ in self.locate]
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
         self._meta_cache: dict[tuple[int, str], list[str]] = {}

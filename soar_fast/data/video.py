@@ -8,8 +8,8 @@ Every clip gives `num_frames` frames, every `frame_stride`-th from the first (Wa
 time 4x after the first frame, so `num_frames` is 4k + 1: 81 is the pipelines' default at 16 fps;
 a 30 fps video at stride 2 is 15 fps), each resized and cropped as the images are
 (`ImageFolderConfig.resolution`: a square crop, or with `aspect_buckets` the bucket of the clip's
-aspect ratio), stacked to `[3, F, H, W]` in [-1, 1]. A clip with
-fewer frames is skipped and reported, not padded.
+aspect ratio), stacked to `[3, F, H, W]` in [-1, 1]. A clip with fewer frames is skipped and
+reported, not padded.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The cache's validation prompts (`soar-fast cache ... --validation_prompts FILE`) are sampled with
 fixed noise (its own generator: the training RNG and the data sampler are untouched, so a run
 resumes bitwise across a validation) through the family's velocity and the Euler/CFG sampler on
-latents (FLUX.1 Kontext: each edit of its input image, shown in the grid's first row). Every rank runs the sharded model on the same noise (the FSDP2 forward is collective);
-rank 0 alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU
-between validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
+latents (FLUX.1 Kontext: each edit of its input image, the inputs shown in the grid's first row).
+Every rank runs the sharded model on the same noise (the FSDP2 forward is collective); rank 0
+alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU between
+validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
 validation's cost in seconds (TensorBoard `validation/seconds` and `samples/validation.jsonl`;
 metrics.jsonl keeps one row per step).
 """

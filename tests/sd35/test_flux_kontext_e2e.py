@@ -103,6 +103,33 @@ def test_train_full_and_lora_then_the_kontext_pipeline_edits(kontext_dir, kontex
     assert (tmp_path / "s2" / "00000_0.png").is_file()
 
 
+def test_references_of_their_own_aspect_ratio(kontext_dir, caption_folder, tmp_path):
+    """`--reference_size own` with aspect buckets: each input image keeps its own aspect ratio (an edit may
+    change it); shards group by (image bucket, reference bucket), batches never mix reference shapes, and SOAR
+    trains on the cache (the reference tokens at their own grid)."""
+    from soar_fast.data.latents import LatentsDataset
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, img in enumerate(sorted(caption_folder.glob("*.png"))):  # 32 x 32 images; references 64 x 32 or square
+        write_image(refs / img.name, size=(64, 32) if i % 2 else (32, 32), seed=200 + i)
+    cache = tmp_path / "cache"
+    argv = _cache_argv(kontext_dir, caption_folder, cache, "--reference_root", str(refs), "--reference_size", "own",
+                       "--data.aspect_buckets", "--data.bucket_step", "16")
+    argv[argv.index("--data.resolution") + 1] = "48"
+    run_ok(argv)
+    index = json.loads((cache / "index.json").read_text())
+    assert index["info"]["reference_size"] == "own"
+    shapes = sorted((tuple(e["tensors"]["latents"]["shape"][1:]), tuple(e["tensors"]["reference"]["shape"][1:]),
+                     e["num_samples"]) for e in index["shards"])
+    assert shapes == [((4, 24, 24), (4, 16, 32), 3), ((4, 24, 24), (4, 24, 24), 3)]  # 48 x 48 out; 32 x 64 / 48 x 48 in
+    ds = LatentsDataset(str(cache))
+    assert ds.groups is not None and len(set(ds.groups)) == 2
+    run_ok(["train", "--recipe", "tiny-flux", "--pretrained_model_name_or_path", str(kontext_dir), "--data.source",
+            "latents", "--data.data_dir", str(cache), "--output_dir", str(tmp_path / "run"), *FAST_TRAIN])
+    assert (tmp_path / "run" / "final" / "transformer").is_dir()
+
+
 def test_bad_kontext_input_is_one_line(kontext_dir, tiny_flux_dir, caption_folder, references, tmp_path, capsys):
     def bad(argv, *needles):
         rc = main(argv)
@@ -112,6 +139,8 @@ def test_bad_kontext_input_is_one_line(kontext_dir, tiny_flux_dir, caption_folde
     bad(_cache_argv(kontext_dir, caption_folder, tmp_path / "c1"), "Kontext", "--reference_root")
     bad(_cache_argv(tiny_flux_dir, caption_folder, tmp_path / "c2", "--reference_root", str(references)),
         "--reference_root", "drop it")
+    bad(_cache_argv(tiny_flux_dir, caption_folder, tmp_path / "c2", "--reference_size", "own"), "--reference_size",
+        "drop it")
     bad(["sample", "--pipeline", str(kontext_dir), "--prompts", "x", "--output_dir", str(tmp_path / "s"), *SAMPLE],
         "--image")
     bad(["sample", "--pipeline", str(tiny_flux_dir), "--image", str(sorted(references.glob("*.png"))[0]), "--prompts",
