@@ -293,7 +293,8 @@ class LoggingConfig:
     validation_inference_steps: int = 40
     """Euler steps of the grid sampler."""
     validation_guidance_scale: float = 4.5
-    """CFG scale of the grid sampler."""
+    """CFG scale of the grid sampler; with a distilled rollout (FLUX.1-dev, FLUX.2-dev) the guidance embedding's
+    value instead, one conditional pass a step, as their pipelines sample."""
     progress_bar: bool = True
     """Show a tqdm bar with loss and steps/s."""
 

@@ -269,9 +269,13 @@ class Trainer:
         lc = self.cfg.logging
         if self.validation is not None:  # a latent cache's validation prompts (train/validation.py)
             self.model.eval()
+            # a distilled model samples as its pipeline does: the scale in the guidance embedding, no CFG pass
+            distilled = self.step_fn.rollout_guidance == "distilled"
+            vf = (self.family.velocity(self.model, guidance=lc.validation_guidance_scale) if distilled
+                  else self.family.velocity(self.model))
             with torch.random.fork_rng(devices=[]):
-                path = self.validation.run(self.family.velocity(self.model), self.uncond, step=self.step, cfg=self.cfg,
-                                           device=self.device, is_main=self.is_main, logger=self.logger, out=self.out)
+                path = self.validation.run(vf, self.uncond, step=self.step, cfg=self.cfg, device=self.device,
+                                           is_main=self.is_main, logger=self.logger, out=self.out, distilled=distilled)
             self.model.train()
             return path
         n_cls = getattr(self.dataset, "num_classes", 0)

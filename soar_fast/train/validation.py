@@ -100,15 +100,17 @@ class LatentValidation:
 
     @torch.no_grad()
     def run(self, velocity_fn, uncond: tuple[torch.Tensor, ...], *, step: int, cfg, device: torch.device,
-            is_main: bool, logger, out: Path) -> Path | None:
-        """Collective: sample on every rank; rank 0 decodes and writes. Returns the PNG's path on rank 0."""
+            is_main: bool, logger, out: Path, distilled: bool = False) -> Path | None:
+        """Collective: sample on every rank; rank 0 decodes and writes. Returns the PNG's path on rank 0.
+        `distilled`: `velocity_fn` carries the guidance in the model's embedding (FLUX.1-dev, FLUX.2-dev, as
+        their pipelines sample): one conditional pass a step, no CFG on top."""
         lc, t0 = cfg.logging, time.perf_counter()
         k, reps = len(self.prompts), lc.validation_images_per_class
         g = torch.Generator().manual_seed(cfg.runtime.seed)
         z1 = torch.randn(k * reps, *self.shape, generator=g).to(device)
         cond = tuple(t.repeat(reps, *([1] * (t.dim() - 1))).to(device) for t in self.cond)
         z0 = euler_sample(velocity_fn, z1, cond, uncond, num_steps=lc.validation_inference_steps,
-                          guidance_scale=lc.validation_guidance_scale, shift=cfg.soar.shift,
+                          guidance_scale=1.0 if distilled else lc.validation_guidance_scale, shift=cfg.soar.shift,
                           batch_size=cfg.optim.train_batch_size)
         if not is_main:
             return None

@@ -22,7 +22,18 @@ from PIL import Image
     ("qwenimage", "qwen_dir", "tiny-qwenimage", 160),  # the tests' byte-level tokenizer: long templates
     ("flux2", "flux2_dir", "tiny-flux2", 192),
 ])
-def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_folder, tmp_path, request):
+def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_folder, tmp_path, request,
+                                     monkeypatch):
+    from soar_fast.train.validation import LatentValidation
+
+    seen = []  # (guidance in the velocity's embedding, distilled) of each validation
+    run = LatentValidation.run
+
+    def spy(self, velocity_fn, *args, **kw):
+        seen.append((getattr(velocity_fn, "guidance", None), kw.get("distilled")))
+        return run(self, velocity_fn, *args, **kw)
+
+    monkeypatch.setattr(LatentValidation, "run", spy)
     pipe_dir = request.getfixturevalue(pipe_fixture)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue sky\n", encoding="utf-8")
@@ -34,7 +45,11 @@ def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_
     run_ok(["train", "--recipe", recipe, "--pretrained_model_name_or_path", str(pipe_dir), "--data.source", "latents",
             "--data.data_dir", str(cache), "--output_dir", str(tmp_path / "run"), *FAST_TRAIN,
             "--validation_steps", "1", "--logging.validation_inference_steps", "2",
-            "--logging.validation_images_per_class", "1"])
+            "--logging.validation_images_per_class", "1", "--logging.validation_guidance_scale", "2.5"])
+    # FLUX.1 / FLUX.2 dev are guidance-distilled: validation samples as their pipelines do, the scale in the
+    # embedding and no CFG pass; the others run true CFG at that scale
+    distilled = family in ("flux", "flux2")
+    assert seen and all(s == ((2.5, True) if distilled else (None, False)) for s in seen), seen
     grids = sorted((tmp_path / "run" / "samples").glob("step-*.png"))
     assert [g.name for g in grids][:2] == ["step-000001.png", "step-000002.png"], grids
     img = np.asarray(Image.open(grids[-1]).convert("RGB"))
