@@ -36,12 +36,15 @@ def cfg_velocity(velocity_fn, z: torch.Tensor, sigma: torch.Tensor, cond: Any, u
 
 @torch.no_grad()
 def euler_sample(velocity_fn, z1: torch.Tensor, cond: Any, uncond: Any, *, num_steps: int,
-                 guidance_scale: float, shift: float, batch_size: int | None = None) -> torch.Tensor:
-    """z0 `[N, ...]` from noise z1 `[N, ...]`: z ← z + (σ_next − σ) v_cfg, N steps, in fp32."""
+                 guidance_scale: float, shift: float, batch_size: int | None = None,
+                 sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """z0 `[N, ...]` from noise z1 `[N, ...]`: z ← z + (σ_next − σ) v_cfg, N steps, in fp32, on
+    `sampler_sigmas(num_steps, shift)` or the given `sigmas` `[num_steps + 1]` (a pipeline's schedule)."""
     n = z1.shape[0]
     bs = batch_size or n
     outs = []
-    sig = sampler_sigmas(num_steps, shift, z1.device)
+    sig = sampler_sigmas(num_steps, shift, z1.device) if sigmas is None else sigmas.to(z1.device, torch.float32)
+    num_steps = sig.numel() - 1
     for start in range(0, n, bs):
         rows = slice(start, min(start + bs, n))
         z = z1[rows].float()

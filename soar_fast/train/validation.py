@@ -3,7 +3,7 @@
 The cache's validation prompts (`soar-fast cache ... --validation_prompts FILE`) are sampled with
 fixed noise (its own generator: the training RNG and the data sampler are untouched, so a run
 resumes bitwise across a validation) through the family's velocity and the Euler/CFG sampler on
-latents (FLUX.1 Kontext: each edit of its input image, the inputs shown in the grid's first row).
+the pipeline's own σ schedule at that size (`models.schedules`) on latents (FLUX.1 Kontext: each edit of its input image, the inputs shown in the grid's first row).
 Every rank runs the sharded model on the same noise (the FSDP2 forward is collective); rank 0
 alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU between
 validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
@@ -23,6 +23,7 @@ import torch
 from soar_fast.config import ConfigError
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import euler_sample
+from soar_fast.models.schedules import pipeline_sigmas
 
 __all__ = ["LatentValidation", "decode_latents"]
 
@@ -53,9 +54,10 @@ class LatentValidation:
     """Built by `maybe(...)` when a latent-cache run asks for validation images."""
 
     def __init__(self, prompts: list[str], cond: tuple[torch.Tensor, ...], shape: tuple[int, ...], pipeline: str,
-                 family: str, reference: bool = False):
+                 family: str, reference: bool = False, sigmas: torch.Tensor | None = None):
         self.prompts, self.cond, self.shape, self.pipeline, self.family = prompts, cond, shape, pipeline, family
         self.reference = reference  # FLUX.1 Kontext: cond[-1] holds the input images; the grid shows them first
+        self.sigmas = sigmas  # the pipeline's σ schedule at this size (`models.schedules`); None: SOAR's shift
         self.vae: Any = None
 
     @classmethod
@@ -85,7 +87,9 @@ class LatentValidation:
                                   "from is gone (its VAE decodes the images); restore it or pass --validation_steps 0")
         # Kontext edits come out at their input image's size (the reference latents' shape)
         shape = tuple(val[1][-1].shape[1:]) if kontext else tuple(dataset.sample_shape)
-        return cls(val[0], val[1], shape, pipeline, info.get("family", "sd3"), kontext)
+        family = info.get("family", "sd3")
+        sigmas = pipeline_sigmas(pipeline, family, lc.validation_inference_steps, shape)  # the pipeline's schedule
+        return cls(val[0], val[1], shape, pipeline, family, kontext, sigmas)
 
     def _load_vae(self):
         if self.vae is None:
@@ -111,6 +115,7 @@ class LatentValidation:
         cond = tuple(t.repeat(reps, *([1] * (t.dim() - 1))).to(device) for t in self.cond)
         z0 = euler_sample(velocity_fn, z1, cond, uncond, num_steps=lc.validation_inference_steps,
                           guidance_scale=1.0 if distilled else lc.validation_guidance_scale, shift=cfg.soar.shift,
+                          sigmas=self.sigmas,
                           batch_size=cfg.optim.train_batch_size)
         if not is_main:
             return None

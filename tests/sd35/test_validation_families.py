@@ -26,11 +26,12 @@ def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_
                                      monkeypatch):
     from soar_fast.train.validation import LatentValidation
 
-    seen = []  # (guidance in the velocity's embedding, distilled) of each validation
+    seen, schedules = [], []  # (guidance in the velocity's embedding, distilled), σ schedule of each validation
     run = LatentValidation.run
 
     def spy(self, velocity_fn, *args, **kw):
         seen.append((getattr(velocity_fn, "guidance", None), kw.get("distilled")))
+        schedules.append(self.sigmas)
         return run(self, velocity_fn, *args, **kw)
 
     monkeypatch.setattr(LatentValidation, "run", spy)
@@ -50,6 +51,16 @@ def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_
     # embedding and no CFG pass; the others run true CFG at that scale
     distilled = family in ("flux", "flux2")
     assert seen and all(s == ((2.5, True) if distilled else (None, False)) for s in seen), seen
+    # the σ schedule is the family's pipeline's own at this size (dynamic shift from the image tokens)
+    import diffusers
+    import torch
+
+    from soar_fast.config.sd35 import pipeline_class_name
+
+    pipe = getattr(diffusers, pipeline_class_name(pipe_dir)).from_pretrained(pipe_dir, local_files_only=True)
+    pipe(prompt="a red square", num_inference_steps=2, height=32, width=32, max_sequence_length=msl,
+         output_type="latent", **({"guidance_scale": 1.0} if family != "qwenimage" else {}))
+    torch.testing.assert_close(schedules[0], pipe.scheduler.sigmas.float().cpu())
     grids = sorted((tmp_path / "run" / "samples").glob("step-*.png"))
     assert [g.name for g in grids][:2] == ["step-000001.png", "step-000002.png"], grids
     img = np.asarray(Image.open(grids[-1]).convert("RGB"))
