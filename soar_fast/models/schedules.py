@@ -14,48 +14,75 @@ pipeline's own for the flow-match schedulers; WanPipeline's UniPC is a multistep
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["pipeline_sigmas"]
+__all__ = ["effective_shift", "pipeline_sigmas"]
 
 #: Image tokens per latent of shape [.., h, w]: the families that pack 2x2 latent patches, FLUX.2 whose
 #: model latents are already patchified, SD3 (patch size 2 in its transformer).
 _PACKED = ("flux", "qwenimage", "zimage", "sd3")
 
 
-def pipeline_sigmas(pipeline_dir: str | Path, family: str, num_steps: int,
-                    latent_shape: tuple[int, ...]) -> torch.Tensor | None:
-    """σ `[num_steps + 1]` fp32 of the family's pipeline at this latent size (its `scheduler/` set as the
-    pipeline sets it), or None when the folder has no scheduler config."""
+def _scheduler(pipeline_dir: str | Path):
     import diffusers
 
     folder = Path(pipeline_dir) / "scheduler"
     config = folder / "scheduler_config.json"
     if not config.is_file():
         return None
-    scheduler = getattr(diffusers, json.loads(config.read_text(encoding="utf-8"))["_class_name"]).from_pretrained(
-        folder, local_files_only=True)
+    name = json.loads(config.read_text(encoding="utf-8"))["_class_name"]
+    return getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+
+
+def _mu(scheduler, family: str, num_steps: int, latent_shape: tuple[int, ...]) -> float | None:
+    """The `mu` the family's pipeline passes its scheduler for this latent size (None: it passes none)."""
     c = scheduler.config
     h, w = latent_shape[-2:]
     tokens = (h // 2) * (w // 2) if family in _PACKED else h * w
+    if family == "flux2":
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-    def shift_mu() -> float:  # calculate_shift of the pipelines (one formula, copied across them)
+        return compute_empirical_mu(tokens, num_steps)
+    if family in ("flux", "qwenimage", "zimage") or (family == "sd3" and c.get("use_dynamic_shifting")):
+        # calculate_shift of the pipelines (one formula, copied across them; SD3's default max_shift 1.16)
         base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
         base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.16 if family == "sd3" else 1.15)
         m = (top - base) / (max_len - base_len)
         return tokens * m + (base - m * base_len)
+    return None
 
+
+def pipeline_sigmas(pipeline_dir: str | Path, family: str, num_steps: int,
+                    latent_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """σ `[num_steps + 1]` fp32 of the family's pipeline at this latent size (its `scheduler/` set as the
+    pipeline sets it), or None when the folder has no scheduler config."""
+    scheduler = _scheduler(pipeline_dir)
+    if scheduler is None:
+        return None
+    mu = _mu(scheduler, family, num_steps, latent_shape)
+    kw = {} if mu is None else {"mu": mu}
     if family in ("flux", "qwenimage", "zimage", "flux2"):
-        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-
-        mu = compute_empirical_mu(tokens, num_steps) if family == "flux2" else shift_mu()
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
-    elif family == "sd3" and c.get("use_dynamic_shifting"):
-        scheduler.set_timesteps(num_steps, device="cpu", mu=shift_mu())
-    else:  # SD3 (static shift), Wan (UniPC, flow_shift)
-        scheduler.set_timesteps(num_steps, device="cpu")
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", **kw)
+    else:  # SD3 (static shift, or mu where its config shifts dynamically), Wan (UniPC, flow_shift)
+        scheduler.set_timesteps(num_steps, device="cpu", **kw)
     sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float32).flatten()
     return sigmas if sigmas.numel() == num_steps + 1 else None
+
+
+def effective_shift(pipeline_dir: str | Path, family: str, num_steps: int, latent_shape: tuple[int, ...]) -> float | None:
+    """The static shift the pipeline's schedule at this latent size amounts to: e^mu where its scheduler shifts
+    by resolution (the exponential time shift σ = e^mu·u / (1 + (e^mu − 1)·u)), else the config's `shift`
+    (`flow_shift` for UniPC); None without a scheduler. What `--soar.shift` should be for SOAR's rollout to
+    step on the schedule inference uses."""
+    scheduler = _scheduler(pipeline_dir)
+    if scheduler is None:
+        return None
+    c = scheduler.config
+    if c.get("use_dynamic_shifting"):
+        mu = _mu(scheduler, family, num_steps, latent_shape)
+        return math.exp(mu) if mu is not None and c.get("time_shift_type", "exponential") == "exponential" else None
+    return float(c.get("shift") or c.get("flow_shift") or 1.0)

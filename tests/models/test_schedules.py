@@ -45,3 +45,13 @@ def test_static_schedules_and_a_folder_without_one(tmp_path):
                           "wan", N, (16, 5, 60, 104))
     assert wan.numel() == N + 1 and wan[-1] == 0 and (wan[:-1] > wan[1:]).all()
     assert pipeline_sigmas(tmp_path / "none", "flux", N, (16, 8, 8)) is None
+
+
+def test_effective_shift_is_e_to_the_mu_or_the_static_shift(tmp_path):
+    from soar_fast.models.schedules import effective_shift
+
+    cfg = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    got = effective_shift(_save(tmp_path / "a", FlowMatchEulerDiscreteScheduler(**cfg)), "flux", 40, (16, 64, 64))
+    assert got == pytest.approx(np.exp(calculate_shift(32 * 32, 256, 4096, 0.5, 1.15)), rel=1e-4)  # 512 px: 1.88
+    assert effective_shift(_save(tmp_path / "b", FlowMatchEulerDiscreteScheduler(shift=3.0)), "sd3", 40,
+                           (16, 64, 64)) == pytest.approx(3.0, rel=1e-4)

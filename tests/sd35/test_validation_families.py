@@ -23,7 +23,7 @@ from PIL import Image
     ("flux2", "flux2_dir", "tiny-flux2", 192),
 ])
 def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_folder, tmp_path, request,
-                                     monkeypatch):
+                                     monkeypatch, caplog):
     from soar_fast.train.validation import LatentValidation
 
     seen, schedules = [], []  # (guidance in the velocity's embedding, distilled), σ schedule of each validation
@@ -51,6 +51,17 @@ def test_validation_grids_per_family(family, pipe_fixture, recipe, msl, caption_
     # embedding and no CFG pass; the others run true CFG at that scale
     distilled = family in ("flux", "flux2")
     assert seen and all(s == ((2.5, True) if distilled else (None, False)) for s in seen), seen
+    # a pipeline that samples this size with another shift than the recipe's --soar.shift says so in one warning
+    from soar_fast.config import get_recipe
+    from soar_fast.data.latents import LatentsDataset
+    from soar_fast.models.schedules import effective_shift
+
+    shift = effective_shift(pipe_dir, family, 2, tuple(LatentsDataset(str(cache)).sample_shape))  # 2 rollout steps
+    warned = [r.getMessage() for r in caplog.records if "--soar.shift" in r.getMessage()]
+    if abs(shift - get_recipe(recipe).soar.shift) > 0.1 * shift:
+        assert len(warned) == 1 and f"shift {shift:.2f}" in warned[0], warned
+    else:
+        assert not warned, warned
     # the σ schedule is the family's pipeline's own at this size (dynamic shift from the image tokens)
     import diffusers
     import torch
