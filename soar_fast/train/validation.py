@@ -14,6 +14,7 @@ metrics.jsonl keeps one row per step).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from soar_fast.eval.sampler import euler_sample
 from soar_fast.models.schedules import pipeline_sigmas
 
 __all__ = ["LatentValidation", "decode_latents"]
+
+log = logging.getLogger(__name__)
 
 
 def decode_latents(vae, family: str, z: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,12 @@ class LatentValidation:
         # Kontext edits come out at their input image's size (the reference latents' shape)
         shape = tuple(val[1][-1].shape[1:]) if kontext else tuple(dataset.sample_shape)
         family = info.get("family", "sd3")
-        sigmas = pipeline_sigmas(pipeline, family, lc.validation_inference_steps, shape)  # the pipeline's schedule
+        try:  # the pipeline's own schedule at this size
+            sigmas = pipeline_sigmas(pipeline, family, lc.validation_inference_steps, shape)
+        except Exception as e:  # noqa: BLE001 - an unreadable scheduler: SOAR's shift, said once
+            log.warning("validation: cannot set up %s's scheduler (%s); sampling on --soar.shift's schedule",
+                        pipeline, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            sigmas = None
         return cls(val[0], val[1], shape, pipeline, family, kontext, sigmas)
 
     def _load_vae(self):

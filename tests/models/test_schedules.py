@@ -55,3 +55,24 @@ def test_effective_shift_is_e_to_the_mu_or_the_static_shift(tmp_path):
     assert got == pytest.approx(np.exp(calculate_shift(32 * 32, 256, 4096, 0.5, 1.15)), rel=1e-4)  # 512 px: 1.88
     assert effective_shift(_save(tmp_path / "b", FlowMatchEulerDiscreteScheduler(shift=3.0)), "sd3", 40,
                            (16, 64, 64)) == pytest.approx(3.0, rel=1e-4)
+
+
+def test_an_unreadable_scheduler_falls_back_to_the_soar_shift(tmp_path, caplog):
+    """Validation of a cache whose pipeline's scheduler cannot be built samples on --soar.shift, with one warning."""
+    from types import SimpleNamespace
+
+    from soar_fast.config import TrainConfig
+    from soar_fast.train.validation import LatentValidation
+
+    pipe = tmp_path / "pipe"
+    (pipe / "scheduler").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "NoSuchScheduler"}')
+    cfg = TrainConfig()
+    cfg.data.source, cfg.logging.validation_steps = "latents", 1
+    ds = SimpleNamespace(cache_dir=str(tmp_path), has_reference=False, info={"pipeline": str(pipe), "family": "flux"},
+                         sample_shape=(16, 8, 8), uncond=lambda: (torch.zeros(3, 4), torch.zeros(0)),
+                         validation=lambda: (["a"], (torch.zeros(1, 3, 4), torch.zeros(1, 0))))
+    val = LatentValidation.maybe(cfg, ds)
+    assert val is not None and val.sigmas is None
+    assert sum("--soar.shift's schedule" in r.getMessage() for r in caplog.records) == 1
