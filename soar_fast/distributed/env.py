@@ -10,6 +10,7 @@ NCCL is configured by its own environment variables (NCCL_SOCKET_IFNAME, NCCL_IB
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -140,8 +141,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup(env: DistEnv | None = None) -> None:
+def cleanup(env: DistEnv | None = None, finished: bool = False) -> None:
     """Destroy the default process group at the end of a torchrun job. A plain process keeps its
-    one-rank group (cheap; the next trainer in the same process reuses it)."""
+    one-rank group (cheap; the next trainer in the same process reuses it). `finished` (every rank ended
+    normally): a barrier first, so no rank tears down while another still talks to rank 0's rendezvous
+    store (a rank can abort at exit otherwise); never after a failure, where peers may be elsewhere."""
     if (env is None or env.launched) and dist.is_available() and dist.is_initialized():
+        if finished:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()

@@ -360,7 +360,7 @@ class Trainer:
         result = TrainResult(step=self.step)
         start_step, t0 = self.step, time.perf_counter()
         win = [t0, 0]
-        stopped = False
+        stopped = finished = False
         try:
             while self.step < oc.max_train_steps and not stopped:
                 step_result = self.train_step()
@@ -394,6 +394,7 @@ class Trainer:
                 result.final_model = str(self.save_final_model())
             if self.is_main:
                 (self.out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1))
+            finished = True
             return result
         except RuntimeError as e:
             if self.env.world_size > 1 and _lost_peer(e):
@@ -412,4 +413,4 @@ class Trainer:
             if self.is_main:  # a killed write of an earlier run, or of a peer that failed mid-save
                 with contextlib.suppress(OSError):
                     clean_partial_checkpoints(self.out / "checkpoints")
-            cleanup(self.env)
+            cleanup(self.env, finished=finished)
