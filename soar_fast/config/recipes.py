@@ -175,10 +175,10 @@ class FamilyRecipe:
     """FLUX.1 Kontext: its caches carry the input images' latents (the planner assumes them without a cache)."""
 
 
-#: One real recipe per family, two for Wan and FLUX.2 (dev, klein), FLUX.1 Kontext beside FLUX.1-dev (SOAR defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32,
-#: constant LR, bf16 compute). Models above ~3B parameters default to LoRA (rank 64, lr 1e-4, the
-#: habit of flow_grpo and diffusers' Flux/SD3.5-L scripts): their fp32 weights + AdamW states alone
-#: exceed one 80 GB GPU. Per-GPU batch splits: docs/families.md "Real recipes" (`soar-fast plan`).
+#: One real recipe per family, two for Wan and FLUX.2 (dev, klein), FLUX.1 Kontext beside FLUX.1-dev (SOAR
+#: defaults of SOAR.md: M = 6, N = 40, λ = 1, global batch 32, constant LR, bf16 compute). Models above ~3B
+#: parameters default to LoRA (rank 64, lr 1e-4, the habit of flow_grpo and diffusers' Flux/SD3.5-L scripts):
+#: their fp32 weights + AdamW states alone exceed one 80 GB GPU. Per-GPU batch splits: docs/families.md "Real recipes" (`soar-fast plan`).
 FAMILY_RECIPES: tuple[FamilyRecipe, ...] = (
     FamilyRecipe("sd35l-soar", "sd3", "sd35-large", "stabilityai/stable-diffusion-3.5-large", 64, 3.5, 3.0,
                  "CFG 3.5 is SD3.5-Large's pipeline default (Medium: 4.5); shift 3.0 its scheduler's"),

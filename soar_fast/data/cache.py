@@ -77,8 +77,6 @@ log = logging.getLogger(__name__)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-#: The validation prompts' embeddings in a cache folder (see the module doc).
-
 
 @dataclass(kw_only=True)
 class CacheConfig:

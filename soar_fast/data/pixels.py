@@ -19,7 +19,7 @@ from soar_fast.data.images import (
 )
 from soar_fast.data.video import load_clip
 
-__all__ = ["load_batches", "load_pixels", "reference_file"]
+__all__ = ["load_batches", "load_pixels", "load_resized", "reference_file"]
 
 
 def reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
@@ -31,6 +31,11 @@ def reference_file(r: ImageRecord, root: str, reference_root: str) -> Path:
     raise FileNotFoundError(f"no reference image {Path(reference_root) / rel.with_suffix('.*')} for it")
 
 
+def load_resized(path: str | Path, size: tuple[int, int], center_crop: bool) -> torch.Tensor:
+    """The image at `path` resized and cropped to `size = (height, width)`, `[3, h, w]` in [-1, 1]."""
+    return image_to_tensor(resize_center_crop(load_image(path), size, center_crop))
+
+
 def load_pixels(r: ImageRecord, center_crop: bool, clip: tuple[int, int] | None = None,
                  reference: tuple[str, str] | None = None) -> torch.Tensor | tuple | BaseException:
     """Pixels [3, h, w] (with `clip = (num_frames, frame_stride)`, a video clip: [3, F, h, w]; with
@@ -39,12 +44,10 @@ def load_pixels(r: ImageRecord, center_crop: bool, clip: tuple[int, int] | None 
     try:
         if clip is not None:  # a video clip: [3, F, h, w]
             return load_clip(r, *clip, center_crop=center_crop)
-        px = image_to_tensor(resize_center_crop(load_image(r.path), r.bucket, center_crop))
+        px = load_resized(r.path, r.bucket, center_crop)
         if reference is None:
             return px
-        ref = resize_center_crop(load_image(str(reference_file(r, *reference))), r.reference_bucket or r.bucket,
-                                 center_crop)
-        return px, image_to_tensor(ref)
+        return px, load_resized(reference_file(r, *reference), r.reference_bucket or r.bucket, center_crop)
     except Exception as e:  # noqa: BLE001 - any decoder failure: the caller skips and reports
         return e
 

@@ -18,7 +18,7 @@ import torch
 
 from soar_fast.config import ConfigError
 from soar_fast.data.encoders import MASKED_FAMILIES, encode_latents, encode_prompts
-from soar_fast.data.images import image_to_tensor, load_image, resize_center_crop
+from soar_fast.data.pixels import load_resized
 from soar_fast.data.shards import (
     REFERENCE,
     ShardError,
@@ -117,8 +117,7 @@ def write_validation(writer: ShardWriter, pipe, family: str, vs: ValidationSet, 
         lengths += n
         if vs.images is not None:  # FluxKontextPipeline._encode_vae_image: the posterior mode, normalised
             size = (cfg.data.resolution, cfg.data.resolution)
-            px = torch.stack([image_to_tensor(resize_center_crop(load_image(f), size, cfg.data.center_crop))
-                              for f in vs.images[s : s + cfg.batch_size]])
+            px = torch.stack([load_resized(f, size, cfg.data.center_crop) for f in vs.images[s : s + cfg.batch_size]])
             refs.append(encode_latents(pipe, family, px, "mode", None))
     store = getattr(torch, cfg.store_dtype)
     tensors = {"prompt_embeds": torch.cat(pes).to(store).cpu().contiguous(),

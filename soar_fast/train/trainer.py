@@ -48,7 +48,7 @@ from soar_fast.train.checkpoint import (
 from soar_fast.train.export import export_final
 from soar_fast.train.logger import MetricsLogger
 from soar_fast.train.step import StepResult, build_train_step
-from soar_fast.train.validation import LatentValidation
+from soar_fast.train.validation import LatentValidation, note_schedule_shift
 
 __all__ = ["TrainResult", "Trainer", "TrainingAborted", "check_output_dir"]
 
@@ -103,25 +103,6 @@ class _NullLogger:
         pass
 
 
-def _note_shift(cfg: TrainConfig, dataset) -> None:
-    """One log line when the cache's pipeline samples its latents' size with another shift than `soar.shift`
-    (FLUX.1, FLUX.2, Qwen-Image, Z-Image shift by resolution): the rollout then steps on another schedule."""
-    from soar_fast.models.schedules import effective_shift
-
-    info = getattr(dataset, "info", {}) if cfg.data.source == "latents" else {}
-    if not (info.get("pipeline") and Path(info["pipeline"]).is_dir()):
-        return
-    try:
-        s = effective_shift(info["pipeline"], info.get("family", "sd3"), cfg.soar.rollout_steps,
-                            tuple(dataset.sample_shape))
-    except Exception:  # noqa: BLE001 - a note only: never stops a run
-        return
-    if s is not None and abs(s - cfg.soar.shift) > 0.1 * s:
-        log.warning("the %s pipeline samples %s latents on a schedule of shift %.2f but --soar.shift is %.2f: SOAR's "
-                    "rollout steps where inference does with --soar.shift %.2f", info.get("family"),
-                    "x".join(map(str, dataset.sample_shape[-2:])), s, cfg.soar.shift, s)
-
-
 class Trainer:
     """Builds model, data and the train step from a `TrainConfig`, then `train()`s (any world size)."""
 
@@ -163,7 +144,7 @@ class Trainer:
                               "the model it was cached for")
         self.validation = LatentValidation.maybe(cfg, self.dataset)  # latent caches: their validation prompts
         if self.is_main:
-            _note_shift(cfg, self.dataset)
+            note_schedule_shift(cfg, self.dataset)
         self.sampler = ResumableSampler(len(self.dataset), cfg.optim.train_batch_size, rt.seed, rank=self.env.rank,
                                         world_size=self.env.world_size, groups=getattr(self.dataset, "groups", None))
         dc = cfg.data

@@ -24,9 +24,9 @@ import torch
 from soar_fast.config import ConfigError
 from soar_fast.eval.grid import make_grid, save_png
 from soar_fast.eval.sampler import euler_sample
-from soar_fast.models.schedules import pipeline_sigmas
+from soar_fast.models.schedules import effective_shift, pipeline_sigmas
 
-__all__ = ["LatentValidation", "decode_latents"]
+__all__ = ["LatentValidation", "decode_latents", "note_schedule_shift"]
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,20 @@ class LatentValidation:
         with open(out / "samples" / "validation.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "seconds": seconds, "prompts": self.prompts}) + "\n")
         return path
+
+
+def note_schedule_shift(cfg, dataset) -> None:
+    """One log line when the cache's pipeline samples its latents' size with another shift than `soar.shift`
+    (FLUX.1, FLUX.2, Qwen-Image, Z-Image shift by resolution): the rollout then steps on another schedule."""
+    info = getattr(dataset, "info", {}) if cfg.data.source == "latents" else {}
+    if not (info.get("pipeline") and Path(info["pipeline"]).is_dir()):
+        return
+    try:
+        s = effective_shift(info["pipeline"], info.get("family", "sd3"), cfg.soar.rollout_steps,
+                            tuple(dataset.sample_shape))
+    except Exception:  # noqa: BLE001 - a note only: never stops a run
+        return
+    if s is not None and abs(s - cfg.soar.shift) > 0.1 * s:
+        log.warning("the %s pipeline samples %s latents on a schedule of shift %.2f but --soar.shift is %.2f: SOAR's "
+                    "rollout steps where inference does with --soar.shift %.2f", info.get("family"),
+                    "x".join(map(str, dataset.sample_shape[-2:])), s, cfg.soar.shift, s)
