@@ -3,7 +3,8 @@
 The cache's validation prompts (`soar-fast cache ... --validation_prompts FILE`) are sampled with
 fixed noise (its own generator: the training RNG and the data sampler are untouched, so a run
 resumes bitwise across a validation) through the family's velocity and the Euler/CFG sampler on
-the pipeline's own σ schedule at that size (`models.schedules`) on latents (FLUX.1 Kontext: each edit of its input image, the inputs shown in the grid's first row).
+the pipeline's own σ schedule at that size (`models.schedules`) on latents (FLUX.1 Kontext: each
+edit of its input image, the inputs shown in the grid's first row).
 Every rank runs the sharded model on the same noise (the FSDP2 forward is collective); rank 0
 alone loads the VAE of the pipeline folder the cache was made from (kept on the CPU between
 validations), decodes, writes `samples/step-XXXXXX.png`, the TensorBoard image and the
